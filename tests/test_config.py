@@ -1,0 +1,76 @@
+"""Configs load, and a bad value is refused with a message naming it, before anything compiles."""
+
+import subprocess
+import sys
+
+import pytest
+
+from configs import base, paper, tiny
+from tests.conftest import small_config
+from vgpt_jax.config import ConfigError, validate
+
+
+@pytest.mark.parametrize("get", [base.get_config, tiny.get_config] + [
+    (lambda s=s: paper.get_config(f"stage={s}")) for s in (1, 2, 3, 4)])
+def test_shipped_configs_are_valid(get):
+  validate(get())
+
+
+def test_paper_stages_follow_the_recipe():
+  frames = {s: paper.get_config(f"stage={s}").data.num_frames for s in (1, 2, 3, 4)}
+  assert frames == {1: 16, 2: 48, 3: 48, 4: 80}
+  assert paper.get_config("stage=1").layout.split == "per_frame"
+  assert paper.get_config("3").layout.split == "random"
+  c = paper.get_config("stage=2")
+  assert (c.model.num_layers, c.model.hidden, c.model.num_heads, c.model.mlp_dim) == (32, 3072, 32, 8192)
+  assert (c.optim.lr, c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay, c.optim.grad_clip) == (
+      1e-4, 0.9, 0.95, 1e-5, 0.1, 1.0)
+  # 320x176 frames -> 20x11 = 220 patch tokens, 222 per segment.
+  assert (c.data.width // 16) * (c.data.height // 16) == 220
+  with pytest.raises(ValueError, match="stage=1..4"):
+    paper.get_config("stage=5")
+
+
+BAD = [
+    ({"data.height": 18}, "data.height=18 is not divisible"),
+    ({"layout.max_clips": 9}, "layout.max_clips=9 is larger than data.num_frames=5"),
+    ({"layout.min_clips": 1}, "layout.min_clips=1 must be >= 2"),
+    ({"model.attention": "flash"}, "model.attention='flash' is not a known option"),
+    ({"model.remat": "some"}, "model.remat='some' is not a known option"),
+    ({"diffusion.prediction": "eps"}, "diffusion.prediction='eps' is not a known option"),
+    ({"model.num_heads": 3}, "not divisible by model.num_heads=3"),
+    ({"data.num_frames": 40}, "exceeds data.video_frames"),
+    ({"layout.split": "fixed", "layout.fixed_clip_sizes": (2, 2)}, "summing to data.num_frames=5"),
+    ({"diffusion.context_t_min": 1.5}, "context_t_min"),
+    ({"train.sample_context_frames": 5}, "train.sample_context_frames=5"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD)
+def test_bad_values_are_refused_with_the_field_named(overrides, message):
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    validate(small_config(**overrides))
+
+
+def test_all_problems_are_reported_at_once():
+  with pytest.raises(ConfigError) as err:
+    validate(small_config(**{"data.height": 18, "model.remat": "x"}))
+  assert "data.height" in str(err.value) and "model.remat" in str(err.value)
+
+
+def _train_cli(tmp_path, *overrides):
+  return subprocess.run(
+      [sys.executable, "-m", "vgpt_jax.train", "--config=configs/tiny.py", f"--workdir={tmp_path}", *overrides],
+      capture_output=True, text=True, timeout=120)
+
+
+def test_cli_refuses_bad_value_before_compiling(tmp_path):
+  proc = _train_cli(tmp_path, "--config.layout.max_clips=20")
+  assert proc.returncode != 0
+  assert "layout.max_clips=20 is larger than data.num_frames=8" in proc.stderr
+  assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_cli_refuses_unknown_field(tmp_path):
+  proc = _train_cli(tmp_path, "--config.train.stepz=5")
+  assert proc.returncode != 0 and "stepz" in proc.stderr

@@ -1,0 +1,100 @@
+"""Config validation: refuse a bad config with every problem named, before anything compiles."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from vgpt_jax import diffusion
+from vgpt_jax.layout import SPLITS
+from vgpt_jax.model.tokenizer import TOKENIZERS
+from vgpt_jax.model.transformer import REMAT_POLICIES
+from vgpt_jax.model.video_gpt import ATTENTION_FNS, DTYPES
+
+DATA_SOURCES = ("physics",)
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names each field and its fix."""
+
+
+def _choice(problems: list[str], name: str, value, options) -> None:
+  if value not in options:
+    problems.append(f"{name}={value!r} is not a known option; choose one of {sorted(options)}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raise ConfigError listing every problem found in `config` (no-op when it is sound)."""
+  problems: list[str] = []
+  m, d, tok, lay, dif, opt, tr = (config.model, config.data, config.tokenizer, config.layout,
+                                 config.diffusion, config.optim, config.train)
+
+  # Model shape.
+  _choice(problems, "model.attention", m.attention, ATTENTION_FNS)
+  _choice(problems, "model.remat", m.remat, REMAT_POLICIES)
+  _choice(problems, "model.dtype", m.dtype, DTYPES)
+  _choice(problems, "model.param_dtype", m.param_dtype, DTYPES)
+  if m.hidden % m.num_heads:
+    problems.append(f"model.hidden={m.hidden} is not divisible by model.num_heads={m.num_heads}")
+  elif (m.hidden // m.num_heads) % 2:
+    problems.append(f"head dim model.hidden/model.num_heads={m.hidden // m.num_heads} must be even for RoPE")
+  if m.hidden % 4:
+    problems.append(f"model.hidden={m.hidden} must be divisible by 4 (2D sin-cos table)")
+  for name in ("num_layers", "hidden", "num_heads", "mlp_dim", "patch_size"):
+    if m[name] < 1:
+      problems.append(f"model.{name}={m[name]} must be >= 1")
+
+  # Frames -> latents -> patches.
+  _choice(problems, "data.source", d.source, DATA_SOURCES)
+  _choice(problems, "tokenizer.kind", tok.kind, TOKENIZERS)
+  cell = tok.downsample * m.patch_size
+  for name in ("height", "width"):
+    if cell > 0 and d[name] % cell:
+      problems.append(
+          f"data.{name}={d[name]} is not divisible by tokenizer.downsample*model.patch_size={cell}: "
+          f"use a frame size that is a multiple of {cell} or a smaller patch")
+  if cell > 0 and max(d.height, d.width) // cell > m.pos_embed_max_size:
+    problems.append(f"patch grid {d.height // cell}x{d.width // cell} exceeds model.pos_embed_max_size={m.pos_embed_max_size}")
+
+  # Frames and clips.
+  n = d.num_frames
+  if n < 2:
+    problems.append(f"data.num_frames={n} must be >= 2 (a context clip and a clip to predict)")
+  if d.num_frames * d.frame_stride > d.video_frames:
+    problems.append(f"data.num_frames*data.frame_stride={d.num_frames * d.frame_stride} exceeds "
+                    f"data.video_frames={d.video_frames}: lower one of them or render longer videos")
+  _choice(problems, "layout.split", lay.split, SPLITS)
+  max_clips = n if lay.max_clips <= 0 else lay.max_clips
+  if lay.split == "random":
+    if lay.min_clips < 2:
+      problems.append(f"layout.min_clips={lay.min_clips} must be >= 2 (SPEC: K >= 2)")
+    if max_clips > n:
+      problems.append(f"layout.max_clips={lay.max_clips} is larger than data.num_frames={n}: "
+                      f"a clip needs at least one frame; use <= {n} (or -1 for num_frames)")
+    if lay.min_clips > max_clips:
+      problems.append(f"layout.min_clips={lay.min_clips} > layout.max_clips={max_clips}")
+  if lay.split == "fixed":
+    sizes = tuple(lay.fixed_clip_sizes)
+    if sum(sizes) != n or any(s < 1 for s in sizes) or len(sizes) < 2:
+      problems.append(f"layout.fixed_clip_sizes={sizes} must be >= 2 positive sizes summing to data.num_frames={n}")
+
+  # Objective.
+  _choice(problems, "diffusion.prediction", dif.prediction, diffusion.PREDICTIONS)
+  _choice(problems, "diffusion.timestep_sampling", dif.timestep_sampling, diffusion.TIMESTEP_SAMPLINGS)
+  if dif.timestep_shift <= 0:
+    problems.append(f"diffusion.timestep_shift={dif.timestep_shift} must be > 0 (1 = no shift)")
+  if not 0.0 <= dif.context_t_min <= dif.context_t_max <= 1.0:
+    problems.append(f"need 0 <= diffusion.context_t_min <= diffusion.context_t_max <= 1, "
+                    f"got {dif.context_t_min}, {dif.context_t_max}")
+
+  # Optimisation and loop.
+  if opt.lr <= 0:
+    problems.append(f"optim.lr={opt.lr} must be > 0")
+  if opt.warmup_steps < 0:
+    problems.append(f"optim.warmup_steps={opt.warmup_steps} must be >= 0")
+  if tr.steps < 1 or tr.batch_size < 1:
+    problems.append(f"train.steps={tr.steps} and train.batch_size={tr.batch_size} must be >= 1")
+  if not 1 <= tr.sample_context_frames < n:
+    problems.append(f"train.sample_context_frames={tr.sample_context_frames} must be in [1, data.num_frames-1={n - 1}]")
+
+  if problems:
+    raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

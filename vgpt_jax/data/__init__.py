@@ -1,0 +1,1 @@
+"""Data: the built-in synthetic physics world (`physics`) and its Grain pipeline (`pipeline`)."""

@@ -1,0 +1,40 @@
+"""Write videos people can open: PNG grids and GIFs from uint8 frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def grid_image(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
+  """Tile videos into one image: each row is uint8 [T, H, W, 3]; rows may differ in T."""
+  t_max = max(r.shape[0] for r in rows)
+  h, w = rows[0].shape[1:3]
+  out = np.full((len(rows) * (h + pad) + pad, t_max * (w + pad) + pad, 3), 255, np.uint8)
+  for i, row in enumerate(rows):
+    for j, frame in enumerate(row):
+      y, x = pad + i * (h + pad), pad + j * (w + pad)
+      out[y:y + h, x:x + w] = frame
+  return out
+
+
+def save_png(path: str | Path, image: np.ndarray, scale: int = 1) -> Path:
+  """Save uint8 [H, W, 3], nearest-neighbour upscaled so small frames are visible."""
+  path = Path(path)
+  img = Image.fromarray(image)
+  if scale > 1:
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+  img.save(path)
+  return path
+
+
+def save_gif(path: str | Path, frames: np.ndarray, fps: int = 8, scale: int = 1) -> Path:
+  """Save uint8 [T, H, W, 3] as a looping GIF."""
+  path = Path(path)
+  images = [Image.fromarray(f) for f in frames]
+  if scale > 1:
+    images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
+  images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+  return path

@@ -1,0 +1,161 @@
+"""Phi-3-style decoder backbone: RMSNorm, RoPE on given positions, SwiGLU, no bias.
+
+Layers are stacked with `nn.scan` (one compiled layer body, parameters with a
+leading 'layers' axis) and optionally rematerialised with a named policy. Every
+parameter carries logical axis names so a single rules table can shard it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vgpt_jax.layout import TokenIds
+
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, TokenIds, TokenIds], jax.Array]
+
+# Named rematerialisation policies (what the backward pass may keep from the forward).
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,  # no remat: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+}
+
+_DENSE_INIT = nn.initializers.normal(stddev=0.02)  # Phi-3 initializer_range
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm with a learned scale, computed in float32."""
+
+  eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_tables(position: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos, sin float32 [B, T, 1, head_dim] for integer positions [B, T] (rotate-half RoPE)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = position.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate [B, T, H, Dh] by the tables of `rope_tables`."""
+  half = x.shape[-1] // 2
+  x32 = x.astype(jnp.float32)
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention; the mask comes from token ids via `attention_fn`."""
+
+  num_heads: int
+  head_dim: int
+  attention_fn: AttentionFn
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], ids: TokenIds) -> jax.Array:
+    def proj(name: str) -> jax.Array:
+      return nn.DenseGeneral(
+          (self.num_heads, self.head_dim), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+          kernel_init=nn.with_logical_partitioning(_DENSE_INIT, ("embed", "heads", "kv")), name=name,
+      )(x)
+
+    q, k, v = proj("query"), proj("key"), proj("value")
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    out = self.attention_fn(q, k, v, ids, ids)
+    return nn.DenseGeneral(
+        x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(_DENSE_INIT, ("heads", "kv", "embed")), name="out",
+    )(out)
+
+
+class SwiGLU(nn.Module):
+  """down(silu(gate(x)) * up(x))."""
+
+  mlp_dim: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    def dense(features: int, axes: tuple[str, str], name: str) -> nn.Dense:
+      return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=nn.with_logical_partitioning(_DENSE_INIT, axes), name=name)
+
+    gate = dense(self.mlp_dim, ("embed", "mlp"), "gate")(x)
+    up = dense(self.mlp_dim, ("embed", "mlp"), "up")(x)
+    return dense(x.shape[-1], ("mlp", "embed"), "down")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x)). Scan-compatible signature."""
+
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  norm_eps: float
+  attention_fn: AttentionFn
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], ids: TokenIds):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = RMSNorm(self.norm_eps, name="attn_norm", **kw)(x)
+    x = x + Attention(self.num_heads, self.head_dim, self.attention_fn, name="attn", **kw)(h, rope, ids)
+    h = RMSNorm(self.norm_eps, name="mlp_norm", **kw)(x)
+    x = x + SwiGLU(self.mlp_dim, name="mlp", **kw)(h)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, None
+
+
+class Decoder(nn.Module):
+  """`num_layers` scanned DecoderLayers followed by a final RMSNorm."""
+
+  num_layers: int
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  norm_eps: float
+  rope_theta: float
+  attention_fn: AttentionFn
+  remat: str = "none"
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, ids: TokenIds) -> jax.Array:
+    """x: [B, T, D] embeddings; ids: fields [B, T]. Returns [B, T, D]."""
+    layer_cls = DecoderLayer
+    if self.remat != "none":
+      layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    stack = nn.scan(
+        layer_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=self.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    rope = rope_tables(ids.position, self.head_dim, self.rope_theta)
+    x, _ = stack(
+        self.num_heads, self.head_dim, self.mlp_dim, self.norm_eps, self.attention_fn,
+        dtype=self.dtype, param_dtype=self.param_dtype, name="layers",
+    )(x.astype(self.dtype), rope, ids)
+    return RMSNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)

@@ -1,0 +1,107 @@
+"""The Video-GPT network: clean/noisy frame latents + timesteps -> predicted clean latents.
+
+One forward pass sees the whole training layout (clean context and noisy copies
+of every frame) and decodes only the noisy frames. The token order and the
+clip split are inputs (a static `Layout` and per-sample `block_of_frame`), so
+the same parameters serve training, any order of the same tokens, and sampling.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vgpt_jax.attention import dense_attention
+from vgpt_jax.layout import NUM_SPECIAL, Layout, token_ids
+from vgpt_jax.model.embeddings import FinalLayer, PatchEmbed, TimestepEmbedder, patchify, sincos_2d_table, unpatchify
+from vgpt_jax.model.transformer import AttentionFn, Decoder
+
+ATTENTION_FNS: dict[str, AttentionFn] = {"dense": dense_attention}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class VideoGPT(nn.Module):
+  """Hyper-parameters mirror `config.model` (see `from_config`)."""
+
+  num_layers: int
+  hidden: int
+  num_heads: int
+  mlp_dim: int
+  patch_size: int
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  time_freq_dim: int = 256
+  pos_embed_max_size: int = 192
+  pos_embed_base_size: int = 64
+  attention: str = "dense"
+  remat: str = "none"
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @classmethod
+  def from_config(cls, model_cfg: ml_collections.ConfigDict) -> "VideoGPT":
+    return cls(
+        num_layers=model_cfg.num_layers, hidden=model_cfg.hidden, num_heads=model_cfg.num_heads,
+        mlp_dim=model_cfg.mlp_dim, patch_size=model_cfg.patch_size, norm_eps=model_cfg.norm_eps,
+        rope_theta=model_cfg.rope_theta, time_freq_dim=model_cfg.time_freq_dim,
+        pos_embed_max_size=model_cfg.pos_embed_max_size, pos_embed_base_size=model_cfg.pos_embed_base_size,
+        attention=model_cfg.attention, remat=model_cfg.remat,
+        dtype=DTYPES[model_cfg.dtype], param_dtype=DTYPES[model_cfg.param_dtype],
+    )
+
+  @nn.compact
+  def __call__(
+      self,
+      clean: jax.Array,
+      noisy: jax.Array,
+      t: jax.Array,
+      block_of_frame: jax.Array,
+      layout: Layout,
+  ) -> jax.Array:
+    """Predict clean latents of the noisy frames.
+
+    Args:
+      clean: [B, N, h, w, C] context latents (the clean copies, possibly lightly noised).
+      noisy: [B, N, h, w, C] noised latents x_t.
+      t: [B, N] flow time of each noisy frame (1 = clean).
+      block_of_frame: int32 [B, N] clip index of each frame.
+      layout: static token layout for N frames of S = h*w/p^2 tokens.
+    Returns:
+      float32 [B, N, h, w, C]: the network's output for every noisy frame.
+    """
+    b, n, h, w, c = noisy.shape
+    p = self.patch_size
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    pos = jnp.asarray(sincos_2d_table(self.hidden, h // p, w // p, self.pos_embed_max_size, self.pos_embed_base_size))
+
+    clean_tok = PatchEmbed(self.hidden, name="clean_embed", **kw)(patchify(clean, p)) + pos.astype(self.dtype)
+    noisy_tok = PatchEmbed(self.hidden, zero_init=True, name="noisy_embed", **kw)(patchify(noisy, p)) + pos.astype(self.dtype)
+    time_tok = TimestepEmbedder(self.hidden, self.time_freq_dim, name="time_token", **kw)(t)
+    special = self.param("special_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("special", "embed")),
+                         (NUM_SPECIAL, self.hidden), self.param_dtype)
+    s = clean_tok.shape[2]
+    table = jnp.concatenate([
+        clean_tok.reshape(b, n * s, self.hidden),
+        noisy_tok.reshape(b, n * s, self.hidden),
+        time_tok.astype(self.dtype),
+        jnp.broadcast_to(special.astype(self.dtype), (b, NUM_SPECIAL, self.hidden)),
+    ], axis=1)
+    if table.shape[1] != layout.table_size:
+      raise ValueError(f"layout is for {layout.num_frames} frames x {layout.tokens_per_frame} tokens, "
+                       f"got {n} frames x {s} tokens")
+    x = jnp.take(table, jnp.asarray(layout.source), axis=1)  # [B, T, D]
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    ids = token_ids(layout, block_of_frame)
+    x = Decoder(
+        self.num_layers, self.num_heads, self.hidden // self.num_heads, self.mlp_dim, self.norm_eps,
+        self.rope_theta, ATTENTION_FNS[self.attention], self.remat, name="decoder", **kw,
+    )(x, ids)
+
+    noisy_out = jnp.take(x, jnp.asarray(layout.noisy_patch_index().reshape(-1)), axis=1).reshape(b, n, s, self.hidden)
+    cond = TimestepEmbedder(self.hidden, self.time_freq_dim, name="final_time", **kw)(t)
+    out = FinalLayer(p * p * c, param_dtype=self.param_dtype, name="final")(noisy_out, cond)
+    return unpatchify(out, p, h, w)
+
