@@ -20,15 +20,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = model_config("tiny")
 
   # How frames are cut into clips (SPEC section 3).
-  c.layout = ml_collections.ConfigDict(dict(
+  c.layout = ml_collections.ConfigDict(
+    dict(
       split="random",  # random | per_frame (stage 1) | fixed
       min_clips=2,
       max_clips=-1,  # -1: up to one clip per frame
       fixed_clip_sizes=(),  # with split="fixed"
-  ))
+    )
+  )
 
   # Flow matching (SPEC section 4); the defaults are the reference's choices.
-  c.diffusion = ml_collections.ConfigDict(dict(
+  c.diffusion = ml_collections.ConfigDict(
+    dict(
       prediction="x",  # x | v
       timestep_sampling="uniform",  # uniform | logit_normal
       logit_normal_mean=0.0,
@@ -37,16 +40,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       context_noise=True,  # feed clean frames as t_in*x1 + (1-t_in)*eps
       context_t_min=0.9,
       context_t_max=1.0,
-  ))
+    )
+  )
 
   # AdamW as in the reference: constant LR after linear warmup, clip 1.0.
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=1e-4, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, grad_clip=1.0, warmup_steps=1000,
-  ))
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      lr=1e-4,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-5,
+      weight_decay=0.1,
+      grad_clip=1.0,
+      warmup_steps=1000,
+    )
+  )
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))  # -1: fill
 
-  c.train = ml_collections.ConfigDict(dict(
+  c.train = ml_collections.ConfigDict(
+    dict(
       steps=1000,
       batch_size=16,  # global
       log_every=10,
@@ -54,5 +67,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_samples=4,
       sample_context_frames=4,
       sample_steps=25,
-  ))
+    )
+  )
   return c

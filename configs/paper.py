@@ -18,10 +18,10 @@ from configs import base
 from vgpt_jax.model import model_config
 
 STAGES = {
-    1: dict(num_frames=16, split="per_frame", frame_stride=4, frame_stride_max=4),
-    2: dict(num_frames=48, split="random", frame_stride=4, frame_stride_max=4),
-    3: dict(num_frames=48, split="random", frame_stride=4, frame_stride_max=12),
-    4: dict(num_frames=80, split="random", frame_stride=4, frame_stride_max=12),
+  1: dict(num_frames=16, split="per_frame", frame_stride=4, frame_stride_max=4),
+  2: dict(num_frames=48, split="random", frame_stride=4, frame_stride_max=4),
+  3: dict(num_frames=48, split="random", frame_stride=4, frame_stride_max=12),
+  4: dict(num_frames=80, split="random", frame_stride=4, frame_stride_max=12),
 }
 
 
@@ -43,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.height, c.data.width = 176, 320
   c.data.num_frames = s["num_frames"]
   c.data.frame_stride = s["frame_stride"]
+  c.data.frame_stride_max = s["frame_stride_max"]
   c.data.video_frames = s["num_frames"] * s["frame_stride_max"]
   c.layout.split = s["split"]
   c.train.batch_size = 320  # one video per device on 320 GPUs

@@ -10,8 +10,9 @@ from tests.conftest import small_config
 from vgpt_jax.config import ConfigError, validate
 
 
-@pytest.mark.parametrize("get", [base.get_config, tiny.get_config] + [
-    (lambda s=s: paper.get_config(f"stage={s}")) for s in (1, 2, 3, 4)])
+@pytest.mark.parametrize(
+  "get", [base.get_config, tiny.get_config] + [(lambda s=s: paper.get_config(f"stage={s}")) for s in (1, 2, 3, 4)]
+)
 def test_shipped_configs_are_valid(get):
   validate(get())
 
@@ -24,7 +25,13 @@ def test_paper_stages_follow_the_recipe():
   c = paper.get_config("stage=2")
   assert (c.model.num_layers, c.model.hidden, c.model.num_heads, c.model.mlp_dim) == (32, 3072, 32, 8192)
   assert (c.optim.lr, c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay, c.optim.grad_clip) == (
-      1e-4, 0.9, 0.95, 1e-5, 0.1, 1.0)
+    1e-4,
+    0.9,
+    0.95,
+    1e-5,
+    0.1,
+    1.0,
+  )
   # 320x176 frames -> 20x11 = 220 patch tokens, 222 per segment.
   assert (c.data.width // 16) * (c.data.height // 16) == 220
   with pytest.raises(ValueError, match="stage=1..4"):
@@ -32,17 +39,17 @@ def test_paper_stages_follow_the_recipe():
 
 
 BAD = [
-    ({"data.height": 18}, "data.height=18 is not divisible"),
-    ({"layout.max_clips": 9}, "layout.max_clips=9 is larger than data.num_frames=5"),
-    ({"layout.min_clips": 1}, "layout.min_clips=1 must be >= 2"),
-    ({"model.attention": "flash"}, "model.attention='flash' is not a known option"),
-    ({"model.remat": "some"}, "model.remat='some' is not a known option"),
-    ({"diffusion.prediction": "eps"}, "diffusion.prediction='eps' is not a known option"),
-    ({"model.num_heads": 3}, "not divisible by model.num_heads=3"),
-    ({"data.num_frames": 40}, "exceeds data.video_frames"),
-    ({"layout.split": "fixed", "layout.fixed_clip_sizes": (2, 2)}, "summing to data.num_frames=5"),
-    ({"diffusion.context_t_min": 1.5}, "context_t_min"),
-    ({"train.sample_context_frames": 5}, "train.sample_context_frames=5"),
+  ({"data.height": 18}, "data.height=18 is not divisible"),
+  ({"layout.max_clips": 9}, "layout.max_clips=9 is larger than data.num_frames=5"),
+  ({"layout.min_clips": 1}, "layout.min_clips=1 must be >= 2"),
+  ({"model.attention": "flash"}, "model.attention='flash' is not a known option"),
+  ({"model.remat": "some"}, "model.remat='some' is not a known option"),
+  ({"diffusion.prediction": "eps"}, "diffusion.prediction='eps' is not a known option"),
+  ({"model.num_heads": 3}, "not divisible by model.num_heads=3"),
+  ({"data.num_frames": 40}, "exceeds data.video_frames"),
+  ({"layout.split": "fixed", "layout.fixed_clip_sizes": (2, 2)}, "summing to data.num_frames=5"),
+  ({"diffusion.context_t_min": 1.5}, "context_t_min"),
+  ({"train.sample_context_frames": 5}, "train.sample_context_frames=5"),
 ]
 
 
@@ -60,8 +67,11 @@ def test_all_problems_are_reported_at_once():
 
 def _train_cli(tmp_path, *overrides):
   return subprocess.run(
-      [sys.executable, "-m", "vgpt_jax.train", "--config=configs/tiny.py", f"--workdir={tmp_path}", *overrides],
-      capture_output=True, text=True, timeout=120)
+    [sys.executable, "-m", "vgpt_jax.train", "--config=configs/tiny.py", f"--workdir={tmp_path}", *overrides],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def test_cli_refuses_bad_value_before_compiling(tmp_path):

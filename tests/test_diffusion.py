@@ -10,8 +10,16 @@ from vgpt_jax import diffusion
 
 
 def _cfg(**kw) -> ml_collections.ConfigDict:
-  base = dict(prediction="x", timestep_sampling="uniform", logit_normal_mean=0.0, logit_normal_std=1.0,
-              timestep_shift=1.0, context_noise=True, context_t_min=0.9, context_t_max=1.0)
+  base = dict(
+    prediction="x",
+    timestep_sampling="uniform",
+    logit_normal_mean=0.0,
+    logit_normal_std=1.0,
+    timestep_shift=1.0,
+    context_noise=True,
+    context_t_min=0.9,
+    context_t_max=1.0,
+  )
   return ml_collections.ConfigDict({**base, **kw})
 
 
@@ -55,7 +63,9 @@ def test_timestep_sampling_range_and_shift(sampling):
   t = diffusion.sample_timesteps(jax.random.key(0), (20000,), _cfg(timestep_sampling=sampling))
   assert 0.0 <= float(t.min()) and float(t.max()) < 1.0
   assert abs(float(t.mean()) - 0.5) < 0.02
-  shifted = diffusion.sample_timesteps(jax.random.key(0), (20000,), _cfg(timestep_sampling=sampling, timestep_shift=3.0))
+  shifted = diffusion.sample_timesteps(
+    jax.random.key(0), (20000,), _cfg(timestep_sampling=sampling, timestep_shift=3.0)
+  )
   assert float(shifted.mean()) < float(t.mean()) - 0.1  # shift > 1 moves mass toward noise
   grid = diffusion.euler_grid(4, 3.0)
   assert float(grid[0]) == 0.0 and float(grid[-1]) == 1.0 and bool(jnp.all(jnp.diff(grid) > 0))
@@ -70,7 +80,8 @@ def test_context_noise_range_and_off_switch():
   assert out is not x1
   np.testing.assert_array_equal(diffusion.corrupt_context(jax.random.key(0), x1, _cfg(context_noise=False)), x1)
   np.testing.assert_array_equal(
-      diffusion.corrupt_context(jax.random.key(0), x1, _cfg(context_t_min=1.0, context_t_max=1.0)), x1)
+    diffusion.corrupt_context(jax.random.key(0), x1, _cfg(context_t_min=1.0, context_t_max=1.0)), x1
+  )
 
 
 def test_unknown_options_raise():

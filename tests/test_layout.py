@@ -16,7 +16,7 @@ def test_training_layout_shape_and_positions():
   seg = s + 2
   assert lay.length == (2 * n - 1) * seg
   # Clean frames 0..N-2 first, then noisy frames 0..N-1.
-  assert (lay.stream[: (n - 1) * seg] == L.CLEAN).all() and (lay.stream[(n - 1) * seg:] == L.NOISY).all()
+  assert (lay.stream[: (n - 1) * seg] == L.CLEAN).all() and (lay.stream[(n - 1) * seg :] == L.NOISY).all()
   # Both copies of frame f occupy positions f*L .. f*L+L-1, each exactly once.
   for stream, frames in ((L.CLEAN, range(n - 1)), (L.NOISY, range(n))):
     for f in frames:
@@ -25,7 +25,7 @@ def test_training_layout_shape_and_positions():
   # Segment contents: [<img>, patches, </img>] and [<diff>, TIME, patches].
   first_clean = lay.kind[:seg]
   assert first_clean.tolist() == [L.BOS] + [L.PATCH] * s + [L.EOS]
-  first_noisy = lay.kind[(n - 1) * seg:n * seg]
+  first_noisy = lay.kind[(n - 1) * seg : n * seg]
   assert first_noisy.tolist() == [L.BOS, L.TIME] + [L.PATCH] * s
   # Every table entry used by a noisy patch exactly once; noisy_patch_index inverts it.
   idx = lay.noisy_patch_index()

@@ -36,9 +36,9 @@ def setup():
   apply = jax.jit(lambda clean, noisy, t, split: model.apply(params, clean, noisy, t, split, lay))
   k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
   inputs = dict(
-      clean=jax.random.normal(k1, (2, N, H, W, C)),
-      noisy=jax.random.normal(k2, (2, N, H, W, C)),
-      t=jax.random.uniform(k3, (2, N)),
+    clean=jax.random.normal(k1, (2, N, H, W, C)),
+    noisy=jax.random.normal(k2, (2, N, H, W, C)),
+    t=jax.random.uniform(k3, (2, N)),
   )
   return model, params, lay, apply, inputs
 
@@ -109,7 +109,9 @@ def test_every_parameter_has_logical_axis_names():
   model = _model()
   lay = L.training_layout(N, H * W // 4)
   x = jnp.zeros((1, N, H, W, C))
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), x, x, jnp.zeros((1, N)), jnp.zeros((1, N), jnp.int32), lay))
+  boxed = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), x, x, jnp.zeros((1, N)), jnp.zeros((1, N), jnp.int32), lay)
+  )
   leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
   assert leaves and all(isinstance(v, nn.LogicallyPartitioned) for v in leaves)
   for v in leaves:
@@ -140,7 +142,9 @@ def test_bfloat16_compute_keeps_fp32_params_and_is_close(setup):
   ref = _run(apply, inputs)
   assert np.abs(np.asarray(out) - ref).max() < 0.1 * np.abs(ref).max()
   x = jnp.zeros((1, N, H, W, C))
-  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), x, x, jnp.zeros((1, N)), jnp.zeros((1, N), jnp.int32), lay)))
+  shapes = jax.eval_shape(
+    lambda: nn.unbox(model.init(jax.random.key(0), x, x, jnp.zeros((1, N)), jnp.zeros((1, N), jnp.int32), lay))
+  )
   assert {l.dtype for l in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
 
 
@@ -163,7 +167,9 @@ def _count(preset: str) -> int:
   model = VideoGPT.from_config(cfg)
   lay = L.training_layout(2, 4)
   x = jnp.zeros((1, 2, 4, 4, 4))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, x, jnp.zeros((1, 2)), jnp.zeros((1, 2), jnp.int32), lay))
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), x, x, jnp.zeros((1, 2)), jnp.zeros((1, 2), jnp.int32), lay)
+  )
   return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nn.unbox(shapes)))
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import ml_collections
 
 from vgpt_jax import diffusion
+from vgpt_jax.data.pipeline import validate_data_config
 from vgpt_jax.layout import SPLITS
 from vgpt_jax.model.tokenizer import TOKENIZERS
 from vgpt_jax.model.transformer import REMAT_POLICIES
 from vgpt_jax.model.video_gpt import ATTENTION_FNS, DTYPES
-
-DATA_SOURCES = ("physics",)
 
 
 class ConfigError(ValueError):
@@ -25,8 +24,15 @@ def _choice(problems: list[str], name: str, value, options) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raise ConfigError listing every problem found in `config` (no-op when it is sound)."""
   problems: list[str] = []
-  m, d, tok, lay, dif, opt, tr = (config.model, config.data, config.tokenizer, config.layout,
-                                 config.diffusion, config.optim, config.train)
+  m, d, tok, lay, dif, opt, tr = (
+    config.model,
+    config.data,
+    config.tokenizer,
+    config.layout,
+    config.diffusion,
+    config.optim,
+    config.train,
+  )
 
   # Model shape.
   _choice(problems, "model.attention", m.attention, ATTENTION_FNS)
@@ -44,32 +50,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
       problems.append(f"model.{name}={m[name]} must be >= 1")
 
   # Frames -> latents -> patches.
-  _choice(problems, "data.source", d.source, DATA_SOURCES)
+  try:
+    validate_data_config(d)
+  except ValueError as e:
+    problems.append(str(e))
   _choice(problems, "tokenizer.kind", tok.kind, TOKENIZERS)
   cell = tok.downsample * m.patch_size
   for name in ("height", "width"):
     if cell > 0 and d[name] % cell:
       problems.append(
-          f"data.{name}={d[name]} is not divisible by tokenizer.downsample*model.patch_size={cell}: "
-          f"use a frame size that is a multiple of {cell} or a smaller patch")
+        f"data.{name}={d[name]} is not divisible by tokenizer.downsample*model.patch_size={cell}: "
+        f"use a frame size that is a multiple of {cell} or a smaller patch"
+      )
   if cell > 0 and max(d.height, d.width) // cell > m.pos_embed_max_size:
-    problems.append(f"patch grid {d.height // cell}x{d.width // cell} exceeds model.pos_embed_max_size={m.pos_embed_max_size}")
+    problems.append(
+      f"patch grid {d.height // cell}x{d.width // cell} exceeds model.pos_embed_max_size={m.pos_embed_max_size}"
+    )
 
   # Frames and clips.
   n = d.num_frames
   if n < 2:
     problems.append(f"data.num_frames={n} must be >= 2 (a context clip and a clip to predict)")
-  if d.num_frames * d.frame_stride > d.video_frames:
-    problems.append(f"data.num_frames*data.frame_stride={d.num_frames * d.frame_stride} exceeds "
-                    f"data.video_frames={d.video_frames}: lower one of them or render longer videos")
   _choice(problems, "layout.split", lay.split, SPLITS)
   max_clips = n if lay.max_clips <= 0 else lay.max_clips
   if lay.split == "random":
     if lay.min_clips < 2:
       problems.append(f"layout.min_clips={lay.min_clips} must be >= 2 (SPEC: K >= 2)")
     if max_clips > n:
-      problems.append(f"layout.max_clips={lay.max_clips} is larger than data.num_frames={n}: "
-                      f"a clip needs at least one frame; use <= {n} (or -1 for num_frames)")
+      problems.append(
+        f"layout.max_clips={lay.max_clips} is larger than data.num_frames={n}: "
+        f"a clip needs at least one frame; use <= {n} (or -1 for num_frames)"
+      )
     if lay.min_clips > max_clips:
       problems.append(f"layout.min_clips={lay.min_clips} > layout.max_clips={max_clips}")
   if lay.split == "fixed":
@@ -83,8 +94,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if dif.timestep_shift <= 0:
     problems.append(f"diffusion.timestep_shift={dif.timestep_shift} must be > 0 (1 = no shift)")
   if not 0.0 <= dif.context_t_min <= dif.context_t_max <= 1.0:
-    problems.append(f"need 0 <= diffusion.context_t_min <= diffusion.context_t_max <= 1, "
-                    f"got {dif.context_t_min}, {dif.context_t_max}")
+    problems.append(
+      f"need 0 <= diffusion.context_t_min <= diffusion.context_t_max <= 1, got {dif.context_t_min}, {dif.context_t_max}"
+    )
 
   # Optimisation and loop.
   if opt.lr <= 0:

@@ -53,9 +53,7 @@ def corrupt_context(key: jax.Array, x1: jax.Array, cfg: ml_collections.ConfigDic
   return interpolate(x1, jax.random.normal(eps_key, x1.shape, x1.dtype), t_in)
 
 
-def prediction_loss(
-    output: jax.Array, x1: jax.Array, eps: jax.Array, prediction: str
-) -> jax.Array:
+def prediction_loss(output: jax.Array, x1: jax.Array, eps: jax.Array, prediction: str) -> jax.Array:
   """Mean over frames of the per-frame MSE to the target. output, x1, eps: [B, N, ...]."""
   if prediction == "x":
     target = x1
@@ -84,7 +82,7 @@ def euler_grid(steps: int, shift: float = 1.0) -> jax.Array:
 
 
 def euler_integrate(
-    velocity_fn: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array, grid: jax.Array
+  velocity_fn: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array, grid: jax.Array
 ) -> jax.Array:
   """Integrate dx/dt = velocity_fn(x, t) from grid[0] to grid[-1] with Euler steps.
 

@@ -108,8 +108,8 @@ def _noisy_segment(frame: int, n: int, s: int) -> list[tuple[int, int, int, int,
   seg = s + 2
   special = 2 * n * s + n
   rows = [
-      (frame, NOISY, BOS, frame * seg, special + SPECIAL_DIFF),
-      (frame, NOISY, TIME, frame * seg + 1, 2 * n * s + frame),
+    (frame, NOISY, BOS, frame * seg, special + SPECIAL_DIFF),
+    (frame, NOISY, TIME, frame * seg + 1, 2 * n * s + frame),
   ]
   rows += [(frame, NOISY, PATCH, frame * seg + 2 + p, n * s + frame * s + p) for p in range(s)]
   return rows
@@ -226,11 +226,11 @@ def token_ids(layout: Layout, block_of_frame: jax.Array) -> TokenIds:
     return jnp.broadcast_to(jnp.asarray(a, jnp.int32), (batch, layout.length))
 
   return TokenIds(
-      frame=static(layout.frame),
-      block=jnp.take(block_of_frame, jnp.asarray(layout.frame), axis=1),
-      stream=static(layout.stream),
-      kind=static(layout.kind),
-      position=static(layout.position),
+    frame=static(layout.frame),
+    block=jnp.take(block_of_frame, jnp.asarray(layout.frame), axis=1),
+    stream=static(layout.stream),
+    kind=static(layout.kind),
+    position=static(layout.position),
   )
 
 

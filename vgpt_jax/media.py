@@ -16,7 +16,7 @@ def grid_image(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
   for i, row in enumerate(rows):
     for j, frame in enumerate(row):
       y, x = pad + i * (h + pad), pad + j * (w + pad)
-      out[y:y + h, x:x + w] = frame
+      out[y : y + h, x : x + w] = frame
   return out
 
 
@@ -37,4 +37,25 @@ def save_gif(path: str | Path, frames: np.ndarray, fps: int = 8, scale: int = 1)
   if scale > 1:
     images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
   images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+  return path
+
+
+def save_curve(path: str | Path, x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str, title: str = "") -> Path:
+  """Save a line plot (log y) as PNG, e.g. the training loss against the step."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  path = Path(path)
+  fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+  ax.plot(x, y, lw=1)
+  ax.set_yscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
   return path

@@ -21,18 +21,18 @@ MESH_AXES = ("data", "fsdp", "tensor", "context")
 
 # logical name -> mesh axis (or axes, or None = replicated).
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", "context"),
-    ("embed", "fsdp"),
-    ("embed_out", "tensor"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("layers", None),
-    ("norm", None),
-    ("freq", None),
-    ("patch", None),
-    ("special", None),
+  ("batch", ("data", "fsdp")),
+  ("length", "context"),
+  ("embed", "fsdp"),
+  ("embed_out", "tensor"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv", None),
+  ("layers", None),
+  ("norm", None),
+  ("freq", None),
+  ("patch", None),
+  ("special", None),
 )
 
 

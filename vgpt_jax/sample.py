@@ -20,7 +20,7 @@ from vgpt_jax.trainer import Setup
 
 
 def predict_clip(
-    setup: Setup, params: Any, context: jax.Array, key: jax.Array, steps: int, shift: float = 1.0
+  setup: Setup, params: Any, context: jax.Array, key: jax.Array, steps: int, shift: float = 1.0
 ) -> jax.Array:
   """Generate the frames after `context` up to the layout's frame count.
 

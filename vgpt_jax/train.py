@@ -4,8 +4,8 @@
       [--config.train.steps=50 ...]
 
 Writes to WORKDIR: config.json, metrics.jsonl (one line per logged step),
-summary.json, and at the end sample.png / sample.gif (context, then predicted
-frames, above the truth).
+summary.json, loss.png, and at the end sample.png / sample.gif (the truth
+above the context followed by predicted frames).
 """
 
 from __future__ import annotations
@@ -81,21 +81,33 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   state = trainer.create_state(setup, mesh)
   step_fn = trainer.compile_train_step(setup, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info("model %s: %.2fM parameters, %d tokens per sample, mesh %s",
-               config.model.preset, n_params / 1e6, setup.layout.length, dict(mesh.shape))
+  logging.info(
+    "model %s: %.2fM parameters, %d tokens per sample, mesh %s",
+    config.model.preset,
+    n_params / 1e6,
+    setup.layout.length,
+    dict(mesh.shape),
+  )
 
-  batches = iter(train_dataset(config.data, batch_size=config.train.batch_size // jax.process_count(),
-                               seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count()))
+  batches = iter(
+    train_dataset(
+      config.data,
+      batch_size=config.train.batch_size // jax.process_count(),
+      seed=config.seed,
+      shard_index=jax.process_index(),
+      shard_count=jax.process_count(),
+    )
+  )
   sharding = parallel.batch_sharding(mesh)
   writer = MetricsWriter(workdir / "metrics.jsonl")
-  losses: list[float] = []
+  history: list[dict] = []  # the record of every step
   pending = None  # (step, device metrics): read one step late so the host never waits
   start = time.time()
   progress = tqdm(range(config.train.steps), desc="train", disable=not is_main, dynamic_ncols=True)
 
   def flush(step: int, metrics: dict) -> None:
     record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "time": time.time() - start}
-    losses.append(record["loss"])
+    history.append(record)
     if not np.isfinite(record["loss"]):
       raise FloatingPointError(f"loss became {record['loss']} at step {step}; lower optim.lr or check the data")
     if step % config.train.log_every == 0 or step == config.train.steps:
@@ -112,20 +124,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   wall = time.time() - start
   writer.close()
 
+  steps = np.array([r["step"] for r in history])
+  losses = np.array([r["loss"] for r in history])
+  first_step_seconds = history[0]["time"]  # compilation + one step
   head = min(20, len(losses))
   summary = {
-      "steps": config.train.steps,
-      "wall_seconds": wall,
-      "steps_per_second": config.train.steps / wall,
-      "loss_first": float(np.mean(losses[:head])),
-      "loss_last": float(np.mean(losses[-head:])),
-      "parameters": int(n_params),
+    "steps": config.train.steps,
+    "wall_seconds": wall,
+    "first_step_seconds": first_step_seconds,
+    "steps_per_second": (config.train.steps - 1) / max(wall - first_step_seconds, 1e-9),
+    "loss_first": float(np.mean(losses[:head])),
+    "loss_last": float(np.mean(losses[-head:])),
+    "parameters": int(n_params),
   }
   if is_main:
     summary.update(write_sample(setup, state.params, workdir, config.seed))
+    media.save_curve(workdir / "loss.png", steps, losses, "step", "loss", f"{config.model.preset}: training loss")
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"done: loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} (mean of first/last {head} steps) "
-          f"in {wall:.0f}s; wrote {workdir}/metrics.jsonl, sample.png, sample.gif")
+    print(
+      f"done: loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} (mean of first/last {head} steps) "
+      f"in {wall:.0f}s; wrote {workdir}/metrics.jsonl, loss.png, sample.png, sample.gif"
+    )
   return summary
 
 

@@ -46,12 +46,12 @@ class Setup:
 def make_optimizer(optim_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """AdamW (reference hyper-parameters) with linear warmup to a constant LR and norm clipping."""
   schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, optim_cfg.lr, max(optim_cfg.warmup_steps, 1)), optax.constant_schedule(optim_cfg.lr)],
-      [max(optim_cfg.warmup_steps, 1)],
+    [optax.linear_schedule(0.0, optim_cfg.lr, max(optim_cfg.warmup_steps, 1)), optax.constant_schedule(optim_cfg.lr)],
+    [max(optim_cfg.warmup_steps, 1)],
   )
   return optax.chain(
-      optax.clip_by_global_norm(optim_cfg.grad_clip),
-      optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay),
+    optax.clip_by_global_norm(optim_cfg.grad_clip),
+    optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay),
   )
 
 
@@ -60,12 +60,12 @@ def make_setup(config: ml_collections.ConfigDict) -> Setup:
   h, w, c = tokenizer.latent_shape(config.data.height, config.data.width)
   p = config.model.patch_size
   return Setup(
-      config=config,
-      model=VideoGPT.from_config(config.model),
-      tokenizer=tokenizer,
-      layout=training_layout(config.data.num_frames, (h // p) * (w // p)),
-      optimizer=make_optimizer(config.optim),
-      latent_shape=(h, w, c),
+    config=config,
+    model=VideoGPT.from_config(config.model),
+    tokenizer=tokenizer,
+    layout=training_layout(config.data.num_frames, (h // p) * (w // p)),
+    optimizer=make_optimizer(config.optim),
+    latent_shape=(h, w, c),
   )
 
 
@@ -94,7 +94,7 @@ def create_state(setup: Setup, mesh: Mesh) -> TrainState:
   """Initialise the train state directly into its shardings."""
   shardings = state_shardings(setup, mesh)
   init = jax.jit(lambda: nn.unbox(_boxed_state(setup, setup.config.seed)), out_shardings=shardings)
-  with mesh:
+  with jax.set_mesh(mesh):
     return init()
 
 
@@ -125,7 +125,7 @@ def train_step(setup: Setup, state: TrainState, video: jax.Array) -> tuple[Train
   grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, setup, video, key)
   updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
 
 
@@ -133,14 +133,14 @@ def compile_train_step(setup: Setup, mesh: Mesh) -> Callable[[TrainState, jax.Ar
   """jit with explicit in/out shardings and the state donated (updated in place)."""
   shardings = state_shardings(setup, mesh)
   step = jax.jit(
-      functools.partial(train_step, setup),
-      in_shardings=(shardings, parallel.batch_sharding(mesh)),
-      out_shardings=(shardings, parallel.replicated(mesh)),
-      donate_argnums=0,
+    functools.partial(train_step, setup),
+    in_shardings=(shardings, parallel.batch_sharding(mesh)),
+    out_shardings=(shardings, parallel.replicated(mesh)),
+    donate_argnums=0,
   )
 
   def run(state: TrainState, video: jax.Array) -> tuple[TrainState, dict]:
-    with mesh, nn.logical_axis_rules(parallel.LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
       return step(state, video)
 
   return run

@@ -29,12 +29,9 @@ def visible(q: TokenIds, k: TokenIds) -> jax.Array:
   [B, 1, Tk] (see `dense_mask`). Positions are not used.
   """
   within = k.kind <= q.kind
-  clean_q = (q.stream == CLEAN) & (k.stream == CLEAN) & (
-      (k.frame < q.frame) | ((k.frame == q.frame) & within)
-  )
+  clean_q = (q.stream == CLEAN) & (k.stream == CLEAN) & ((k.frame < q.frame) | ((k.frame == q.frame) & within))
   noisy_q = (q.stream == NOISY) & (
-      ((k.stream == CLEAN) & (k.block < q.block))
-      | ((k.stream == NOISY) & (k.block == q.block) & within)
+    ((k.stream == CLEAN) & (k.block < q.block)) | ((k.stream == NOISY) & (k.block == q.block) & within)
   )
   return clean_q | noisy_q
 
@@ -42,8 +39,8 @@ def visible(q: TokenIds, k: TokenIds) -> jax.Array:
 def dense_mask(q: TokenIds, k: TokenIds) -> jax.Array:
   """bool [B, Tq, Tk] from ids with fields [B, Tq] and [B, Tk]."""
   return visible(
-      TokenIds(*(x[:, :, None] for x in (q.frame, q.block, q.stream, q.kind, q.position))),
-      TokenIds(*(x[:, None, :] for x in (k.frame, k.block, k.stream, k.kind, k.position))),
+    TokenIds(*(x[:, :, None] for x in (q.frame, q.block, q.stream, q.kind, q.position))),
+    TokenIds(*(x[:, None, :] for x in (k.frame, k.block, k.stream, k.kind, k.position))),
   )
 
 

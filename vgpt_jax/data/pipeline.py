@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from absl import flags
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 
 from vgpt_jax.data.physics import SPLITS, PhysicsWorld, render_video, video_seed
 
@@ -29,216 +29,212 @@ VALID_SOURCES: tuple[str, ...] = ("physics",)
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """Defaults for the data config (`config.data`); physics knobs mirror PhysicsWorld."""
-    cfg = ml_collections.ConfigDict()
-    cfg.source = "physics"
-    cfg.height = 32
-    cfg.width = 32
-    cfg.num_frames = 8  # frames per training sample
-    cfg.frame_stride = 1  # take every k-th frame of the rendered video
-    cfg.video_frames = 32  # frames per rendered video
-    cfg.num_train_videos = 100_000
-    cfg.num_eval_videos = 256
-    cfg.min_balls = 1
-    cfg.max_balls = 3
-    cfg.seed = 0  # base seed of the world (which videos exist), not the shuffle seed
-    cfg.worker_count = 0  # grain worker processes; 0 = render in the training process
-    cfg.read_threads = 2  # grain prefetch threads per process (0 = no prefetch)
-    cfg.prefetch_batches = 4  # grain prefetch buffer, in batches
-    world = PhysicsWorld()
-    for name in PhysicsWorld.CONFIG_KNOBS:
-        cfg[name] = getattr(world, name)
-    return cfg
+  """Defaults for the data config (`config.data`); physics knobs mirror PhysicsWorld."""
+  cfg = ml_collections.ConfigDict()
+  cfg.source = "physics"
+  cfg.height = 32
+  cfg.width = 32
+  cfg.num_frames = 8  # frames per training sample
+  cfg.frame_stride = 1  # take every k-th frame of the rendered video
+  cfg.frame_stride_max = 0  # > frame_stride: stride drawn per sample from [frame_stride, max]
+  cfg.video_frames = 32  # frames per rendered video
+  cfg.num_train_videos = 100_000
+  cfg.num_eval_videos = 256
+  cfg.min_balls = 1
+  cfg.max_balls = 3
+  cfg.seed = 0  # base seed of the world (which videos exist), not the shuffle seed
+  cfg.worker_count = 0  # grain worker processes; 0 = render in the training process
+  cfg.read_threads = 2  # grain prefetch threads per process (0 = no prefetch)
+  cfg.prefetch_batches = 4  # grain prefetch buffer, in batches
+  world = PhysicsWorld()
+  for name in PhysicsWorld.CONFIG_KNOBS:
+    cfg[name] = getattr(world, name)
+  return cfg
 
 
 def _get(data_cfg: Any, name: str, default: Any) -> Any:
-    """Optional config field with a default (ConfigDict, dict or plain object)."""
-    if hasattr(data_cfg, "get"):
-        return data_cfg.get(name, default)
-    return getattr(data_cfg, name, default)
+  """Optional config field with a default (ConfigDict, dict or plain object)."""
+  if hasattr(data_cfg, "get"):
+    return data_cfg.get(name, default)
+  return getattr(data_cfg, name, default)
 
 
 def validate_data_config(data_cfg: Any) -> None:
-    """Raises ValueError with an actionable message if the data config is unusable."""
-    source = _get(data_cfg, "source", "physics")
-    if source not in VALID_SOURCES:
-        raise ValueError(
-            f"Unknown data.source {source!r}; valid sources are {list(VALID_SOURCES)}."
-        )
-    num_frames, stride = int(data_cfg.num_frames), int(_get(data_cfg, "frame_stride", 1))
-    video_frames = int(data_cfg.video_frames)
-    if num_frames < 1 or stride < 1:
-        raise ValueError(
-            f"data.num_frames ({num_frames}) and data.frame_stride ({stride}) must be >= 1."
-        )
-    if num_frames * stride > video_frames:
-        raise ValueError(
-            f"data.num_frames * data.frame_stride = {num_frames} * {stride} = "
-            f"{num_frames * stride} exceeds data.video_frames = {video_frames}; "
-            f"raise data.video_frames to at least {num_frames * stride} or lower "
-            "data.num_frames / data.frame_stride."
-        )
-    for name in ("num_train_videos", "num_eval_videos"):
-        if int(getattr(data_cfg, name)) < 1:
-            raise ValueError(f"data.{name} must be >= 1.")
-    PhysicsWorld.from_config(data_cfg)  # validates the physics knobs
+  """Raises ValueError with an actionable message if the data config is unusable."""
+  source = _get(data_cfg, "source", "physics")
+  if source not in VALID_SOURCES:
+    raise ValueError(f"Unknown data.source {source!r}; valid sources are {list(VALID_SOURCES)}.")
+  num_frames, stride = int(data_cfg.num_frames), _stride_range(data_cfg)[1]
+  video_frames = int(data_cfg.video_frames)
+  if num_frames < 1 or stride < 1:
+    raise ValueError(f"data.num_frames ({num_frames}) and data.frame_stride ({stride}) must be >= 1.")
+  if num_frames * stride > video_frames:
+    raise ValueError(
+      f"data.num_frames * largest data.frame_stride = {num_frames} * {stride} = "
+      f"{num_frames * stride} exceeds data.video_frames = {video_frames}; "
+      f"raise data.video_frames to at least {num_frames * stride} or lower "
+      "data.num_frames / data.frame_stride."
+    )
+  for name in ("num_train_videos", "num_eval_videos"):
+    if int(getattr(data_cfg, name)) < 1:
+      raise ValueError(f"data.{name} must be >= 1.")
+  PhysicsWorld.from_config(data_cfg)  # validates the physics knobs
+
+
+def _stride_range(data_cfg: Any) -> tuple[int, int]:
+  """(min, max) frame stride; max = min unless data.frame_stride_max is larger."""
+  low = int(_get(data_cfg, "frame_stride", 1))
+  return low, max(low, int(_get(data_cfg, "frame_stride_max", 0)))
 
 
 def to_float(video: np.ndarray) -> np.ndarray:
-    """uint8 video -> float32 in [-1, 1] (same shape)."""
-    return np.asarray(video, dtype=np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+  """uint8 video -> float32 in [-1, 1] (same shape)."""
+  return np.asarray(video, dtype=np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
 
 
 def to_uint8(video: Any) -> np.ndarray:
-    """float video in [-1, 1] (numpy or jax, any shape) -> uint8, clipped; inverse of to_float."""
-    scaled = (np.asarray(video, dtype=np.float32) + 1.0) * 127.5
-    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+  """float video in [-1, 1] (numpy or jax, any shape) -> uint8, clipped; inverse of to_float."""
+  scaled = (np.asarray(video, dtype=np.float32) + 1.0) * 127.5
+  return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
 def _own_memory(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Copies a batch out of grain's shared-memory blocks so they are released at once."""
-    return {key: np.array(value, copy=True) for key, value in batch.items()}
+  """Copies a batch out of grain's shared-memory blocks so they are released at once."""
+  return {key: np.array(value, copy=True) for key, value in batch.items()}
 
 
 def _ensure_absl_flags_parsed() -> None:
-    """Grain's worker processes read absl flags; outside absl.app.run they are unparsed."""
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+  """Grain's worker processes read absl flags; outside absl.app.run they are unparsed."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 class PhysicsVideoSource:
-    """Grain RandomAccessDataSource: index i -> uint8 video [T, H, W, 3], rendered on demand.
+  """Grain RandomAccessDataSource: index i -> uint8 video [T, H, W, 3], rendered on demand.
 
-    Holds only the (picklable) world description, so it can be shipped to
-    grain worker processes.
+  Holds only the (picklable) world description, so it can be shipped to
+  grain worker processes.
+  """
+
+  def __init__(self, data_cfg: Any, split: str):
+    if split not in SPLITS:
+      raise ValueError(f"Unknown split {split!r}; valid splits are {list(SPLITS)}.")
+    self.world = PhysicsWorld.from_config(data_cfg)
+    self.split = split
+    self.base_seed = int(_get(data_cfg, "seed", 0))
+    self.num_videos = int(data_cfg.num_train_videos if split == "train" else data_cfg.num_eval_videos)
+
+  def __len__(self) -> int:
+    return self.num_videos
+
+  def _seed(self, index: int) -> int:
+    index = int(index)
+    if not -self.num_videos <= index < self.num_videos:
+      raise IndexError(f"Video index {index} out of range [0, {self.num_videos}).")
+    return video_seed(self.split, index % self.num_videos, self.base_seed)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    return render_video(self._seed(index), self.world)
+
+  def clip(self, index: int, start: int, length: int, stride: int = 1) -> np.ndarray:
+    """uint8 [length, H, W, 3]: frames start, start+stride, ... of video `index`.
+
+    Equals `self[index][start : start + length * stride : stride]` but only
+    simulates/draws what is needed.
     """
+    frames = start + stride * np.arange(length)
+    return render_video(self._seed(index), self.world, frames=frames)
 
-    def __init__(self, data_cfg: Any, split: str):
-        if split not in SPLITS:
-            raise ValueError(f"Unknown split {split!r}; valid splits are {list(SPLITS)}.")
-        self.world = PhysicsWorld.from_config(data_cfg)
-        self.split = split
-        self.base_seed = int(_get(data_cfg, "seed", 0))
-        self.num_videos = int(
-            data_cfg.num_train_videos if split == "train" else data_cfg.num_eval_videos
-        )
-
-    def __len__(self) -> int:
-        return self.num_videos
-
-    def _seed(self, index: int) -> int:
-        index = int(index)
-        if not -self.num_videos <= index < self.num_videos:
-            raise IndexError(f"Video index {index} out of range [0, {self.num_videos}).")
-        return video_seed(self.split, index % self.num_videos, self.base_seed)
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return render_video(self._seed(index), self.world)
-
-    def clip(self, index: int, start: int, length: int, stride: int = 1) -> np.ndarray:
-        """uint8 [length, H, W, 3]: frames start, start+stride, ... of video `index`.
-
-        Equals `self[index][start : start + length * stride : stride]` but only
-        simulates/draws what is needed.
-        """
-        frames = start + stride * np.arange(length)
-        return render_video(self._seed(index), self.world, frames=frames)
-
-    def __repr__(self) -> str:
-        return (
-            f"PhysicsVideoSource(split={self.split!r}, num_videos={self.num_videos}, "
-            f"base_seed={self.base_seed}, world={self.world})"
-        )
+  def __repr__(self) -> str:
+    return (
+      f"PhysicsVideoSource(split={self.split!r}, num_videos={self.num_videos}, "
+      f"base_seed={self.base_seed}, world={self.world})"
+    )
 
 
 def make_source(data_cfg: Any, split: str) -> PhysicsVideoSource:
-    """The data source named by data_cfg.source for `split` ("train" or "eval")."""
-    validate_data_config(data_cfg)
-    return PhysicsVideoSource(data_cfg, split)
+  """The data source named by data_cfg.source for `split` ("train" or "eval")."""
+  validate_data_config(data_cfg)
+  return PhysicsVideoSource(data_cfg, split)
 
 
 class _RandomClip(grain.transforms.RandomMap):
-    """Video index -> {"video": float32 [num_frames, H, W, 3]} at a random start frame."""
+  """Video index -> {"video": float32 [num_frames, H, W, 3]}: random stride, then random start."""
 
-    def __init__(self, source: PhysicsVideoSource, num_frames: int, stride: int):
-        self.source = source
-        self.num_frames = num_frames
-        self.stride = stride
-        self.max_start = source.world.num_frames - num_frames * stride
+  def __init__(self, source: PhysicsVideoSource, num_frames: int, strides: tuple[int, int]):
+    self.source = source
+    self.num_frames = num_frames
+    self.strides = strides
 
-    def random_map(self, element: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        start = int(rng.integers(0, self.max_start + 1))
-        return {"video": to_float(self.source.clip(element, start, self.num_frames, self.stride))}
+  def random_map(self, element: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    stride = int(rng.integers(self.strides[0], self.strides[1] + 1))
+    start = int(rng.integers(0, self.source.world.num_frames - self.num_frames * stride + 1))
+    return {"video": to_float(self.source.clip(element, start, self.num_frames, stride))}
 
 
-def train_index_dataset(
-    data_cfg: Any, *, seed: int, shard_index: int = 0, shard_count: int = 1
-) -> grain.MapDataset:
-    """Infinite MapDataset of this shard's train video indices, shuffled anew each epoch.
+def train_index_dataset(data_cfg: Any, *, seed: int, shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
+  """Infinite MapDataset of this shard's train video indices, shuffled anew each epoch.
 
-    Shard k holds indices k, k + shard_count, ...; shards are disjoint and cover
-    all videos. `train_dataset` renders exactly these indices, in this order.
-    """
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"Need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}.")
-    num_videos = int(data_cfg.num_train_videos)
-    if num_videos < shard_count:
-        raise ValueError(
-            f"data.num_train_videos ({num_videos}) < shard_count ({shard_count}): "
-            "some hosts would get no videos."
-        )
-    ds = grain.MapDataset.range(num_videos)[shard_index::shard_count]
-    return ds.seed(seed).shuffle().repeat()
+  Shard k holds indices k, k + shard_count, ...; shards are disjoint and cover
+  all videos. `train_dataset` renders exactly these indices, in this order.
+  """
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"Need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}.")
+  num_videos = int(data_cfg.num_train_videos)
+  if num_videos < shard_count:
+    raise ValueError(
+      f"data.num_train_videos ({num_videos}) < shard_count ({shard_count}): some hosts would get no videos."
+    )
+  ds = grain.MapDataset.range(num_videos)[shard_index::shard_count]
+  return ds.seed(seed).shuffle().repeat()
 
 
 def train_dataset(
-    data_cfg: Any,
-    *,
-    batch_size: int,
-    seed: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
+  data_cfg: Any,
+  *,
+  batch_size: int,
+  seed: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
 ) -> grain.IterDataset:
-    """This host's infinite, shuffled train stream of {"video": float32 [B, F, H, W, 3]}.
+  """This host's infinite, shuffled train stream of {"video": float32 [B, F, H, W, 3]}.
 
-    F = data_cfg.num_frames frames taken every data_cfg.frame_stride frames from a
-    random start (per-element grain RNG). Deterministic given `seed`; the
-    iterator's get_state()/set_state() resume exactly.
-    """
-    validate_data_config(data_cfg)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    source = PhysicsVideoSource(data_cfg, "train")
-    clip = _RandomClip(source, int(data_cfg.num_frames), int(_get(data_cfg, "frame_stride", 1)))
-    ds = train_index_dataset(
-        data_cfg, seed=seed, shard_index=shard_index, shard_count=shard_count
-    )
-    ds = ds.random_map(clip).batch(batch_size, drop_remainder=True)
-    read_options = grain.ReadOptions(
-        num_threads=int(_get(data_cfg, "read_threads", 2)),
-        prefetch_buffer_size=int(_get(data_cfg, "prefetch_batches", 4)),
-    )
-    it_ds = ds.to_iter_dataset(read_options)
-    worker_count = int(_get(data_cfg, "worker_count", 0))
-    if worker_count > 0:
-        _ensure_absl_flags_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-        it_ds = it_ds.map(_own_memory)
-    return it_ds
+  F = data_cfg.num_frames frames taken every k frames from a random start, k drawn
+  from [frame_stride, frame_stride_max] (per-element grain RNG; stages 3-4). Deterministic given `seed`; the
+  iterator's get_state()/set_state() resume exactly.
+  """
+  validate_data_config(data_cfg)
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+  source = PhysicsVideoSource(data_cfg, "train")
+  clip = _RandomClip(source, int(data_cfg.num_frames), _stride_range(data_cfg))
+  ds = train_index_dataset(data_cfg, seed=seed, shard_index=shard_index, shard_count=shard_count)
+  ds = ds.random_map(clip).batch(batch_size, drop_remainder=True)
+  read_options = grain.ReadOptions(
+    num_threads=int(_get(data_cfg, "read_threads", 2)),
+    prefetch_buffer_size=int(_get(data_cfg, "prefetch_batches", 4)),
+  )
+  it_ds = ds.to_iter_dataset(read_options)
+  worker_count = int(_get(data_cfg, "worker_count", 0))
+  if worker_count > 0:
+    _ensure_absl_flags_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    it_ds = it_ds.map(_own_memory)
+  return it_ds
 
 
 def eval_videos(data_cfg: Any, count: int) -> np.ndarray:
-    """float32 [count, num_frames, H, W, 3] in [-1, 1]: the first `count` held-out videos.
+  """float32 [count, num_frames, H, W, 3] in [-1, 1]: the first `count` held-out videos.
 
-    Frames 0, stride, 2*stride, ... so evaluation always sees the same clips.
-    """
-    validate_data_config(data_cfg)
-    source = PhysicsVideoSource(data_cfg, "eval")
-    if not 0 <= count <= len(source):
-        raise ValueError(f"count must lie in [0, data.num_eval_videos={len(source)}], got {count}.")
-    num_frames, stride = int(data_cfg.num_frames), int(_get(data_cfg, "frame_stride", 1))
-    world = source.world
-    out = np.empty((count, num_frames, world.height, world.width, 3), dtype=np.float32)
-    for i in range(count):
-        out[i] = to_float(source.clip(i, 0, num_frames, stride))
-    return out
+  Frames 0, stride, 2*stride, ... so evaluation always sees the same clips.
+  """
+  validate_data_config(data_cfg)
+  source = PhysicsVideoSource(data_cfg, "eval")
+  if not 0 <= count <= len(source):
+    raise ValueError(f"count must lie in [0, data.num_eval_videos={len(source)}], got {count}.")
+  num_frames, stride = int(data_cfg.num_frames), int(_get(data_cfg, "frame_stride", 1))
+  world = source.world
+  out = np.empty((count, num_frames, world.height, world.width, 3), dtype=np.float32)
+  for i in range(count):
+    out[i] = to_float(source.clip(i, 0, num_frames, stride))
+  return out

@@ -48,7 +48,7 @@ def sincos_2d_table(dim: int, grid_h: int, grid_w: int, max_size: int = 192, bas
     raise ValueError(f"patch grid {grid_h}x{grid_w} exceeds pos_embed_max_size={max_size}")
   coords = np.arange(max_size, dtype=np.float64) * (base_size / max_size)
   top, left = (max_size - grid_h) // 2, (max_size - grid_w) // 2
-  rows, cols = np.meshgrid(coords[top:top + grid_h], coords[left:left + grid_w], indexing="ij")
+  rows, cols = np.meshgrid(coords[top : top + grid_h], coords[left : left + grid_w], indexing="ij")
   table = np.concatenate([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], axis=1)
   return table.astype(np.float32)
 
@@ -73,12 +73,22 @@ class TimestepEmbedder(nn.Module):
   def __call__(self, t: jax.Array) -> jax.Array:
     init = nn.initializers.normal(stddev=0.02)
     x = timestep_features(t, self.freq_dim)
-    x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
-                 kernel_init=nn.with_logical_partitioning(init, ("freq", "embed")),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(x)
-    x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
-                 kernel_init=nn.with_logical_partitioning(init, ("embed", "embed_out")),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed_out",)))(nn.silu(x))
+    x = nn.Dense(
+      self.hidden,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="fc1",
+      kernel_init=nn.with_logical_partitioning(init, ("freq", "embed")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+    )(x)
+    x = nn.Dense(
+      self.hidden,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="fc2",
+      kernel_init=nn.with_logical_partitioning(init, ("embed", "embed_out")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed_out",)),
+    )(nn.silu(x))
     return x
 
 
@@ -93,9 +103,13 @@ class PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, patches: jax.Array) -> jax.Array:
     init = nn.initializers.zeros if self.zero_init else nn.initializers.xavier_uniform()
-    return nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=nn.with_logical_partitioning(init, ("patch", "embed")),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(patches)
+    return nn.Dense(
+      self.hidden,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.with_logical_partitioning(init, ("patch", "embed")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+    )(patches)
 
 
 class FinalLayer(nn.Module):
@@ -112,12 +126,20 @@ class FinalLayer(nn.Module):
     """x: [..., S, D] tokens; cond: [..., D] one vector per frame. Returns [..., S, out]."""
     hidden = x.shape[-1]
     zeros = nn.initializers.zeros
-    mod = nn.Dense(2 * hidden, param_dtype=self.param_dtype, name="ada_ln",
-                   kernel_init=nn.with_logical_partitioning(zeros, ("embed", "embed_out")),
-                   bias_init=nn.with_logical_partitioning(zeros, ("embed_out",)))(nn.silu(cond.astype(jnp.float32)))
+    mod = nn.Dense(
+      2 * hidden,
+      param_dtype=self.param_dtype,
+      name="ada_ln",
+      kernel_init=nn.with_logical_partitioning(zeros, ("embed", "embed_out")),
+      bias_init=nn.with_logical_partitioning(zeros, ("embed_out",)),
+    )(nn.silu(cond.astype(jnp.float32)))
     shift, scale = jnp.split(mod, 2, axis=-1)
     h = nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, name="norm")(x.astype(jnp.float32))
     h = h * (1 + scale[..., None, :]) + shift[..., None, :]
-    return nn.Dense(self.out_features, param_dtype=self.param_dtype, name="linear",
-                    kernel_init=nn.with_logical_partitioning(zeros, ("embed", "patch")),
-                    bias_init=nn.with_logical_partitioning(zeros, ("patch",)))(h)
+    return nn.Dense(
+      self.out_features,
+      param_dtype=self.param_dtype,
+      name="linear",
+      kernel_init=nn.with_logical_partitioning(zeros, ("embed", "patch")),
+      bias_init=nn.with_logical_partitioning(zeros, ("patch",)),
+    )(h)

@@ -5,27 +5,26 @@ from __future__ import annotations
 import ml_collections
 
 _COMMON = dict(
-    norm_eps=1e-5,
-    rope_theta=10000.0,
-    time_freq_dim=256,
-    pos_embed_max_size=192,
-    pos_embed_base_size=64,
-    attention="dense",
-    remat="none",
-    dtype="float32",
-    param_dtype="float32",
+  norm_eps=1e-5,
+  rope_theta=10000.0,
+  time_freq_dim=256,
+  pos_embed_max_size=192,
+  pos_embed_base_size=64,
+  attention="dense",
+  remat="none",
+  dtype="float32",
+  param_dtype="float32",
 )
 
 PRESETS: dict[str, dict] = {
-    # 32 layers, hidden 3072, 32 heads of 96, SwiGLU 8192, latent patch 2: ~3.7B.
-    "paper": dict(num_layers=32, hidden=3072, num_heads=32, mlp_dim=8192, patch_size=2,
-                  remat="full", dtype="bfloat16"),
-    # ~100M parameters: for scaling checks and benchmarks.
-    "100m": dict(num_layers=12, hidden=768, num_heads=12, mlp_dim=2048, patch_size=2),
-    # Trains on 2 CPU cores in minutes.
-    "tiny": dict(num_layers=4, hidden=128, num_heads=4, mlp_dim=384, patch_size=2),
-    # Smallest that still exercises every code path: unit tests.
-    "test": dict(num_layers=2, hidden=32, num_heads=2, mlp_dim=64, patch_size=2),
+  # 32 layers, hidden 3072, 32 heads of 96, SwiGLU 8192, latent patch 2: ~3.7B.
+  "paper": dict(num_layers=32, hidden=3072, num_heads=32, mlp_dim=8192, patch_size=2, remat="full", dtype="bfloat16"),
+  # ~100M parameters: for scaling checks and benchmarks.
+  "100m": dict(num_layers=12, hidden=768, num_heads=12, mlp_dim=2048, patch_size=2),
+  # Trains on 2 CPU cores in minutes.
+  "tiny": dict(num_layers=4, hidden=128, num_heads=4, mlp_dim=384, patch_size=2),
+  # Smallest that still exercises every code path: unit tests.
+  "test": dict(num_layers=2, hidden=32, num_heads=2, mlp_dim=64, patch_size=2),
 }
 
 

@@ -47,4 +47,3 @@ def make_tokenizer(tokenizer_cfg: ml_collections.ConfigDict) -> PixelTokenizer:
   if tokenizer_cfg.kind == "pixel":
     return PixelTokenizer(downsample=tokenizer_cfg.downsample)
   raise ValueError(f"unknown tokenizer kind {tokenizer_cfg.kind!r}; choose one of {TOKENIZERS}")
-

@@ -19,10 +19,10 @@ AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, TokenIds, TokenIds], ja
 
 # Named rematerialisation policies (what the backward pass may keep from the forward).
 REMAT_POLICIES: dict[str, Callable | None] = {
-    "none": None,  # no remat: keep every activation
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+  "none": None,  # no remat: keep every activation
+  "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
+  "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
 }
 
 _DENSE_INIT = nn.initializers.normal(stddev=0.02)  # Phi-3 initializer_range
@@ -37,7 +37,9 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+      "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
+    )
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (y * scale.astype(jnp.float32)).astype(self.dtype)
@@ -70,19 +72,19 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], ids: TokenIds) -> jax.Array:
-    def proj(name: str) -> jax.Array:
-      return nn.DenseGeneral(
-          (self.num_heads, self.head_dim), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=nn.with_logical_partitioning(_DENSE_INIT, ("embed", "heads", "kv")), name=name,
-      )(x)
+    shape, axes = (x.shape[-1], self.num_heads, self.head_dim), ("embed", "heads", "kv")
 
-    q, k, v = proj("query"), proj("key"), proj("value")
+    def kernel(name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
+      # Created at its final shape (not flattened, as DenseGeneral does) so the
+      # logical names always match the array's rank.
+      init = nn.with_logical_partitioning(_DENSE_INIT, axes)
+      return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
+
+    x = x.astype(self.dtype)
+    q, k, v = (jnp.einsum("btd,dhk->bthk", x, kernel(name, shape, axes)) for name in ("query", "key", "value"))
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     out = self.attention_fn(q, k, v, ids, ids)
-    return nn.DenseGeneral(
-        x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(_DENSE_INIT, ("heads", "kv", "embed")), name="out",
-    )(out)
+    return jnp.einsum("bthk,hkd->btd", out, kernel("out", shape[1:] + shape[:1], axes[1:] + axes[:1]))
 
 
 class SwiGLU(nn.Module):
@@ -95,8 +97,14 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     def dense(features: int, axes: tuple[str, str], name: str) -> nn.Dense:
-      return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                      kernel_init=nn.with_logical_partitioning(_DENSE_INIT, axes), name=name)
+      return nn.Dense(
+        features,
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(_DENSE_INIT, axes),
+        name=name,
+      )
 
     gate = dense(self.mlp_dim, ("embed", "mlp"), "gate")(x)
     up = dense(self.mlp_dim, ("embed", "mlp"), "up")(x)
@@ -146,16 +154,22 @@ class Decoder(nn.Module):
     if self.remat != "none":
       layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
     stack = nn.scan(
-        layer_cls,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast),
-        length=self.num_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
+      layer_cls,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast, nn.broadcast),
+      length=self.num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
     )
     rope = rope_tables(ids.position, self.head_dim, self.rope_theta)
     x, _ = stack(
-        self.num_heads, self.head_dim, self.mlp_dim, self.norm_eps, self.attention_fn,
-        dtype=self.dtype, param_dtype=self.param_dtype, name="layers",
+      self.num_heads,
+      self.head_dim,
+      self.mlp_dim,
+      self.norm_eps,
+      self.attention_fn,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="layers",
     )(x.astype(self.dtype), rope, ids)
     return RMSNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)

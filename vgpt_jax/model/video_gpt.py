@@ -43,22 +43,30 @@ class VideoGPT(nn.Module):
   @classmethod
   def from_config(cls, model_cfg: ml_collections.ConfigDict) -> "VideoGPT":
     return cls(
-        num_layers=model_cfg.num_layers, hidden=model_cfg.hidden, num_heads=model_cfg.num_heads,
-        mlp_dim=model_cfg.mlp_dim, patch_size=model_cfg.patch_size, norm_eps=model_cfg.norm_eps,
-        rope_theta=model_cfg.rope_theta, time_freq_dim=model_cfg.time_freq_dim,
-        pos_embed_max_size=model_cfg.pos_embed_max_size, pos_embed_base_size=model_cfg.pos_embed_base_size,
-        attention=model_cfg.attention, remat=model_cfg.remat,
-        dtype=DTYPES[model_cfg.dtype], param_dtype=DTYPES[model_cfg.param_dtype],
+      num_layers=model_cfg.num_layers,
+      hidden=model_cfg.hidden,
+      num_heads=model_cfg.num_heads,
+      mlp_dim=model_cfg.mlp_dim,
+      patch_size=model_cfg.patch_size,
+      norm_eps=model_cfg.norm_eps,
+      rope_theta=model_cfg.rope_theta,
+      time_freq_dim=model_cfg.time_freq_dim,
+      pos_embed_max_size=model_cfg.pos_embed_max_size,
+      pos_embed_base_size=model_cfg.pos_embed_base_size,
+      attention=model_cfg.attention,
+      remat=model_cfg.remat,
+      dtype=DTYPES[model_cfg.dtype],
+      param_dtype=DTYPES[model_cfg.param_dtype],
     )
 
   @nn.compact
   def __call__(
-      self,
-      clean: jax.Array,
-      noisy: jax.Array,
-      t: jax.Array,
-      block_of_frame: jax.Array,
-      layout: Layout,
+    self,
+    clean: jax.Array,
+    noisy: jax.Array,
+    t: jax.Array,
+    block_of_frame: jax.Array,
+    layout: Layout,
   ) -> jax.Array:
     """Predict clean latents of the noisy frames.
 
@@ -77,31 +85,48 @@ class VideoGPT(nn.Module):
     pos = jnp.asarray(sincos_2d_table(self.hidden, h // p, w // p, self.pos_embed_max_size, self.pos_embed_base_size))
 
     clean_tok = PatchEmbed(self.hidden, name="clean_embed", **kw)(patchify(clean, p)) + pos.astype(self.dtype)
-    noisy_tok = PatchEmbed(self.hidden, zero_init=True, name="noisy_embed", **kw)(patchify(noisy, p)) + pos.astype(self.dtype)
+    noisy_tok = PatchEmbed(self.hidden, zero_init=True, name="noisy_embed", **kw)(patchify(noisy, p)) + pos.astype(
+      self.dtype
+    )
     time_tok = TimestepEmbedder(self.hidden, self.time_freq_dim, name="time_token", **kw)(t)
-    special = self.param("special_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("special", "embed")),
-                         (NUM_SPECIAL, self.hidden), self.param_dtype)
+    special = self.param(
+      "special_tokens",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), ("special", "embed")),
+      (NUM_SPECIAL, self.hidden),
+      self.param_dtype,
+    )
     s = clean_tok.shape[2]
-    table = jnp.concatenate([
+    table = jnp.concatenate(
+      [
         clean_tok.reshape(b, n * s, self.hidden),
         noisy_tok.reshape(b, n * s, self.hidden),
         time_tok.astype(self.dtype),
         jnp.broadcast_to(special.astype(self.dtype), (b, NUM_SPECIAL, self.hidden)),
-    ], axis=1)
+      ],
+      axis=1,
+    )
     if table.shape[1] != layout.table_size:
-      raise ValueError(f"layout is for {layout.num_frames} frames x {layout.tokens_per_frame} tokens, "
-                       f"got {n} frames x {s} tokens")
+      raise ValueError(
+        f"layout is for {layout.num_frames} frames x {layout.tokens_per_frame} tokens, got {n} frames x {s} tokens"
+      )
     x = jnp.take(table, jnp.asarray(layout.source), axis=1)  # [B, T, D]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     ids = token_ids(layout, block_of_frame)
     x = Decoder(
-        self.num_layers, self.num_heads, self.hidden // self.num_heads, self.mlp_dim, self.norm_eps,
-        self.rope_theta, ATTENTION_FNS[self.attention], self.remat, name="decoder", **kw,
+      self.num_layers,
+      self.num_heads,
+      self.hidden // self.num_heads,
+      self.mlp_dim,
+      self.norm_eps,
+      self.rope_theta,
+      ATTENTION_FNS[self.attention],
+      self.remat,
+      name="decoder",
+      **kw,
     )(x, ids)
 
     noisy_out = jnp.take(x, jnp.asarray(layout.noisy_patch_index().reshape(-1)), axis=1).reshape(b, n, s, self.hidden)
     cond = TimestepEmbedder(self.hidden, self.time_freq_dim, name="final_time", **kw)(t)
     out = FinalLayer(p * p * c, param_dtype=self.param_dtype, name="final")(noisy_out, cond)
     return unpatchify(out, p, h, w)
-
