@@ -58,11 +58,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))  # -1: fill
 
+  # Orbax checkpoints in WORKDIR/checkpoints: train state + data iterator + config.
+  c.checkpoint = ml_collections.ConfigDict(
+    dict(
+      every_steps=500,  # also saved at the last step and on SIGTERM (preemption)
+      keep_last=3,  # newest checkpoints kept ...
+      keep_every=0,  # ... plus every step divisible by this (0: none)
+      async_save=True,
+      # Stage-to-stage init: parameters only from another run (a workdir or its
+      # checkpoints dir); fresh optimizer, schedule and step. Ignored on resume.
+      init_from="",
+      init_from_step=-1,  # -1: that run's latest step
+      init_from_ema=False,  # take the other run's EMA parameters
+    )
+  )
+
   c.train = ml_collections.ConfigDict(
     dict(
       steps=1000,
-      batch_size=16,  # global
+      batch_size=16,  # global, over all hosts
+      grad_accum_steps=1,  # micro-batches per step (batch_size must divide evenly)
+      ema_decay=0.0,  # > 0 keeps an EMA of the parameters (0: off, as the reference)
+      max_skipped_steps=10,  # stop after this many steps with a non-finite loss or gradient
       log_every=10,
+      tensorboard=True,  # also write TensorBoard event files to WORKDIR/tensorboard
+      profile_start_step=-1,  # >= 0: write a profiler trace of steps [start, start + profile_steps)
+      profile_steps=5,
       # The sample written at the end: context frames, the rest predicted.
       num_samples=4,
       sample_context_frames=4,

@@ -1,5 +1,12 @@
 """Shared test fixtures: small configs that compile quickly on CPU."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import ml_collections
 import pytest
 
@@ -31,3 +38,34 @@ def small_config(**overrides) -> ml_collections.ConfigDict:
 @pytest.fixture
 def config() -> ml_collections.ConfigDict:
   return small_config()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str, devices: int = 1, timeout: int = 300) -> str:
+  """Run `code` in a fresh interpreter with `devices` forced CPU devices; return stdout, fail on error."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run(
+    [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+  )
+  assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+  return proc.stdout
+
+
+def train_command(workdir, *overrides: str, config: str = "tests/small_config.py") -> list[str]:
+  """The main job's command line on a test config."""
+  return [sys.executable, "-m", "vgpt_jax.train", f"--config={config}", f"--workdir={workdir}", *overrides]
+
+
+def cpu_env(**extra: str) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def logged_losses(workdir) -> dict[int, float]:
+  """step -> loss from metrics.jsonl; for a step logged twice (a resumed run) the last line wins."""
+  lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return {r["step"]: r["loss"] for r in map(json.loads, lines)}

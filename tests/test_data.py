@@ -225,7 +225,7 @@ def test_train_batches_shape_range_and_content():
   assert video.min() >= -1.0 and video.max() <= 1.0
   # Each element is a strided window of the video whose index the index dataset yields.
   source = PhysicsVideoSource(cfg, "train")
-  indices = train_index_dataset(cfg, seed=0)[:3]
+  indices = [index for _, index in train_index_dataset(cfg, seed=0, batch_size=3)[:3]]
   for clip, index in zip(video, indices):
     full = to_float(source[index])
     windows = [full[s : s + 8 : 2] for s in range(12 - 8 + 1)]
@@ -236,13 +236,22 @@ def test_shards_are_disjoint_and_cover_the_data():
   cfg = small_config()
   firsts = []
   for shard in range(2):
-    ds = train_index_dataset(cfg, seed=5, shard_index=shard, shard_count=2)
-    firsts.append(set(ds[:4]))  # first epoch of a 4-video shard
+    ds = train_index_dataset(cfg, seed=5, batch_size=2, shard_index=shard, shard_count=2)
+    firsts.append({index for _, index in ds[:4]})  # first epoch: 8 videos over 2 hosts
     assert len(firsts[-1]) == 4
   assert not firsts[0] & firsts[1]
   assert firsts[0] | firsts[1] == set(range(8))
   with pytest.raises(ValueError, match="shard_index"):
-    train_index_dataset(cfg, seed=5, shard_index=2, shard_count=2)
+    train_index_dataset(cfg, seed=5, batch_size=2, shard_index=2, shard_count=2)
+
+
+def test_global_batches_do_not_depend_on_the_number_of_hosts():
+  """Two hosts' slices, concatenated, are exactly the one-host batches (same videos, windows, order)."""
+  cfg = small_config(frame_stride=1, frame_stride_max=2)
+  single = take(iter(train_dataset(cfg, batch_size=4, seed=7)), 5)
+  hosts = [take(iter(train_dataset(cfg, batch_size=2, seed=7, shard_index=k, shard_count=2)), 5) for k in range(2)]
+  for step in range(5):
+    np.testing.assert_array_equal(np.concatenate([hosts[0][step], hosts[1][step]]), single[step])
 
 
 def test_train_dataset_is_deterministic_per_seed():
@@ -317,10 +326,10 @@ def test_random_stride_range_for_stages_3_and_4():
   cfg = small_config(frame_stride=1, frame_stride_max=3, num_frames=3)
   source = PhysicsVideoSource(cfg, "train")
   full = to_float(source[0])
-  clip = _RandomClip(source, 3, (1, 3))
+  clip = _RandomClip(source, 3, (1, 3), seed=0)
   seen = set()
   for i in range(40):
-    out = clip.random_map(0, np.random.default_rng(i))["video"]
+    out = clip((i, 0))["video"]
     match = [
       (k, s) for k in (1, 2, 3) for s in range(len(full) - 2 * k) if np.array_equal(out, full[s : s + 3 * k : k])
     ]

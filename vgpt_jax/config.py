@@ -105,6 +105,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problems.append(f"optim.warmup_steps={opt.warmup_steps} must be >= 0")
   if tr.steps < 1 or tr.batch_size < 1:
     problems.append(f"train.steps={tr.steps} and train.batch_size={tr.batch_size} must be >= 1")
+  if tr.grad_accum_steps < 1 or tr.batch_size % tr.grad_accum_steps:
+    problems.append(
+      f"train.grad_accum_steps={tr.grad_accum_steps} must be >= 1 and divide train.batch_size={tr.batch_size}"
+    )
+  if not 0.0 <= tr.ema_decay < 1.0:
+    problems.append(f"train.ema_decay={tr.ema_decay} must be in [0, 1) (0 turns EMA off)")
+  ck = config.checkpoint
+  if ck.every_steps < 1 or ck.keep_last < 1 or ck.keep_every < 0:
+    problems.append(
+      f"checkpoint.every_steps={ck.every_steps} and checkpoint.keep_last={ck.keep_last} must be >= 1, "
+      f"checkpoint.keep_every={ck.keep_every} >= 0"
+    )
   if not 1 <= tr.sample_context_frames < n:
     problems.append(f"train.sample_context_frames={tr.sample_context_frames} must be in [1, data.num_frames-1={n - 1}]")
 

@@ -9,6 +9,7 @@ device ever holds an unsharded copy.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -71,3 +72,28 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def initialize_distributed(
+  mode: str, coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
+  """Join the other processes of a multi-process job (before any other JAX call).
+
+  mode: "off" never; "on" always (TPU pods and SLURM are auto-detected when the
+  three values are None); "auto" when the values are given or SLURM/TPU shows
+  more than one process. CPU processes talk through gloo collectives.
+  """
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"--distributed={mode!r}; choose auto, on or off")
+  explicit = coordinator_address is not None
+  if mode == "off" or (mode == "auto" and not explicit and not _cluster_has_many_processes()):
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def _cluster_has_many_processes() -> bool:
+  env = os.environ
+  if int(env.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  return "," in env.get("TPU_WORKER_HOSTNAMES", "")

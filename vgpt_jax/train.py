@@ -1,16 +1,26 @@
-"""The main job: train Video-GPT on the configured data.
+"""The main job: train Video-GPT on the configured data, resuming where it left off.
 
   python -m vgpt_jax.train --config=configs/tiny.py --workdir=/tmp/vgpt_tiny \
-      [--config.train.steps=50 ...]
+      [--config.train.steps=50 ...] [--distributed=auto|on|off ...]
 
-Writes to WORKDIR: config.json, metrics.jsonl (one line per logged step),
-summary.json, loss.png, and at the end sample.png / sample.gif (the truth
-above the context followed by predicted frames).
+Writes to WORKDIR (a filesystem path; mount buckets with gcsfuse):
+  checkpoints/        Orbax: train state + data iterator + config; the newest
+                      readable one is restored on restart
+  config.json         the resolved config
+  metrics.jsonl       one JSON line per logged step (a resumed run appends; the
+                      last line for a step wins)
+  tensorboard/        the same scalars as TensorBoard event files
+  summary.json, loss.png, sample.png, sample.gif   at the end of a finished run
+Only process 0 writes logs and media. SIGTERM (preemption) saves a checkpoint
+of the current step and exits cleanly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging as logging_std
+import os
 import time
 from pathlib import Path
 
@@ -22,29 +32,39 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from vgpt_jax import checkpoint, media, parallel, trainer
 from vgpt_jax import config as config_lib
-from vgpt_jax import media, parallel, trainer
 from vgpt_jax.data.pipeline import eval_videos, to_uint8, train_dataset
+from vgpt_jax.preemption import PreemptionWatch
 from vgpt_jax.sample import predict_clip
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py[:arg].", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, samples (and later checkpoints).")
 
+class MetricsLog:
+  """JSONL + TensorBoard scalars, written by process 0 only."""
 
-class MetricsWriter:
-  """Appends one JSON object per line; only process 0 writes."""
+  def __init__(self, workdir: Path, tensorboard: bool):
+    main = jax.process_index() == 0
+    self._jsonl = open(workdir / "metrics.jsonl", "a") if main else None
+    self._tb = None
+    if main and tensorboard:
+      from tensorboardX import SummaryWriter
 
-  def __init__(self, path: Path):
-    self._file = open(path, "a") if jax.process_index() == 0 else None
+      self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
   def write(self, record: dict) -> None:
-    if self._file:
-      self._file.write(json.dumps(record) + "\n")
-      self._file.flush()
+    if self._jsonl:
+      self._jsonl.write(json.dumps(record) + "\n")
+      self._jsonl.flush()
+    if self._tb:
+      for key, value in record.items():
+        if key != "step":
+          self._tb.add_scalar(f"train/{key}", value, record["step"])
 
   def close(self) -> None:
-    if self._file:
-      self._file.close()
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb:
+      self._tb.close()
 
 
 def write_sample(setup: trainer.Setup, params, workdir: Path, seed: int) -> dict:
@@ -67,98 +87,200 @@ def write_sample(setup: trainer.Setup, params, workdir: Path, seed: int) -> dict
   return {"sample_mse": mse, "sample_context_frames": m}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  """Run the job; returns the summary it also writes to workdir/summary.json."""
-  config_lib.validate(config)
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  is_main = jax.process_index() == 0
-  if is_main:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+def _check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh) -> None:
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  per_process = config.train.batch_size // jax.process_count()
+  if config.train.batch_size % shards or config.train.batch_size % jax.process_count():
+    raise config_lib.ConfigError(
+      f"train.batch_size={config.train.batch_size} must divide evenly over the {shards} data*fsdp shards "
+      f"of the mesh {dict(mesh.shape)} and the {jax.process_count()} processes"
+    )
+  if (per_process // config.train.grad_accum_steps) < 1:
+    raise config_lib.ConfigError("train.grad_accum_steps leaves no sample per micro-batch on a process")
 
-  mesh = parallel.make_mesh(config.mesh)
-  setup = trainer.make_setup(config)
-  state = trainer.create_state(setup, mesh)
-  step_fn = trainer.compile_train_step(setup, mesh)
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info(
-    "model %s: %.2fM parameters, %d tokens per sample, mesh %s",
-    config.model.preset,
-    n_params / 1e6,
-    setup.layout.length,
-    dict(mesh.shape),
-  )
 
-  batches = iter(
+def _data_iterator(config: ml_collections.ConfigDict, seed: int):
+  return iter(
     train_dataset(
       config.data,
       batch_size=config.train.batch_size // jax.process_count(),
-      seed=config.seed,
+      seed=seed,
       shard_index=jax.process_index(),
       shard_count=jax.process_count(),
     )
   )
+
+
+def _initial_state(setup: trainer.Setup, mesh, target: trainer.TrainState) -> trainer.TrainState:
+  """Fresh state, or stage-to-stage init: another run's parameters with a fresh optimizer and step 0."""
+  state = trainer.create_state(setup, mesh)
+  ck = setup.config.checkpoint
+  if not ck.init_from:
+    return state
+  params, step = checkpoint.load_params(ck.init_from, target.params, ck.init_from_step, ema=ck.init_from_ema)
+  logging.info("initialised parameters from %s step %d (fresh optimizer, schedule and step)", ck.init_from, step)
+  ema = jax.tree.map(jnp.copy, params) if state.ema is not None else None
+  return dataclasses.replace(state, params=params, ema=ema)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Run (or resume) the job; returns the summary (also in workdir/summary.json when finished)."""
+  config_lib.validate(config)
+  workdir = Path(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  mesh = parallel.make_mesh(config.mesh)
+  _check_batch_fits_mesh(config, mesh)
+  setup = trainer.make_setup(config)
+  step_fn = trainer.compile_train_step(setup, mesh)
+  memory = trainer.memory_summary(step_fn)
+  logging.info("compiled train step, per device: %s", {k: f"{v:.3f} GiB" for k, v in memory.items()})
+
+  target = trainer.sharded_abstract_state(setup, mesh)
+  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+  batches = _data_iterator(config, config.seed)
+  restored = ckpt.restore(target, batches)
+  if restored is None:
+    state = _initial_state(setup, mesh, target)
+  else:
+    state, data_restored = restored
+    if not data_restored:  # e.g. another process count: new shuffle, never the same batches again
+      batches = _data_iterator(config, config.seed + int(state.step))
+  start_step = int(state.step)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info(
+    "model %s: %.2fM parameters, %d tokens per sample, mesh %s, %s at step %d",
+    config.model.preset,
+    n_params / 1e6,
+    setup.layout.length,
+    dict(mesh.shape),
+    "resuming" if restored else "starting",
+    start_step,
+  )
+
   sharding = parallel.batch_sharding(mesh)
-  writer = MetricsWriter(workdir / "metrics.jsonl")
-  history: list[dict] = []  # the record of every step
+  log = MetricsLog(workdir, config.train.tensorboard)
+  watch = PreemptionWatch()
+  history: list[dict] = []  # the record of every step of this session
   pending = None  # (step, device metrics): read one step late so the host never waits
   start = time.time()
-  progress = tqdm(range(config.train.steps), desc="train", disable=not is_main, dynamic_ncols=True)
+  progress = tqdm(
+    range(start_step, config.train.steps),
+    initial=start_step,
+    total=config.train.steps,
+    desc="train",
+    disable=not is_main,
+    dynamic_ncols=True,
+  )
 
   def flush(step: int, metrics: dict) -> None:
     record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "time": time.time() - start}
     history.append(record)
-    if not np.isfinite(record["loss"]):
-      raise FloatingPointError(f"loss became {record['loss']} at step {step}; lower optim.lr or check the data")
+    if record["skipped"] > config.train.max_skipped_steps:
+      raise FloatingPointError(
+        f"{int(record['skipped'])} steps had a non-finite loss or gradient (last at step {step}), more than "
+        f"train.max_skipped_steps={config.train.max_skipped_steps}; lower optim.lr or check the data"
+      )
     if step % config.train.log_every == 0 or step == config.train.steps:
-      writer.write(record)
+      log.write(record)
       progress.set_postfix(loss=f"{record['loss']:.4f}")
 
+  profile_first = config.train.profile_start_step  # -1: no trace
+  profile_last = profile_first + config.train.profile_steps - 1
+  profile = is_main and profile_first >= 0
+  preempted = False
+  step = start_step
   for step in progress:
+    if profile and step == profile_first:
+      jax.profiler.start_trace(str(workdir / "profile"))
     video = jax.make_array_from_process_local_data(sharding, next(batches)["video"])
     state, metrics = step_fn(state, video)
     if pending is not None:
       flush(*pending)
     pending = (step + 1, metrics)
-  flush(*pending)
+    if profile and step == profile_last:
+      jax.profiler.stop_trace()
+    done = step + 1
+    preempted = watch.reached(done)
+    if preempted or done % config.checkpoint.every_steps == 0 or done == config.train.steps:
+      ckpt.save(done, state, batches, config)
+    if preempted:
+      break
+  if pending is not None:
+    flush(*pending)
   wall = time.time() - start
-  writer.close()
+  ckpt.wait()
+  ckpt.close()
+  log.close()
+  watch.close()
+  progress.close()
 
-  steps = np.array([r["step"] for r in history])
-  losses = np.array([r["loss"] for r in history])
-  first_step_seconds = history[0]["time"]  # compilation + one step
-  head = min(20, len(losses))
-  summary = {
-    "steps": config.train.steps,
-    "wall_seconds": wall,
-    "first_step_seconds": first_step_seconds,
-    "steps_per_second": (config.train.steps - 1) / max(wall - first_step_seconds, 1e-9),
-    "loss_first": float(np.mean(losses[:head])),
-    "loss_last": float(np.mean(losses[-head:])),
-    "parameters": int(n_params),
-  }
+  summary = {"start_step": start_step, "end_step": int(state.step), "preempted": preempted, "wall_seconds": wall}
+  if preempted:
+    logging.warning("preempted: saved a checkpoint at step %d and stopped", int(state.step))
+    return summary
+  if history:
+    losses = np.array([r["loss"] for r in history])
+    head = max(1, min(20, len(losses) // 4))
+    first_step_seconds = history[0]["time"]  # compilation + one step
+    summary.update(
+      steps=config.train.steps,
+      first_step_seconds=first_step_seconds,
+      steps_per_second=(len(history) - 1) / max(wall - first_step_seconds, 1e-9),
+      loss_first=float(np.mean(losses[:head])),
+      loss_last=float(np.mean(losses[-head:])),
+      skipped_steps=int(history[-1]["skipped"]),
+      parameters=int(n_params),
+      compiled_memory_gib=memory,
+    )
   if is_main:
     summary.update(write_sample(setup, state.params, workdir, config.seed))
-    media.save_curve(workdir / "loss.png", steps, losses, "step", "loss", f"{config.model.preset}: training loss")
+    if history:
+      steps = np.array([r["step"] for r in history])
+      media.save_curve(workdir / "loss.png", steps, losses, "step", "loss", f"{config.model.preset}: training loss")
+      print(
+        f"done: loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} (mean of first/last {head} steps) "
+        f"in {wall:.0f}s; wrote {workdir}/metrics.jsonl, loss.png, sample.png, sample.gif"
+      )
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(
-      f"done: loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} (mean of first/last {head} steps) "
-      f"in {wall:.0f}s; wrote {workdir}/metrics.jsonl, loss.png, sample.png, sample.gif"
-    )
   return summary
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Drop the INFO chatter of Orbax and Grain (every save logs a dozen lines); keep their warnings."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
+    return record.levelno >= logging_std.WARNING or not noisy
+
+
+def _define_flags() -> None:
+  """Command-line flags; defined only when run as a program, so importing this module defines none."""
+  env = os.environ
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py[:arg].", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+  flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "on: jax.distributed.initialize (TPU/SLURM auto).")
+  flags.DEFINE_string("coordinator_address", env.get("VGPT_COORDINATOR_ADDRESS"), "host:port of process 0.")
+  flags.DEFINE_integer("num_processes", int(env.get("VGPT_NUM_PROCESSES", 0)) or None, "Number of processes.")
+  flags.DEFINE_integer("process_id", int(env["VGPT_PROCESS_ID"]) if "VGPT_PROCESS_ID" in env else None, "This one.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
 def main(argv: list[str]) -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _WORKDIR.value is None:
-    raise app.UsageError("--workdir is required")
+  f = flags.FLAGS
+  parallel.initialize_distributed(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
   try:
-    train(_CONFIG.value, _WORKDIR.value)
+    train(f.config, f.workdir)
   except config_lib.ConfigError as e:
     raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
+  _define_flags()
   app.run(main)

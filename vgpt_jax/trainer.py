@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -28,7 +28,9 @@ class TrainState:
   step: jax.Array  # int32 []
   params: Any
   opt_state: Any
-  rng: jax.Array  # PRNG key; step s uses fold_in(rng, s)
+  rng: jax.Array  # uint32 [2] raw key data (checkpointable); see `step_key`
+  ema: Any  # exponential moving average of params, or None when train.ema_decay = 0
+  skipped: jax.Array  # int32 []: steps whose loss or gradient was not finite (update skipped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,15 +45,21 @@ class Setup:
   latent_shape: tuple[int, int, int]  # (h, w, C)
 
 
-def make_optimizer(optim_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW (reference hyper-parameters) with linear warmup to a constant LR and norm clipping."""
-  schedule = optax.join_schedules(
-    [optax.linear_schedule(0.0, optim_cfg.lr, max(optim_cfg.warmup_steps, 1)), optax.constant_schedule(optim_cfg.lr)],
-    [max(optim_cfg.warmup_steps, 1)],
+def make_schedule(optim_cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to a constant LR (the reference's schedule)."""
+  warmup = max(optim_cfg.warmup_steps, 1)
+  return optax.join_schedules(
+    [optax.linear_schedule(0.0, optim_cfg.lr, warmup), optax.constant_schedule(optim_cfg.lr)], [warmup]
   )
+
+
+def make_optimizer(optim_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW (reference hyper-parameters) after global-norm clipping."""
   return optax.chain(
     optax.clip_by_global_norm(optim_cfg.grad_clip),
-    optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay),
+    optax.adamw(
+      make_schedule(optim_cfg), b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay
+    ),
   )
 
 
@@ -80,7 +88,19 @@ def init_params(setup: Setup, key: jax.Array) -> Any:
 def _boxed_state(setup: Setup, seed: int) -> TrainState:
   init_key, run_key = jax.random.split(jax.random.key(seed))
   params = init_params(setup, init_key)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.optimizer.init(params), rng=run_key)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=setup.optimizer.init(params),
+    rng=jax.random.key_data(run_key),
+    ema=jax.tree.map(jnp.copy, params) if setup.config.train.ema_decay > 0 else None,
+    skipped=jnp.zeros((), jnp.int32),
+  )
+
+
+def abstract_state(setup: Setup) -> TrainState:
+  """Shapes and dtypes of the (unboxed) train state; nothing is allocated."""
+  return nn.unbox(jax.eval_shape(functools.partial(_boxed_state, setup, setup.config.seed)))
 
 
 def state_shardings(setup: Setup, mesh: Mesh) -> TrainState:
@@ -88,6 +108,13 @@ def state_shardings(setup: Setup, mesh: Mesh) -> TrainState:
   abstract = jax.eval_shape(functools.partial(_boxed_state, setup, setup.config.seed))
   with nn.logical_axis_rules(parallel.LOGICAL_RULES):
     return parallel.logical_shardings(abstract, mesh)
+
+
+def sharded_abstract_state(setup: Setup, mesh: Mesh) -> TrainState:
+  """The state's shapes with the shardings wanted on `mesh`: the target for compiling and restoring."""
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state(setup), state_shardings(setup, mesh)
+  )
 
 
 def create_state(setup: Setup, mesh: Mesh) -> TrainState:
@@ -98,49 +125,142 @@ def create_state(setup: Setup, mesh: Mesh) -> TrainState:
     return init()
 
 
-def loss_fn(params: Any, setup: Setup, video: jax.Array, key: jax.Array) -> tuple[jax.Array, dict]:
-  """Next-clip flow-matching loss of one batch.
+def _noised_sample(setup: Setup, key: jax.Array, x1: jax.Array) -> tuple[jax.Array, ...]:
+  """The random part of one training sample: split, timesteps and noise.
 
-  video: float32 [B, N, H, W, 3] in [-1, 1]. Randomness (split, t, noise,
-  context noise) all comes from `key`.
+  x1: [N, h, w, C] clean latents. Returns (clean context input, x_t, t [N],
+  block_of_frame [N], eps). Drawn from a per-sample key so a sample's noise does
+  not depend on the batch it sits in (gradient accumulation and any sharding
+  see the same randomness).
   """
   cfg = setup.config
-  x1 = setup.tokenizer.encode(video)  # [B, N, h, w, C]
-  b, n = x1.shape[:2]
+  n = x1.shape[0]
   split_key, t_key, eps_key, ctx_key = jax.random.split(key, 4)
-  block_of_frame = sample_splits(split_key, b, n, cfg.layout)
-  t_clip = diffusion.sample_timesteps(t_key, (b, n), cfg.diffusion)  # one t per clip index
-  t = jnp.take_along_axis(t_clip, block_of_frame, axis=1)  # [B, N] per frame
+  block_of_frame = sample_splits(split_key, 1, n, cfg.layout)[0]
+  t = diffusion.sample_timesteps(t_key, (n,), cfg.diffusion)[block_of_frame]  # one t per clip
   eps = jax.random.normal(eps_key, x1.shape, x1.dtype)
-  x_t = diffusion.interpolate(x1, eps, t)
-  clean = diffusion.corrupt_context(ctx_key, x1, cfg.diffusion)
+  x_t = diffusion.interpolate(x1[None], eps[None], t[None])[0]
+  clean = diffusion.corrupt_context(ctx_key, x1[None], cfg.diffusion)[0]
+  return clean, x_t, t, block_of_frame, eps
+
+
+def loss_fn(params: Any, setup: Setup, video: jax.Array, keys: jax.Array) -> jax.Array:
+  """Next-clip flow-matching loss of one batch.
+
+  video: float32 [B, N, H, W, 3] in [-1, 1]; keys: [B] per-sample PRNG keys.
+  """
+  x1 = setup.tokenizer.encode(video)  # [B, N, h, w, C]
+  clean, x_t, t, block_of_frame, eps = jax.vmap(functools.partial(_noised_sample, setup))(keys, x1)
   output = setup.model.apply({"params": params}, clean, x_t, t, block_of_frame, setup.layout)
-  loss = diffusion.prediction_loss(output, x1, eps, cfg.diffusion.prediction)
-  return loss, {"loss": loss}
+  return diffusion.prediction_loss(output, x1, eps, setup.config.diffusion.prediction)
+
+
+def step_key(state: TrainState) -> jax.Array:
+  """The PRNG key of the state's current step."""
+  return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def loss_and_grads(setup: Setup, params: Any, video: jax.Array, key: jax.Array) -> tuple[jax.Array, Any]:
+  """Mean loss and gradient over the batch, in train.grad_accum_steps sequential micro-batches.
+
+  Sample i always uses fold_in(key, i), so accumulation changes memory, not the result.
+  """
+  b = video.shape[0]
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(b))
+  k = setup.config.train.grad_accum_steps
+  grad_fn = jax.value_and_grad(loss_fn)
+  if k == 1:
+    return grad_fn(params, setup, video, keys)
+
+  def micro(x: jax.Array) -> jax.Array:
+    # Strided micro-batches ([B/k, k] -> [k, B/k]) keep each device's rows on that device.
+    return jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
+
+  def accumulate(carry, batch):
+    loss, grads = grad_fn(params, setup, *batch)
+    return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micro(video), micro(keys)))
+  return loss / k, jax.tree.map(lambda g: g / k, grads)
 
 
 def train_step(setup: Setup, state: TrainState, video: jax.Array) -> tuple[TrainState, dict]:
-  """One optimiser step; pure, so it can be jit-compiled with shardings."""
-  key = jax.random.fold_in(state.rng, state.step)
-  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, setup, video, key)
+  """One optimiser step; pure, so it can be jit-compiled with shardings.
+
+  A step whose loss or gradient is not finite leaves params, optimiser state and
+  EMA untouched and is counted in `skipped`.
+  """
+  loss, grads = loss_and_grads(setup, state.params, video, step_key(state))
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
+
+  def keep_if_finite(new, old):
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+  params = keep_if_finite(params, state.params)
+  ema = state.ema
+  if ema is not None:
+    decay = setup.config.train.ema_decay
+    ema = keep_if_finite(jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params), ema)
+  new_state = TrainState(
+    step=state.step + 1,
+    params=params,
+    opt_state=keep_if_finite(opt_state, state.opt_state),
+    rng=state.rng,
+    ema=ema,
+    skipped=state.skipped + (~finite).astype(jnp.int32),
+  )
+  metrics = {
+    "loss": loss,
+    "grad_norm": grad_norm,
+    "lr": make_schedule(setup.config.optim)(state.step),
+    "skipped": new_state.skipped,
+  }
+  return new_state, metrics
 
 
-def compile_train_step(setup: Setup, mesh: Mesh) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
-  """jit with explicit in/out shardings and the state donated (updated in place)."""
+def compile_train_step(setup: Setup, mesh: Mesh) -> jax.stages.Compiled:
+  """Ahead-of-time compiled train step with explicit in/out shardings and the state donated.
+
+  Compiled from shapes alone, so its memory use can be reported before the
+  first step (`.memory_analysis()`). Call it as `state, metrics = step(state, video)`.
+  """
+  cfg = setup.config
   shardings = state_shardings(setup, mesh)
+  abstract = sharded_abstract_state(setup, mesh)
+  video = jax.ShapeDtypeStruct(
+    (cfg.train.batch_size, cfg.data.num_frames, cfg.data.height, cfg.data.width, 3),
+    jnp.float32,
+    sharding=parallel.batch_sharding(mesh),
+  )
   step = jax.jit(
     functools.partial(train_step, setup),
     in_shardings=(shardings, parallel.batch_sharding(mesh)),
     out_shardings=(shardings, parallel.replicated(mesh)),
     donate_argnums=0,
   )
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
+    return step.lower(abstract, video).compile()
 
-  def run(state: TrainState, video: jax.Array) -> tuple[TrainState, dict]:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
-      return step(state, video)
 
-  return run
+def memory_summary(compiled: jax.stages.Compiled) -> dict[str, float]:
+  """GiB per device of the compiled step: arguments, outputs, temporaries and their total."""
+  m = compiled.memory_analysis()
+  if m is None:  # not every backend reports it
+    return {}
+  gib = 1 << 30
+  fields = {
+    "argument_gib": m.argument_size_in_bytes,
+    "output_gib": m.output_size_in_bytes,
+    "temp_gib": m.temp_size_in_bytes,
+    "alias_gib": m.alias_size_in_bytes,
+  }
+  out = {k: v / gib for k, v in fields.items()}
+  # Donated outputs alias their arguments, so they are not counted twice.
+  out["total_gib"] = (
+    m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+  ) / gib
+  return out

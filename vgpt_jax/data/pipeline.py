@@ -4,9 +4,9 @@ Videos are rendered on the fly from a per-(split, index) seed, so the "dataset"
 costs no disk and any index is reproducible on any host.
 
 Train pipeline (per host):
-  range(num_train_videos)[shard_index::shard_count]   video indices of this host
-  -> seed(seed).shuffle().repeat()                     global shuffle, new order per epoch
-  -> random_map(_RandomClip)                           random window, float32 in [-1, 1]
+  range(num_train_videos).seed(seed).shuffle().repeat()  one global stream, new order per epoch
+  -> this host's slice of every global batch            (global position, video index)
+  -> map(_RandomClip)                                  random window from (seed, position), [-1, 1]
   -> batch(batch_size, drop_remainder=True)
   -> to_iter_dataset(ReadOptions)                      thread prefetch
   -> mp_prefetch (only if worker_count > 0)            process prefetch
@@ -158,25 +158,38 @@ def make_source(data_cfg: Any, split: str) -> PhysicsVideoSource:
   return PhysicsVideoSource(data_cfg, split)
 
 
-class _RandomClip(grain.transforms.RandomMap):
-  """Video index -> {"video": float32 [num_frames, H, W, 3]}: random stride, then random start."""
+class _RandomClip:
+  """(global position, video index) -> {"video": float32 [num_frames, H, W, 3]}: random stride, then start.
 
-  def __init__(self, source: PhysicsVideoSource, num_frames: int, strides: tuple[int, int]):
+  The randomness comes from (seed, global position), not from the element's
+  place in this host's stream, so the same global batch is produced whatever the
+  number of hosts.
+  """
+
+  def __init__(self, source: PhysicsVideoSource, num_frames: int, strides: tuple[int, int], seed: int):
     self.source = source
     self.num_frames = num_frames
     self.strides = strides
+    self.seed = seed
 
-  def random_map(self, element: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def __call__(self, element: tuple[int, int]) -> dict[str, np.ndarray]:
+    position, index = element
+    rng = np.random.default_rng([self.seed, position])
     stride = int(rng.integers(self.strides[0], self.strides[1] + 1))
     start = int(rng.integers(0, self.source.world.num_frames - self.num_frames * stride + 1))
-    return {"video": to_float(self.source.clip(element, start, self.num_frames, stride))}
+    return {"video": to_float(self.source.clip(index, start, self.num_frames, stride))}
 
 
-def train_index_dataset(data_cfg: Any, *, seed: int, shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
-  """Infinite MapDataset of this shard's train video indices, shuffled anew each epoch.
+def train_index_dataset(
+  data_cfg: Any, *, seed: int, batch_size: int, shard_index: int = 0, shard_count: int = 1
+) -> grain.MapDataset:
+  """This host's infinite stream of (global position, video index), reshuffled every epoch.
 
-  Shard k holds indices k, k + shard_count, ...; shards are disjoint and cover
-  all videos. `train_dataset` renders exactly these indices, in this order.
+  All hosts share one global stream (the train videos shuffled with `seed`,
+  epoch after epoch). Global batch g is positions [g*B, (g+1)*B), B =
+  batch_size * shard_count, and host k takes the k-th slice of batch_size of
+  each. So hosts never overlap, together they cover every video once per epoch,
+  and the global batches do not depend on the number of hosts.
   """
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"Need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}.")
@@ -185,8 +198,14 @@ def train_index_dataset(data_cfg: Any, *, seed: int, shard_index: int = 0, shard
     raise ValueError(
       f"data.num_train_videos ({num_videos}) < shard_count ({shard_count}): some hosts would get no videos."
     )
-  ds = grain.MapDataset.range(num_videos)[shard_index::shard_count]
-  return ds.seed(seed).shuffle().repeat()
+  videos = grain.MapDataset.range(num_videos).seed(seed).shuffle().repeat()
+  global_batch = batch_size * shard_count
+
+  def locate(i: int) -> tuple[int, int]:
+    position = (i // batch_size) * global_batch + shard_index * batch_size + i % batch_size
+    return position, videos[position]
+
+  return grain.MapDataset.range(len(videos) // shard_count).map(locate)
 
 
 def train_dataset(
@@ -199,17 +218,19 @@ def train_dataset(
 ) -> grain.IterDataset:
   """This host's infinite, shuffled train stream of {"video": float32 [B, F, H, W, 3]}.
 
-  F = data_cfg.num_frames frames taken every k frames from a random start, k drawn
-  from [frame_stride, frame_stride_max] (per-element grain RNG; stages 3-4). Deterministic given `seed`; the
-  iterator's get_state()/set_state() resume exactly.
+  B = batch_size is this host's part of the global batch (see
+  `train_index_dataset`). F = data_cfg.num_frames frames taken every k frames
+  from a random start, k drawn from [frame_stride, frame_stride_max] (stages
+  3-4). Deterministic given `seed`; the iterator's get_state()/set_state()
+  resume exactly.
   """
   validate_data_config(data_cfg)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   source = PhysicsVideoSource(data_cfg, "train")
-  clip = _RandomClip(source, int(data_cfg.num_frames), _stride_range(data_cfg))
-  ds = train_index_dataset(data_cfg, seed=seed, shard_index=shard_index, shard_count=shard_count)
-  ds = ds.random_map(clip).batch(batch_size, drop_remainder=True)
+  clip = _RandomClip(source, int(data_cfg.num_frames), _stride_range(data_cfg), seed)
+  ds = train_index_dataset(data_cfg, seed=seed, batch_size=batch_size, shard_index=shard_index, shard_count=shard_count)
+  ds = ds.map(clip).batch(batch_size, drop_remainder=True)
   read_options = grain.ReadOptions(
     num_threads=int(_get(data_cfg, "read_threads", 2)),
     prefetch_buffer_size=int(_get(data_cfg, "prefetch_batches", 4)),
