@@ -58,9 +58,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))  # -1: fill
 
-  # Orbax checkpoints in WORKDIR/checkpoints: train state + data iterator + config.
+  # Orbax checkpoints: train state + data iterator + config.
   c.checkpoint = ml_collections.ConfigDict(
     dict(
+      directory="",  # "" = WORKDIR/checkpoints; may be a gs:// URL (Orbax writes it directly)
       every_steps=500,  # also saved at the last step and on SIGTERM (preemption)
       keep_last=3,  # newest checkpoints kept ...
       keep_every=0,  # ... plus every step divisible by this (0: none)

@@ -7,7 +7,7 @@
 A sweep file is a Python file whose get_config(arg=None) returns a ConfigDict (built with
 allow_dotted_keys=True, or a plain dict) with:
   base_config   the config every run trains, "configs/tiny.py" or "configs/paper.py:stage=2"
-  workdir_root  runs go to WORKDIR_ROOT/<run name> (gs://... works)
+  workdir_root  runs go to WORKDIR_ROOT/<run name> (a filesystem path)
   fixed         {dotted key: value} applied to every run
   sweep         a list of axes, each {dotted key: [values]}. Runs are the cartesian product of the
                 axes (first axis slowest); the keys of one axis move together (zipped), so all its

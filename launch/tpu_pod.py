@@ -1,7 +1,7 @@
 """Run the train job on every worker of a Cloud TPU VM pod (or of several slices: Multislice).
 
   python -m launch.tpu_pod --tpu_name=my-v4-32 --zone=us-central2-b --config=configs/paper.py:stage=1 \
-      --workdir=gs://my-bucket/vgpt/stage1 [--setup] [--override train.steps=10] [--dry_run]
+      --workdir=/mnt/gcs/vgpt/stage1 [--setup] [--override train.steps=10] [--dry_run]
   python -m launch.tpu_pod --tpu_name=my-v4-32 --zone=us-central2-b --stop
 
 Each worker runs `cd REPO_DIR && python3 -m vgpt_jax.train ... --distributed=on` through

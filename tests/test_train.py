@@ -44,3 +44,15 @@ def test_train_step_is_deterministic_and_compiles_once(tmp_path):
     losses.append(run)
   assert losses[0] == losses[1]
   assert int(state.step) == 3
+
+
+def test_benchmark_flop_count_counts_visible_attention_only():
+  from vgpt_jax.benchmarks.train_step import model_flops_per_step
+
+  setup = trainer.make_setup(small_config())
+  m, t, b = setup.config.model, setup.layout.length, 2
+  matmul = 6 * b * t * m.num_layers * (4 * m.hidden**2 + 3 * m.hidden * m.mlp_dim)
+  dense_attention = 3 * b * m.num_layers * 4 * t * t * m.hidden
+  flops = model_flops_per_step(setup, b)
+  # Somewhere between no attention and dense attention; about half the pairs are masked.
+  assert matmul < flops < matmul + 0.6 * dense_attention

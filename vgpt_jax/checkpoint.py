@@ -50,7 +50,7 @@ class Checkpointer:
   """Save and restore one run's checkpoints."""
 
   def __init__(self, workdir: str | epath.PathLike, ckpt_cfg: ml_collections.ConfigDict):
-    self.directory = checkpoint_dir(workdir)
+    self.directory = checkpoint_dir(ckpt_cfg.get("directory") or workdir)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=ckpt_cfg.keep_last,
       keep_period=ckpt_cfg.keep_every or None,

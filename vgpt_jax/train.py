@@ -5,7 +5,8 @@
 
 Writes to WORKDIR (a filesystem path; mount buckets with gcsfuse):
   checkpoints/        Orbax: train state + data iterator + config; the newest
-                      readable one is restored on restart
+                      readable one is restored on restart (config.checkpoint.directory
+                      puts them elsewhere, gs:// included)
   config.json         the resolved config
   metrics.jsonl       one JSON line per logged step (a resumed run appends; the
                       last line for a step wins)
@@ -126,6 +127,11 @@ def _initial_state(setup: trainer.Setup, mesh, target: trainer.TrainState) -> tr
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Run (or resume) the job; returns the summary (also in workdir/summary.json when finished)."""
   config_lib.validate(config)
+  if "://" in str(workdir):
+    raise config_lib.ConfigError(
+      f"--workdir={workdir} must be a filesystem path (mount a bucket with gcsfuse); checkpoints alone can go "
+      "to a bucket with --config.checkpoint.directory=gs://..."
+    )
   workdir = Path(workdir)
   is_main = jax.process_index() == 0
   if is_main:

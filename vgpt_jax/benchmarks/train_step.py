@@ -1,0 +1,117 @@
+"""Train-step benchmark: step time, compiled memory and model FLOPs utilisation per preset.
+
+  python -m vgpt_jax.benchmarks.train_step --presets=tiny,100m [--batch_size=4] [--steps=5] \
+      [--frames=8] [--size=32] [--dtype=bfloat16] [--remat=full] [--peak_tflops=989]
+
+Prints a markdown table. Model FLOPs count the matmuls of the forward and
+backward pass (6 x matmul parameters x tokens) plus attention over the entries
+the hierarchical mask leaves visible (averaged over random splits): masked
+entries and remat recomputation are not counted, so MFU is honest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from configs import tiny
+from vgpt_jax import parallel, trainer
+from vgpt_jax.attention.mask import visible_count
+from vgpt_jax.layout import sample_splits, token_ids
+from vgpt_jax.model import model_config
+from vgpt_jax.model.transformer import REMAT_POLICIES
+
+
+def bench_config(args: argparse.Namespace, preset: str) -> ml_collections.ConfigDict:
+  c = tiny.get_config()
+  c.model = model_config(preset)
+  c.model.dtype = args.dtype
+  c.model.remat = args.remat
+  batch_size, frames, size = args.batch_size, args.frames, args.size
+  c.data.height = c.data.width = size
+  c.data.num_frames = frames
+  c.data.video_frames = max(c.data.video_frames, frames)
+  c.train.batch_size = batch_size
+  return c
+
+
+def model_flops_per_step(setup: trainer.Setup, batch_size: int, samples: int = 32) -> float:
+  """Forward + backward FLOPs of one step, counting only visible attention entries."""
+  m = setup.config.model
+  d, layers = m.hidden, m.num_layers
+  matmul_params = layers * (4 * d * d + 3 * d * m.mlp_dim)
+  tokens = setup.layout.length
+  splits = sample_splits(jax.random.key(0), samples, setup.layout.num_frames, setup.config.layout)
+  visible = float(jnp.mean(visible_count(token_ids(setup.layout, splits))))
+  attention = layers * 2 * 2 * visible * d  # QK^T and PV, 2 FLOPs per multiply-add, all heads
+  return 3.0 * batch_size * (2 * matmul_params * tokens + attention)
+
+
+def run(preset: str, args: argparse.Namespace) -> dict:
+  config = bench_config(args, preset)
+  mesh = parallel.make_mesh(config.mesh)
+  setup = trainer.make_setup(config)
+  t0 = time.perf_counter()
+  step = trainer.compile_train_step(setup, mesh)
+  compile_s = time.perf_counter() - t0
+  memory = trainer.memory_summary(step)
+  state = trainer.create_state(setup, mesh)
+  video = jax.device_put(
+    jax.random.uniform(jax.random.key(0), (args.batch_size, args.frames, args.size, args.size, 3), minval=-1),
+    parallel.batch_sharding(mesh),
+  )
+  state, metrics = step(state, video)  # warm-up
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    state, metrics = step(state, video)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  step_s = float(np.median(times))
+  flops = model_flops_per_step(setup, args.batch_size)
+  params = sum(x.size for x in jax.tree.leaves(state.params))
+  row = {
+    "preset": preset,
+    "remat": args.remat,
+    "params (M)": params / 1e6,
+    "tokens/sample": setup.layout.length,
+    "batch": args.batch_size,
+    "compile (s)": compile_s,
+    "step (s)": step_s,
+    "tokens/s": args.batch_size * setup.layout.length / step_s,
+    "model TFLOP/s": flops / step_s / 1e12,
+    "compiled GiB/device": memory.get("total_gib", float("nan")),
+  }
+  if args.peak_tflops:
+    row["MFU"] = flops / step_s / 1e12 / args.peak_tflops
+  return row
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--presets", default="tiny,100m")
+  parser.add_argument("--batch_size", type=int, default=4)
+  parser.add_argument("--frames", type=int, default=8)
+  parser.add_argument("--size", type=int, default=32, help="square frame size in pixels")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--remat", default="none", choices=sorted(REMAT_POLICIES))
+  parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak, for MFU (e.g. 989 for H100 bf16)")
+  args = parser.parse_args()
+  rows = [run(p, args) for p in args.presets.split(",")]
+  print(f"\n{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, {args.dtype}")
+  keys = list(rows[0])
+  print("| " + " | ".join(keys) + " |")
+  print("|" + "---|" * len(keys))
+  for r in rows:
+    print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+  main()
