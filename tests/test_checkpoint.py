@@ -106,15 +106,15 @@ def steps(state, mesh, vs):
 
 big = mesh_of(8, 2, 2, 2)
 state, _ = steps(trainer.create_state(setup, big), big, videos[:2])
-ckpt = checkpoint.Checkpointer(WORKDIR, cfg.checkpoint)
 data = iter(train_dataset(cfg.data, batch_size=8, seed=0))
-ckpt.save(2, state, data, cfg)
-ckpt.wait()
+with checkpoint.Checkpointer(WORKDIR, cfg.checkpoint) as ckpt:
+  ckpt.save(2, state, data, cfg)
 _, expected = steps(state, big, videos[2:])
 
 for n, shape in ((1, (1, 1, 1)), (4, (1, 2, 2)), (4, (4, 1, 1))):
   mesh = mesh_of(n, *shape)
-  restored, data_ok = checkpoint.Checkpointer(WORKDIR, cfg.checkpoint).restore(target(mesh), data)
+  with checkpoint.Checkpointer(WORKDIR, cfg.checkpoint) as ckpt:
+    restored, data_ok = ckpt.restore(target(mesh), data)
   assert data_ok and int(restored.step) == 2
   leaf = restored.params["decoder"]["layers"]["mlp"]["gate"]["kernel"]
   assert len(leaf.sharding.device_set) == n
@@ -141,8 +141,8 @@ def _save_steps(workdir: Path, cfg, steps: tuple[int, ...]):
     if s in steps:
       ckpt.save(s, state, data, cfg)
       states[s] = jax.device_get(state.params)
-  ckpt.wait()
-  return ckpt, trainer.sharded_abstract_state(setup, mesh), data, states
+  ckpt.close()  # waits for pending saves
+  return trainer.sharded_abstract_state(setup, mesh), data, states
 
 
 def _flip_bytes(directory: Path) -> None:
@@ -156,7 +156,7 @@ def _flip_bytes(directory: Path) -> None:
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
 def test_corrupt_latest_checkpoint_is_reported_and_the_previous_used(tmp_path, damage, caplog):
   cfg = small_config()
-  ckpt, target, data, states = _save_steps(tmp_path, cfg, (2, 4))
+  target, data, states = _save_steps(tmp_path, cfg, (2, 4))
   params_dir = tmp_path / "checkpoints" / "4" / "params"
   if damage == "truncate":
     for f in params_dir.rglob("*"):
@@ -168,8 +168,8 @@ def test_corrupt_latest_checkpoint_is_reported_and_the_previous_used(tmp_path, d
     (params_dir / "manifest.ocdbt").unlink()
   # A save that never finished (no commit) is not even a candidate.
   (tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1").mkdir()
-  with caplog.at_level("ERROR"):
-    state, _ = checkpoint.Checkpointer(tmp_path, cfg.checkpoint).restore(target, data)
+  with caplog.at_level("ERROR"), checkpoint.Checkpointer(tmp_path, cfg.checkpoint) as fresh:
+    state, _ = fresh.restore(target, data)
   assert int(state.step) == 2
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), states[2])
   assert any("checkpoints/4 is incomplete or corrupt" in r.getMessage() for r in caplog.records)
@@ -177,10 +177,11 @@ def test_corrupt_latest_checkpoint_is_reported_and_the_previous_used(tmp_path, d
 
 def test_all_checkpoints_broken_is_an_error_not_a_fresh_start(tmp_path):
   cfg = small_config()
-  ckpt, target, data, _ = _save_steps(tmp_path, cfg, (2,))
+  target, data, _ = _save_steps(tmp_path, cfg, (2,))
   _flip_bytes(tmp_path / "checkpoints" / "2" / "params")
-  with pytest.raises(checkpoint.CheckpointError, match="none of the 1 checkpoints"):
-    checkpoint.Checkpointer(tmp_path, cfg.checkpoint).restore(target, data)
+  with checkpoint.Checkpointer(tmp_path, cfg.checkpoint) as fresh:
+    with pytest.raises(checkpoint.CheckpointError, match="none of the 1 checkpoints"):
+      fresh.restore(target, data)
 
 
 def test_keep_last_and_keep_every(tmp_path):

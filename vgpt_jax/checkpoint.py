@@ -13,6 +13,7 @@ tried. Restoring onto another mesh or device count reshards on read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -142,6 +143,12 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.close()
 
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
 
 def _assert_same_on_all_hosts(step: int) -> None:
   if jax.process_count() > 1:
@@ -160,28 +167,28 @@ def load_params(path: str | epath.PathLike, target: Any, step: int = -1, ema: bo
     (params, step).
   """
   directory = checkpoint_dir(path)
-  manager = ocp.CheckpointManager(directory)
-  steps = sorted(manager.all_steps(), reverse=True) if step < 0 else [step]
-  if not steps:
-    raise CheckpointError(f"no checkpoints in {directory}: check the path (a workdir or its checkpoints directory)")
   item = "ema" if ema else "params"
   errors = []
-  for s in steps:
-    try:
-      restored = manager.restore(s, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
-      return restored[item], s
-    except Exception as e:  # noqa: BLE001
-      errors.append(f"step {s}: {type(e).__name__}: {e}")
-      logging.error("could not read %s of %s/%d: %s", item, directory, s, e)
+  with contextlib.closing(ocp.CheckpointManager(directory)) as manager:
+    steps = sorted(manager.all_steps(), reverse=True) if step < 0 else [step]
+    if not steps:
+      raise CheckpointError(f"no checkpoints in {directory}: check the path (a workdir or its checkpoints directory)")
+    for s in steps:
+      try:
+        restored = manager.restore(s, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
+        return restored[item], s
+      except Exception as e:  # noqa: BLE001
+        errors.append(f"step {s}: {type(e).__name__}: {e}")
+        logging.error("could not read %s of %s/%d: %s", item, directory, s, e)
   raise CheckpointError(f"could not read {item!r} from {directory}:\n" + "\n".join(errors))
 
 
 def saved_config(path: str | epath.PathLike, step: int = -1) -> ml_collections.ConfigDict:
   """The config a checkpoint was written with."""
   directory = checkpoint_dir(path)
-  manager = ocp.CheckpointManager(directory)
-  step = manager.latest_step() if step < 0 else step
-  if step is None:
-    raise CheckpointError(f"no checkpoints in {directory}")
-  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  with contextlib.closing(ocp.CheckpointManager(directory)) as manager:
+    step = manager.latest_step() if step < 0 else step
+    if step is None:
+      raise CheckpointError(f"no checkpoints in {directory}")
+    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   return ml_collections.ConfigDict(restored["config"])
