@@ -69,14 +69,20 @@ def test_sharded_train_step_matches_single_device():
 
 
 def test_two_processes_train_together_like_one(tmp_path):
-  """Two local processes (jax.distributed on 127.0.0.1, gloo) reproduce the one-process losses."""
+  """Two local processes (jax.distributed on 127.0.0.1, gloo) reproduce the one-process losses.
+
+  The parameters are FSDP-sharded across the two processes, so the step and the
+  end-of-run sampling both need every host.
+  """
   overrides = ["--config.train.steps=6", "--config.train.log_every=1", "--config.train.batch_size=4"]
+  sharded = ["--config.mesh.data=1", "--config.mesh.fsdp=2"]
   port = _free_port()
   procs = [
     subprocess.Popen(
       train_command(
         tmp_path / "two",
         *overrides,
+        *sharded,
         "--distributed=on",
         f"--coordinator_address=127.0.0.1:{port}",
         "--num_processes=2",
@@ -100,6 +106,7 @@ def test_two_processes_train_together_like_one(tmp_path):
   for step in one:
     assert two[step] == pytest.approx(one[step], rel=1e-5)
   # Each process saved its own data-iterator position; only process 0 wrote logs.
+  assert (tmp_path / "two" / "sample.png").exists()
   data = {p.name for p in (tmp_path / "two" / "checkpoints" / "6" / "data").iterdir()}
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= data
 

@@ -25,6 +25,7 @@ import os
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -68,24 +69,36 @@ class MetricsLog:
       self._tb.close()
 
 
-def write_sample(setup: trainer.Setup, params, workdir: Path, seed: int) -> dict:
-  """Predict held-out clips from their first frames; save truth vs prediction as PNG and GIF."""
+def predict_held_out(setup: trainer.Setup, params, mesh, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(truth, prediction) float32 [B, N, H, W, 3]: held-out clips continued from their first frames.
+
+  Every process runs it (the parameters may be sharded across hosts); the
+  result is replicated so any host can read it.
+  """
   cfg = setup.config
   m = cfg.train.sample_context_frames
-  truth = jnp.asarray(eval_videos(cfg.data, cfg.train.num_samples))  # [B, N, H, W, 3]
-  latents = setup.tokenizer.encode(truth)
-  generate = jax.jit(lambda p, ctx, key: predict_clip(setup, p, ctx, key, cfg.train.sample_steps))
-  predicted = setup.tokenizer.decode(generate(params, latents[:, :m], jax.random.key(seed)))
-  prediction = jnp.concatenate([truth[:, :m], jnp.clip(predicted, -1, 1)], axis=1)
-  mse = float(jnp.mean(jnp.square(prediction[:, m:] - truth[:, m:])))
-  rows = []
-  for i in range(truth.shape[0]):
-    rows += [to_uint8(np.asarray(truth[i])), to_uint8(np.asarray(prediction[i]))]
+  truth = eval_videos(cfg.data, cfg.train.num_samples)
+
+  def generate(p, video, key):
+    context = setup.tokenizer.encode(video)[:, :m]
+    predicted = setup.tokenizer.decode(predict_clip(setup, p, context, key, cfg.train.sample_steps))
+    return jnp.concatenate([video[:, :m], jnp.clip(predicted, -1, 1)], axis=1)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
+    prediction = jax.jit(generate, out_shardings=parallel.replicated(mesh))(params, truth, jax.random.key(seed))
+  return truth, np.asarray(prediction)
+
+
+def write_sample(truth: np.ndarray, prediction: np.ndarray, context_frames: int, workdir: Path) -> dict:
+  """Save truth (top) vs context + prediction (below) as sample.png and sample.gif; return the MSE."""
+  mse = float(np.mean(np.square(prediction[:, context_frames:] - truth[:, context_frames:])))
+  truth8, prediction8 = to_uint8(truth), to_uint8(prediction)
+  rows = [row for pair in zip(truth8, prediction8) for row in pair]
   scale = max(1, 128 // truth.shape[2])
   media.save_png(workdir / "sample.png", media.grid_image(rows), scale=scale)
-  side_by_side = np.concatenate([to_uint8(np.asarray(truth)), to_uint8(np.asarray(prediction))], axis=3)
+  side_by_side = np.concatenate([truth8, prediction8], axis=3)  # [B, N, H, 2W, 3]
   media.save_gif(workdir / "sample.gif", np.concatenate(list(side_by_side), axis=1), scale=scale)
-  return {"sample_mse": mse, "sample_context_frames": m}
+  return {"sample_mse": mse, "sample_context_frames": context_frames}
 
 
 def _check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh) -> None:
@@ -242,8 +255,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
       parameters=int(n_params),
       compiled_memory_gib=memory,
     )
+  truth, prediction = predict_held_out(setup, state.params, mesh, config.seed)
   if is_main:
-    summary.update(write_sample(setup, state.params, workdir, config.seed))
+    summary.update(write_sample(truth, prediction, config.train.sample_context_frames, workdir))
     if history:
       steps = np.array([r["step"] for r in history])
       media.save_curve(workdir / "loss.png", steps, losses, "step", "loss", f"{config.model.preset}: training loss")
