@@ -69,3 +69,27 @@ def logged_losses(workdir) -> dict[int, float]:
   """step -> loss from metrics.jsonl; for a step logged twice (a resumed run) the last line wins."""
   lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
   return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def mesh_of(num_devices: int, data: int, fsdp: int, tensor: int):
+  """A mesh over the first `num_devices` devices."""
+  import jax
+
+  from vgpt_jax import parallel
+
+  cfg = ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, context=1))
+  return parallel.make_mesh(cfg, jax.devices()[:num_devices])
+
+
+def train_steps(setup, mesh, state, videos) -> tuple:
+  """Run the compiled train step on each video batch; return (state, losses)."""
+  import jax
+
+  from vgpt_jax import parallel, trainer
+
+  step = trainer.compile_train_step(setup, mesh)
+  losses = []
+  for video in videos:
+    state, metrics = step(state, jax.device_put(video, parallel.batch_sharding(mesh)))
+    losses.append(float(metrics["loss"]))
+  return state, losses

@@ -80,29 +80,17 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
 
 
 RESHARD = """
-import jax, ml_collections, numpy as np
-from tests.conftest import small_config
-from vgpt_jax import checkpoint, parallel, trainer
+import jax, numpy as np
+from tests.conftest import mesh_of, small_config, train_steps
+from vgpt_jax import checkpoint, trainer
 from vgpt_jax.data.pipeline import train_dataset
 
 cfg = small_config(**{"train.batch_size": 8})
 setup = trainer.make_setup(cfg)
 videos = [np.asarray(jax.random.uniform(jax.random.key(i), (8, 5, 16, 16, 3), minval=-1, maxval=1)) for i in range(3)]
 
-def mesh_of(n, data, fsdp, tensor):
-  return parallel.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, context=1)),
-                            jax.devices()[:n])
-
-def target(mesh):
-  return trainer.sharded_abstract_state(setup, mesh)
-
 def steps(state, mesh, vs):
-  step = trainer.compile_train_step(setup, mesh)
-  losses = []
-  for v in vs:
-    state, m = step(state, jax.device_put(v, parallel.batch_sharding(mesh)))
-    losses.append(float(m["loss"]))
-  return state, losses
+  return train_steps(setup, mesh, state, vs)
 
 big = mesh_of(8, 2, 2, 2)
 state, _ = steps(trainer.create_state(setup, big), big, videos[:2])
@@ -114,7 +102,7 @@ _, expected = steps(state, big, videos[2:])
 for n, shape in ((1, (1, 1, 1)), (4, (1, 2, 2)), (4, (4, 1, 1))):
   mesh = mesh_of(n, *shape)
   with checkpoint.Checkpointer(WORKDIR, cfg.checkpoint) as ckpt:
-    restored, data_ok = ckpt.restore(target(mesh), data)
+    restored, data_ok = ckpt.restore(trainer.sharded_abstract_state(setup, mesh), data)
   assert data_ok and int(restored.step) == 2
   leaf = restored.params["decoder"]["layers"]["mlp"]["gate"]["kernel"]
   assert len(leaf.sharding.device_set) == n

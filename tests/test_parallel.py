@@ -23,30 +23,19 @@ def test_mesh_shape_fills_one_axis_and_refuses_bad_sizes():
 SHARDED_VS_SINGLE = """
 import jax, numpy as np
 from jax.sharding import PartitionSpec as P
-from tests.conftest import small_config
-from vgpt_jax import parallel, trainer
+from tests.conftest import mesh_of, small_config, train_steps
+from vgpt_jax import trainer
 
 cfg = small_config(**{"train.batch_size": 8, "train.ema_decay": 0.9})
+setup = trainer.make_setup(cfg)
 videos = [np.asarray(jax.random.uniform(jax.random.key(i), (8, 5, 16, 16, 3), minval=-1, maxval=1)) for i in range(4)]
 
-def run(devices, data, fsdp, tensor):
-  mesh = parallel.make_mesh(parallel_cfg(data, fsdp, tensor), devices)
-  setup = trainer.make_setup(cfg)
-  state = trainer.create_state(setup, mesh)
-  step = trainer.compile_train_step(setup, mesh)
-  losses = []
-  for v in videos:
-    state, m = step(state, jax.device_put(v, parallel.batch_sharding(mesh)))
-    losses.append(float(m["loss"]))
-  return losses, state
-
-def parallel_cfg(data, fsdp, tensor):
-  import ml_collections
-  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, context=1))
+def run(mesh):
+  return train_steps(setup, mesh, trainer.create_state(setup, mesh), videos)
 
 assert len(jax.devices()) == 8
-ref_losses, ref = run(jax.devices()[:1], 1, 1, 1)
-losses, state = run(jax.devices(), 2, 2, 2)
+ref, ref_losses = run(mesh_of(1, 1, 1, 1))
+state, losses = run(mesh_of(8, 2, 2, 2))
 np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
 for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(ref.params))):
   np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
