@@ -15,8 +15,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  c.data = default_data_config()  # the built-in synthetic physics world
-  c.tokenizer = ml_collections.ConfigDict(dict(kind="pixel", downsample=4))
+  # The built-in synthetic physics world. For your own videos: --config.data.source=video_files
+  # --config.data.path=DIR (or data.manifest=FILE); the fields are listed in default_data_config.
+  c.data = default_data_config()
+  # pixel: frames folded into channels (tiny runs). vae: the SDXL AutoencoderKL from a
+  # diffusers-format directory (vae_path; downsample must be 8).
+  c.tokenizer = ml_collections.ConfigDict(dict(kind="pixel", downsample=4, vae_path="", frames_per_chunk=8))
   c.model = model_config("tiny")
 
   # How frames are cut into clips (SPEC section 3).

@@ -11,7 +11,9 @@ import pytest
 from vgpt_jax.data import physics
 from vgpt_jax.data.physics import PhysicsWorld, Scene, render_video, sample_scene, simulate, video_seed
 from vgpt_jax.data.pipeline import (
+  VALID_SOURCES,
   PhysicsVideoSource,
+  _ClipOrSkip,
   default_data_config,
   eval_videos,
   to_float,
@@ -19,6 +21,7 @@ from vgpt_jax.data.pipeline import (
   train_dataset,
   train_index_dataset,
 )
+from vgpt_jax.data.sources import SKIP_REASONS
 
 ONE_BALL = PhysicsWorld(min_balls=1, max_balls=1, occluder_prob=0.0)
 
@@ -219,7 +222,8 @@ def test_to_uint8_inverts_to_float():
 def test_train_batches_shape_range_and_content():
   cfg = small_config()
   batch = next(iter(train_dataset(cfg, batch_size=3, seed=0)))
-  assert set(batch) == {"video"}
+  assert set(batch) == {"video", "skipped"}
+  assert batch["skipped"].shape == (len(SKIP_REASONS),) and not batch["skipped"].any()
   video = batch["video"]
   assert video.shape == (3, 4, 32, 32, 3) and video.dtype == np.float32
   assert video.min() >= -1.0 and video.max() <= 1.0
@@ -321,12 +325,10 @@ def test_source_plugs_into_grain_map_dataset():
 
 def test_random_stride_range_for_stages_3_and_4():
   """frame_stride_max > frame_stride: each sample's stride is drawn from the range."""
-  from vgpt_jax.data.pipeline import _RandomClip
-
   cfg = small_config(frame_stride=1, frame_stride_max=3, num_frames=3)
   source = PhysicsVideoSource(cfg, "train")
   full = to_float(source[0])
-  clip = _RandomClip(source, 3, (1, 3), seed=0)
+  clip = _ClipOrSkip(source, seed=0, max_tries=1, shape=(3, 32, 32, 3))
   seen = set()
   for i in range(40):
     out = clip((i, 0))["video"]
@@ -336,3 +338,15 @@ def test_random_stride_range_for_stages_3_and_4():
     assert match, "clip is not a strided window of the video"
     seen.add(match[0][0])
   assert seen == {1, 2, 3}
+
+
+def test_physics_source_follows_the_protocol():
+  """clip(index, rng) draws stride then start from rng; first_clip is frames 0, s, 2s, ...; describe names it."""
+  cfg = small_config(frame_stride=1, frame_stride_max=2)
+  source = PhysicsVideoSource(cfg, "train")
+  a = source.clip(3, np.random.default_rng(5))
+  np.testing.assert_array_equal(a, source.clip(3, np.random.default_rng(5)))
+  assert a.shape == (4, 32, 32, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(source.first_clip(2), source[2][0:4])
+  assert "physics" in source.describe() and "train" in source.describe()
+  assert set(VALID_SOURCES) >= {"physics", "video_files"}

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from vgpt_jax import checkpoint, media, parallel, trainer
 from vgpt_jax import config as config_lib
 from vgpt_jax.data.pipeline import eval_videos, to_uint8, train_dataset
+from vgpt_jax.data.sources import SKIP_REASONS
 from vgpt_jax.preemption import PreemptionWatch
 from vgpt_jax.sample import predict_clip
 
@@ -114,6 +115,7 @@ def _check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh) -> None:
 
 
 def _data_iterator(config: ml_collections.ConfigDict, seed: int):
+  """This process's Grain iterator of {"video": [B/processes, F, H, W, 3], "skipped": [len(SKIP_REASONS)]}."""
   return iter(
     train_dataset(
       config.data,
@@ -123,6 +125,34 @@ def _data_iterator(config: ml_collections.ConfigDict, seed: int):
       shard_count=jax.process_count(),
     )
   )
+
+
+class SkipCounter:
+  """Bad videos the data pipeline replaced, per reason, as this process saw them (host numpy, no device sync).
+
+  Counts start at 0 in every session (a resumed run does not restore them).
+  The metrics record and summary.json carry process 0's counts: each process
+  reads its own slice of every global batch, so that is about 1/process_count
+  of all skips.
+  """
+
+  def __init__(self):
+    self.total = np.zeros(len(SKIP_REASONS), dtype=np.int64)
+    self._reported = 0
+
+  def add(self, skipped: np.ndarray) -> None:
+    self.total += np.asarray(skipped, dtype=np.int64)
+
+  def as_dict(self) -> dict[str, int]:
+    return {reason: int(n) for reason, n in zip(SKIP_REASONS, self.total)}
+
+  def report(self) -> None:
+    """Logs one line if anything was skipped since the last report."""
+    n = int(self.total.sum())
+    if n > self._reported:
+      self._reported = n
+      reasons = ", ".join(f"{reason}={count}" for reason, count in self.as_dict().items())
+      logging.info("skipped %d videos so far: %s", n, reasons)
 
 
 def _initial_state(setup: trainer.Setup, mesh, target: trainer.TrainState) -> trainer.TrainState:
@@ -184,7 +214,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   log = MetricsLog(workdir, config.train.tensorboard)
   watch = PreemptionWatch()
   history: list[dict] = []  # the record of every step of this session
-  pending = None  # (step, device metrics): read one step late so the host never waits
+  pending = None  # (step, device metrics, skip totals): read one step late so the host never waits
+  skips = SkipCounter()
   start = time.time()
   progress = tqdm(
     range(start_step, config.train.steps),
@@ -195,8 +226,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     dynamic_ncols=True,
   )
 
-  def flush(step: int, metrics: dict) -> None:
+  def flush(step: int, metrics: dict, skipped_videos: dict[str, int]) -> None:
     record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "time": time.time() - start}
+    record.update({f"skipped_{reason}": n for reason, n in skipped_videos.items()})
     history.append(record)
     if record["skipped"] > config.train.max_skipped_steps:
       raise FloatingPointError(
@@ -215,11 +247,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   for step in progress:
     if profile and step == profile_first:
       jax.profiler.start_trace(str(workdir / "profile"))
-    video = jax.make_array_from_process_local_data(sharding, next(batches)["video"])
+    batch = next(batches)
+    if "skipped" in batch:  # a batch from elsewhere (a test's iterator) may carry no skip counts
+      skips.add(batch["skipped"])
+    video = jax.make_array_from_process_local_data(sharding, batch["video"])
     state, metrics = step_fn(state, video)
     if pending is not None:
       flush(*pending)
-    pending = (step + 1, metrics)
+    pending = (step + 1, metrics, skips.as_dict())
+    if (step + 1) % config.train.log_every == 0:
+      skips.report()
     if profile and step == profile_last:
       jax.profiler.stop_trace()
     done = step + 1
@@ -237,7 +274,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   watch.close()
   progress.close()
 
+  skips.report()
   summary = {"start_step": start_step, "end_step": int(state.step), "preempted": preempted, "wall_seconds": wall}
+  summary["skipped_videos"] = skips.as_dict()  # process 0's counts in summary.json (see SkipCounter)
   if preempted:
     logging.warning("preempted: saved a checkpoint at step %d and stopped", int(state.step))
     return summary

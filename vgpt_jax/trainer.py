@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from vgpt_jax import diffusion, parallel
 from vgpt_jax.layout import Layout, sample_splits, training_layout
 from vgpt_jax.model import VideoGPT
-from vgpt_jax.model.tokenizer import PixelTokenizer, make_tokenizer
+from vgpt_jax.model.tokenizer import Tokenizer, make_tokenizer
 
 
 @jax.tree_util.register_dataclass
@@ -39,7 +39,7 @@ class Setup:
 
   config: ml_collections.ConfigDict
   model: VideoGPT
-  tokenizer: PixelTokenizer
+  tokenizer: Tokenizer  # pixel or VAE; the VAE weights are closed over (pre-encoded latents avoid that)
   layout: Layout
   optimizer: optax.GradientTransformation
   latent_shape: tuple[int, int, int]  # (h, w, C)

@@ -1,54 +1,84 @@
-"""Grain input pipeline over the synthetic physics world.
+"""Grain input pipeline over any video source: the synthetic physics world or the user's video files.
 
-Videos are rendered on the fly from a per-(split, index) seed, so the "dataset"
-costs no disk and any index is reproducible on any host.
+Sources (data.source), each a `VideoSource` (sources.py):
+  physics      synthetic physics world rendered on the fly from a per-(split, index)
+               seed: costs no disk, any index is reproducible on any host
+  video_files  the user's videos, a directory tree or a manifest, decoded with PyAV
+               (video_files.py)
 
 Train pipeline (per host):
-  range(num_train_videos).seed(seed).shuffle().repeat()  one global stream, new order per epoch
-  -> this host's slice of every global batch            (global position, video index)
-  -> map(_RandomClip)                                  random window from (seed, position), [-1, 1]
-  -> batch(batch_size, drop_remainder=True)
+  range(len(source)).seed(seed).shuffle().repeat()   one global stream, new order per epoch
+  -> this host's slice of every global batch          (global position, video index)
+  -> map(_ClipOrSkip)                                  clip drawn from (seed, position), [-1, 1]
+  -> batch(batch_size, drop_remainder=True)            skip counts summed over the batch
   -> to_iter_dataset(ReadOptions)                      thread prefetch
   -> mp_prefetch (only if worker_count > 0)            process prefetch
 
-Each element is {"video": float32 [batch_size, num_frames, H, W, 3]}.
+Each element is {"video": float32 [B, F, H, W, 3], "skipped": int32 [len(SKIP_REASONS)]}.
+
+Bad videos: when the video at global position p raises BadVideo, attempt a =
+1, 2, ... takes video rng_a.integers(len(source)) with rng_a =
+default_rng([seed, p, a]) and cuts its clip with rng_a, up to
+data.max_skip_tries attempts in all. Every candidate depends only on (seed,
+p), so all hosts and any worker count agree, and the batches stay the same
+for any number of hosts. "skipped" counts the rejected candidates by reason.
+If every attempt fails the pipeline raises NoUsableVideo naming the source.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import ml_collections
 import numpy as np
 from absl import flags
 
+from vgpt_jax.data import tfds_source, video_files
 from vgpt_jax.data.physics import SPLITS, PhysicsWorld, render_video, video_seed
+from vgpt_jax.data.sources import SKIP_REASONS, BadVideo, NoUsableVideo, VideoSource
 
-VALID_SOURCES: tuple[str, ...] = ("physics",)
+_REASON_INDEX = {reason: i for i, reason in enumerate(SKIP_REASONS)}
 
 
 def default_data_config() -> ml_collections.ConfigDict:
   """Defaults for the data config (`config.data`); physics knobs mirror PhysicsWorld."""
   cfg = ml_collections.ConfigDict()
-  cfg.source = "physics"
+  cfg.source = "physics"  # physics | video_files | tfds
   cfg.height = 32
   cfg.width = 32
   cfg.num_frames = 8  # frames per training sample
-  cfg.frame_stride = 1  # take every k-th frame of the rendered video
+  cfg.frame_stride = 1  # take every k-th frame of the video
   cfg.frame_stride_max = 0  # > frame_stride: stride drawn per sample from [frame_stride, max]
+  cfg.max_skip_tries = 16  # videos tried per sample (the first + replacements of bad ones) before giving up
+  cfg.num_eval_videos = 256  # held-out videos (video_files without eval_path/eval_manifest: the last ones)
+  cfg.worker_count = 0  # grain worker processes; 0 = decode/render in the training process
+  cfg.read_threads = 2  # grain prefetch threads per process (0 = no prefetch)
+  cfg.prefetch_batches = 4  # grain prefetch buffer, in batches
+  # source="tfds": any prepared TFDS video dataset, read with tfds.data_source (ArrayRecord, no TensorFlow).
+  cfg.tfds_name = ""  # e.g. "vgpt_physics" (python -m vgpt_jax.data.tfds_physics), "ucf101", "moving_mnist"
+  cfg.tfds_data_dir = ""  # "" = TFDS's default data dir
+  cfg.tfds_video_key = "video"  # the feature holding the frames (nested keys as "a/b")
+  cfg.tfds_train_split = "train"
+  cfg.tfds_eval_split = "test"
+  # source="physics": the synthetic world.
   cfg.video_frames = 32  # frames per rendered video
   cfg.num_train_videos = 100_000
-  cfg.num_eval_videos = 256
   cfg.min_balls = 1
   cfg.max_balls = 3
   cfg.seed = 0  # base seed of the world (which videos exist), not the shuffle seed
-  cfg.worker_count = 0  # grain worker processes; 0 = render in the training process
-  cfg.read_threads = 2  # grain prefetch threads per process (0 = no prefetch)
-  cfg.prefetch_batches = 4  # grain prefetch buffer, in batches
   world = PhysicsWorld()
   for name in PhysicsWorld.CONFIG_KNOBS:
     cfg[name] = getattr(world, name)
+  # source="video_files": the user's videos (vgpt_jax/data/video_files.py).
+  cfg.path = ""  # a directory, searched recursively for `extensions`
+  cfg.manifest = ""  # or a text file: one path per line, optionally path<TAB>frame_count
+  cfg.eval_path = ""  # held-out videos (a directory) ...
+  cfg.eval_manifest = ""  # ... or manifest; neither: the last num_eval_videos files of path/manifest
+  cfg.extensions = video_files.VIDEO_EXTENSIONS  # case-insensitive
+  cfg.min_size = 128  # skip videos whose shorter side has fewer pixels (reference: 128)
+  cfg.max_aspect = 4.0  # skip videos whose long side / short side is larger (reference: 4)
+  cfg.decode_threads = 1  # FFmpeg threads per decoded video; 0: FFmpeg decides (see BENCHMARKS.md)
   return cfg
 
 
@@ -59,26 +89,57 @@ def _get(data_cfg: Any, name: str, default: Any) -> Any:
   return getattr(data_cfg, name, default)
 
 
-def validate_data_config(data_cfg: Any) -> None:
-  """Raises ValueError with an actionable message if the data config is unusable."""
-  source = _get(data_cfg, "source", "physics")
-  if source not in VALID_SOURCES:
-    raise ValueError(f"Unknown data.source {source!r}; valid sources are {list(VALID_SOURCES)}.")
+def _physics_problems(data_cfg: Any) -> list[str]:
+  """What is wrong with a physics-world data config (empty when sound)."""
   num_frames, stride = int(data_cfg.num_frames), _stride_range(data_cfg)[1]
   video_frames = int(data_cfg.video_frames)
-  if num_frames < 1 or stride < 1:
-    raise ValueError(f"data.num_frames ({num_frames}) and data.frame_stride ({stride}) must be >= 1.")
   if num_frames * stride > video_frames:
-    raise ValueError(
+    return [
       f"data.num_frames * largest data.frame_stride = {num_frames} * {stride} = "
       f"{num_frames * stride} exceeds data.video_frames = {video_frames}; "
       f"raise data.video_frames to at least {num_frames * stride} or lower "
       "data.num_frames / data.frame_stride."
-    )
-  for name in ("num_train_videos", "num_eval_videos"):
-    if int(getattr(data_cfg, name)) < 1:
-      raise ValueError(f"data.{name} must be >= 1.")
-  PhysicsWorld.from_config(data_cfg)  # validates the physics knobs
+    ]
+  counts = ("num_train_videos", "num_eval_videos")
+  problems = [f"data.{name} must be >= 1." for name in counts if int(_get(data_cfg, name, 0)) < 1]
+  if not problems:
+    try:
+      PhysicsWorld.from_config(data_cfg)  # validates the physics knobs
+    except ValueError as e:
+      problems.append(str(e))
+  return problems
+
+
+# data.source -> (make the source of a split, list the config's problems).
+SOURCES: dict[str, tuple[Callable[[Any, str], VideoSource], Callable[[Any], list[str]]]] = {}
+VALID_SOURCES: tuple[str, ...] = ()
+
+
+def register_source(
+  name: str, make: Callable[[Any, str], VideoSource], problems: Callable[[Any], list[str]] = lambda cfg: []
+) -> None:
+  """Makes `data.source=name` available: `make(data_cfg, split)` builds it, `problems(data_cfg)` vets its fields."""
+  global VALID_SOURCES
+  SOURCES[name] = (make, problems)
+  VALID_SOURCES = tuple(SOURCES)
+
+
+def validate_data_config(data_cfg: Any) -> None:
+  """Raises ValueError with an actionable message (every problem found) if the data config is unusable."""
+  source = _get(data_cfg, "source", "physics")
+  if source not in SOURCES:
+    raise ValueError(f"Unknown data.source {source!r}; valid sources are {list(VALID_SOURCES)}.")
+  num_frames, low = int(data_cfg.num_frames), _stride_range(data_cfg)[0]
+  if num_frames < 1 or low < 1:
+    raise ValueError(f"data.num_frames ({num_frames}) and data.frame_stride ({low}) must be >= 1.")
+  problems = SOURCES[source][1](data_cfg)
+  tries = int(_get(data_cfg, "max_skip_tries", 16))
+  if tries < 1:
+    problems.append(f"data.max_skip_tries={tries} must be >= 1 (videos tried per sample)")
+  if int(_get(data_cfg, "worker_count", 0)) < 0:
+    problems.append(f"data.worker_count={_get(data_cfg, 'worker_count', 0)} must be >= 0")
+  if problems:
+    raise ValueError("; ".join(problems))
 
 
 def _stride_range(data_cfg: Any) -> tuple[int, int]:
@@ -110,7 +171,7 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 class PhysicsVideoSource:
-  """Grain RandomAccessDataSource: index i -> uint8 video [T, H, W, 3], rendered on demand.
+  """`VideoSource` over the physics world: index i -> uint8 video [T, H, W, 3], rendered on demand.
 
   Holds only the (picklable) world description, so it can be shipped to
   grain worker processes.
@@ -123,6 +184,8 @@ class PhysicsVideoSource:
     self.split = split
     self.base_seed = int(_get(data_cfg, "seed", 0))
     self.num_videos = int(data_cfg.num_train_videos if split == "train" else data_cfg.num_eval_videos)
+    self.num_frames = int(data_cfg.num_frames)
+    self.strides = _stride_range(data_cfg)
 
   def __len__(self) -> int:
     return self.num_videos
@@ -136,14 +199,26 @@ class PhysicsVideoSource:
   def __getitem__(self, index: int) -> np.ndarray:
     return render_video(self._seed(index), self.world)
 
-  def clip(self, index: int, start: int, length: int, stride: int = 1) -> np.ndarray:
+  def frames(self, index: int, start: int, length: int, stride: int = 1) -> np.ndarray:
     """uint8 [length, H, W, 3]: frames start, start+stride, ... of video `index`.
 
     Equals `self[index][start : start + length * stride : stride]` but only
     simulates/draws what is needed.
     """
-    frames = start + stride * np.arange(length)
-    return render_video(self._seed(index), self.world, frames=frames)
+    return render_video(self._seed(index), self.world, frames=start + stride * np.arange(length))
+
+  def clip(self, index: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [num_frames, H, W, 3]: stride drawn from [frame_stride, frame_stride_max], then the start."""
+    stride = int(rng.integers(self.strides[0], self.strides[1] + 1))
+    start = int(rng.integers(0, self.world.num_frames - self.num_frames * stride + 1))
+    return self.frames(index, start, self.num_frames, stride)
+
+  def first_clip(self, index: int) -> np.ndarray:
+    """uint8 [num_frames, H, W, 3]: frames 0, s, 2s, ... with s = data.frame_stride (evaluation)."""
+    return self.frames(index, 0, self.num_frames, self.strides[0])
+
+  def describe(self) -> str:
+    return f"the synthetic physics world ({self.split} split, {self.num_videos} videos, seed {self.base_seed})"
 
   def __repr__(self) -> str:
     return (
@@ -152,36 +227,88 @@ class PhysicsVideoSource:
     )
 
 
-def make_source(data_cfg: Any, split: str) -> PhysicsVideoSource:
+register_source("physics", PhysicsVideoSource, _physics_problems)
+register_source("video_files", video_files.VideoFileSource, video_files.validate_config)
+
+
+def _tfds_problems(data_cfg: Any) -> list[str]:
+  if _get(data_cfg, "tfds_name", ""):
+    return []
+  return [
+    "data.source='tfds' needs data.tfds_name: a prepared TFDS video dataset, e.g. vgpt_physics "
+    "(python -m vgpt_jax.data.tfds_physics --data_dir=DIR, then --config.data.tfds_data_dir=DIR)"
+  ]
+
+
+register_source("tfds", tfds_source.TfdsVideoSource, _tfds_problems)
+
+
+def make_source(data_cfg: Any, split: str) -> VideoSource:
   """The data source named by data_cfg.source for `split` ("train" or "eval")."""
   validate_data_config(data_cfg)
-  return PhysicsVideoSource(data_cfg, split)
+  source = SOURCES[_get(data_cfg, "source", "physics")][0](data_cfg, split)
+  if len(source) < 1:
+    raise ValueError(f"no videos in {source.describe()}")
+  return source
 
 
-class _RandomClip:
-  """(global position, video index) -> {"video": float32 [num_frames, H, W, 3]}: random stride, then start.
+class _ClipOrSkip:
+  """(global position, video index) -> {"video": float32 [F, H, W, 3], "skipped": int32 [len(SKIP_REASONS)]}.
 
   The randomness comes from (seed, global position), not from the element's
-  place in this host's stream, so the same global batch is produced whatever the
-  number of hosts.
+  place in this host's stream, so the same global batch is produced whatever
+  the number of hosts. A bad video is replaced as the module docstring says.
   """
 
-  def __init__(self, source: PhysicsVideoSource, num_frames: int, strides: tuple[int, int], seed: int):
+  def __init__(self, source: VideoSource, seed: int, max_tries: int, shape: tuple[int, ...]):
     self.source = source
-    self.num_frames = num_frames
-    self.strides = strides
     self.seed = seed
+    self.max_tries = max_tries
+    self.shape = shape  # (F, H, W, 3)
 
   def __call__(self, element: tuple[int, int]) -> dict[str, np.ndarray]:
-    position, index = element
-    rng = np.random.default_rng([self.seed, position])
-    stride = int(rng.integers(self.strides[0], self.strides[1] + 1))
-    start = int(rng.integers(0, self.source.world.num_frames - self.num_frames * stride + 1))
-    return {"video": to_float(self.source.clip(index, start, self.num_frames, stride))}
+    position, index = (int(x) for x in element)
+    skipped = np.zeros(len(SKIP_REASONS), dtype=np.int32)
+    for attempt in range(self.max_tries):
+      if attempt == 0:
+        rng = np.random.default_rng([self.seed, position])
+      else:
+        rng = np.random.default_rng([self.seed, position, attempt])
+        index = int(rng.integers(len(self.source)))
+      try:
+        video = self.source.clip(index, rng)
+      except BadVideo as e:
+        skipped[_REASON_INDEX[e.reason]] += 1
+        continue
+      if video.shape != self.shape or video.dtype != np.uint8:
+        raise ValueError(
+          f"{self.source.describe()} gave a {video.dtype} clip {video.shape}; expected uint8 {self.shape}"
+        )
+      return {"video": to_float(video), "skipped": skipped}
+    counts = ", ".join(f"{r}={n}" for r, n in zip(SKIP_REASONS, skipped) if n)
+    raise NoUsableVideo(
+      f"all {self.max_tries} videos tried for sample {position} were bad ({counts}) in {self.source.describe()}; "
+      "check the files (python -m vgpt_jax.benchmarks.video_pipeline --dir=... decodes a few), data.min_size, "
+      "data.max_aspect and data.num_frames * data.frame_stride, or raise data.max_skip_tries"
+    )
+
+
+def _stack(elements: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Batch: videos stacked [B, F, H, W, 3]; skip counts summed [len(SKIP_REASONS)]."""
+  return {
+    "video": np.stack([e["video"] for e in elements]),
+    "skipped": np.sum([e["skipped"] for e in elements], axis=0, dtype=np.int32),
+  }
 
 
 def train_index_dataset(
-  data_cfg: Any, *, seed: int, batch_size: int, shard_index: int = 0, shard_count: int = 1
+  data_cfg: Any,
+  *,
+  seed: int,
+  batch_size: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_videos: int | None = None,
 ) -> grain.MapDataset:
   """This host's infinite stream of (global position, video index), reshuffled every epoch.
 
@@ -189,15 +316,15 @@ def train_index_dataset(
   epoch after epoch). Global batch g is positions [g*B, (g+1)*B), B =
   batch_size * shard_count, and host k takes the k-th slice of batch_size of
   each. So hosts never overlap, together they cover every video once per epoch,
-  and the global batches do not depend on the number of hosts.
+  and the global batches do not depend on the number of hosts. `num_videos`
+  defaults to the size of the train source.
   """
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"Need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}.")
-  num_videos = int(data_cfg.num_train_videos)
+  if num_videos is None:
+    num_videos = len(make_source(data_cfg, "train"))
   if num_videos < shard_count:
-    raise ValueError(
-      f"data.num_train_videos ({num_videos}) < shard_count ({shard_count}): some hosts would get no videos."
-    )
+    raise ValueError(f"{num_videos} train videos < shard_count ({shard_count}): some hosts would get no videos.")
   videos = grain.MapDataset.range(num_videos).seed(seed).shuffle().repeat()
   global_batch = batch_size * shard_count
 
@@ -216,21 +343,29 @@ def train_dataset(
   shard_index: int = 0,
   shard_count: int = 1,
 ) -> grain.IterDataset:
-  """This host's infinite, shuffled train stream of {"video": float32 [B, F, H, W, 3]}.
+  """This host's infinite, shuffled train stream of {"video": float32 [B, F, H, W, 3], "skipped": int32 [R]}.
 
   B = batch_size is this host's part of the global batch (see
   `train_index_dataset`). F = data_cfg.num_frames frames taken every k frames
   from a random start, k drawn from [frame_stride, frame_stride_max] (stages
-  3-4). Deterministic given `seed`; the iterator's get_state()/set_state()
-  resume exactly.
+  3-4). R = len(SKIP_REASONS): bad videos replaced in this batch, by reason.
+  Deterministic given `seed`; the iterator's get_state()/set_state() resume
+  exactly.
   """
-  validate_data_config(data_cfg)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-  source = PhysicsVideoSource(data_cfg, "train")
-  clip = _RandomClip(source, int(data_cfg.num_frames), _stride_range(data_cfg), seed)
-  ds = train_index_dataset(data_cfg, seed=seed, batch_size=batch_size, shard_index=shard_index, shard_count=shard_count)
-  ds = ds.map(clip).batch(batch_size, drop_remainder=True)
+  source = make_source(data_cfg, "train")
+  shape = (int(data_cfg.num_frames), int(data_cfg.height), int(data_cfg.width), 3)
+  clip = _ClipOrSkip(source, seed, int(_get(data_cfg, "max_skip_tries", 16)), shape)
+  ds = train_index_dataset(
+    data_cfg,
+    seed=seed,
+    batch_size=batch_size,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    num_videos=len(source),
+  )
+  ds = ds.map(clip).batch(batch_size, drop_remainder=True, batch_fn=_stack)
   read_options = grain.ReadOptions(
     num_threads=int(_get(data_cfg, "read_threads", 2)),
     prefetch_buffer_size=int(_get(data_cfg, "prefetch_batches", 4)),
@@ -245,17 +380,35 @@ def train_dataset(
 
 
 def eval_videos(data_cfg: Any, count: int) -> np.ndarray:
-  """float32 [count, num_frames, H, W, 3] in [-1, 1]: the first `count` held-out videos.
+  """float32 [count, num_frames, H, W, 3] in [-1, 1]: the first `count` good held-out videos.
 
-  Frames 0, stride, 2*stride, ... so evaluation always sees the same clips.
+  Frames 0, stride, 2*stride, ... (stride = data.frame_stride), so evaluation
+  always sees the same clips; bad held-out videos are skipped.
   """
-  validate_data_config(data_cfg)
-  source = PhysicsVideoSource(data_cfg, "eval")
+  source = make_source(data_cfg, "eval")
   if not 0 <= count <= len(source):
-    raise ValueError(f"count must lie in [0, data.num_eval_videos={len(source)}], got {count}.")
-  num_frames, stride = int(data_cfg.num_frames), int(_get(data_cfg, "frame_stride", 1))
-  world = source.world
-  out = np.empty((count, num_frames, world.height, world.width, 3), dtype=np.float32)
-  for i in range(count):
-    out[i] = to_float(source.clip(i, 0, num_frames, stride))
+    raise ValueError(
+      f"count must lie in [0, {len(source)}] (the held-out videos: {source.describe()}; "
+      f"data.num_eval_videos={_get(data_cfg, 'num_eval_videos', None)}), got {count}."
+    )
+  first_clip = getattr(source, "first_clip", None)
+  shape = (int(data_cfg.num_frames), int(data_cfg.height), int(data_cfg.width), 3)
+  out = np.empty((count, *shape), dtype=np.float32)
+  skipped = np.zeros(len(SKIP_REASONS), dtype=np.int64)
+  found = 0
+  for index in range(len(source)):
+    if found == count:
+      break
+    try:
+      video = first_clip(index) if first_clip else source.clip(index, np.random.default_rng([index]))
+    except BadVideo as e:
+      skipped[_REASON_INDEX[e.reason]] += 1
+      continue
+    out[found] = to_float(video)
+    found += 1
+  if found < count:
+    counts = ", ".join(f"{r}={n}" for r, n in zip(SKIP_REASONS, skipped) if n)
+    raise NoUsableVideo(
+      f"only {found} of the {count} held-out videos asked for are usable ({counts}) in {source.describe()}"
+    )
   return out

@@ -1,0 +1,191 @@
+"""The Flax SDXL-style VAE against diffusers' AutoencoderKL; strict loading; the per-frame VAE tokenizer.
+
+diffusers and torch are test-only (requirements-test.txt); without them this file is skipped.
+"""
+
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import safetensors.numpy
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from vgpt_jax.model import tokenizer as tok  # noqa: E402
+from vgpt_jax.model.vae import WEIGHTS_NAME, AutoencoderKL, VaeConfig, load_vae  # noqa: E402
+
+BLOCKS = (32, 32, 64, 64)  # four levels: 8x down like SDXL, at small widths
+SCALE, SHIFT = 0.13025, 0.1159
+TOL = 1e-4
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def nhwc(t) -> np.ndarray:
+  return t.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, "torch.nn.Module"]:
+  """A seeded random diffusers VAE saved in diffusers format: (its directory, the torch model)."""
+  torch.manual_seed(0)
+  model = diffusers.AutoencoderKL(
+    block_out_channels=BLOCKS,
+    down_block_types=("DownEncoderBlock2D",) * len(BLOCKS),
+    up_block_types=("UpDecoderBlock2D",) * len(BLOCKS),
+    layers_per_block=1,
+    norm_num_groups=8,  # 4-8 channels per group: catches a wrong channel-to-group assignment
+    latent_channels=4,
+    sample_size=32,
+    scaling_factor=SCALE,
+    shift_factor=SHIFT,
+  ).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      # Default init leaves norm scales at 1 and some biases at 0: make every parameter count.
+      if name.endswith("bias"):
+        p.normal_(0.0, 0.1)
+      elif p.ndim == 1:
+        p.copy_(1.0 + 0.3 * torch.randn_like(p))
+  directory = tmp_path_factory.mktemp("vae")
+  model.save_pretrained(directory)
+  return directory, model
+
+
+@pytest.fixture(scope="module")
+def loaded(reference) -> tuple[VaeConfig, dict]:
+  return load_vae(reference[0])
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+  """float32 [3, 3, 32, 48] (NCHW) in [-1, 1]; not square, so a swapped H/W shows."""
+  return np.random.default_rng(0).uniform(-1, 1, (3, 3, 32, 48)).astype(np.float32)
+
+
+def test_config_is_read_from_diffusers(loaded):
+  config, _ = loaded
+  assert config.block_out_channels == BLOCKS and config.downsample == 8
+  assert (config.scaling_factor, config.shift_factor, config.norm_num_groups) == (SCALE, SHIFT, 8)
+  with pytest.raises(ValueError, match="latents_mean"):
+    VaeConfig.from_diffusers({"block_out_channels": [32], "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4})
+
+
+def test_encoder_matches_diffusers(reference, loaded, images):
+  _, model = reference
+  config, params = loaded
+  with torch.no_grad():
+    want = model.encode(torch.from_numpy(images)).latent_dist
+  post = AutoencoderKL(config).apply({"params": params}, jnp.asarray(images.transpose(0, 2, 3, 1)), method="encode")
+  assert post.mean.shape == (3, 4, 6, 4)
+  assert rel_err(post.mean, nhwc(want.mean)) < TOL
+  assert rel_err(post.logvar, nhwc(want.logvar)) < TOL
+  assert rel_err(post.std, nhwc(want.std)) < TOL
+  tokenizer = tok.VaeTokenizer(params, config)
+  z = tokenizer.encode(jnp.asarray(images.transpose(0, 2, 3, 1)))
+  assert rel_err(z, (nhwc(want.mean) - SHIFT) * SCALE) < TOL
+
+
+def test_decoder_matches_diffusers(reference, loaded):
+  _, model = reference
+  config, params = loaded
+  z = torch.from_numpy(np.random.default_rng(1).normal(size=(3, 4, 4, 6)).astype(np.float32))
+  with torch.no_grad():
+    want = nhwc(model.decode(z).sample)
+  got = AutoencoderKL(config).apply({"params": params}, jnp.asarray(nhwc(z)), method="decode")
+  assert got.shape == (3, 32, 48, 3)
+  assert rel_err(got, want) < TOL
+  # The tokenizer undoes the scaling: scaled latents (z - shift) * scale decode to the same frames.
+  assert rel_err(tok.VaeTokenizer(params, config).decode(jnp.asarray((nhwc(z) - SHIFT) * SCALE)), want) < TOL
+
+
+def test_sampling_draws_around_the_mean(loaded, images):
+  config, params = loaded
+  tokenizer = tok.VaeTokenizer(params, config)
+  frames = jnp.asarray(images.transpose(0, 2, 3, 1))
+  post = tokenizer.posterior(frames)
+  key = jax.random.key(3)
+  z = tokenizer.encode(frames, key)
+  np.testing.assert_array_equal(z, tokenizer.encode(frames, key))
+  assert not np.allclose(z, tokenizer.encode(frames, jax.random.key(4)))
+  eps = (z / SCALE + SHIFT - post.mean) / post.std  # should be standard normal
+  assert abs(float(eps.mean())) < 0.1 and abs(float(eps.std()) - 1.0) < 0.1
+
+
+def _broken_copy(src: Path, dst: Path, edit) -> Path:
+  """Copy a diffusers directory, letting `edit` change its tensors dict."""
+  dst.mkdir()
+  shutil.copy(src / "config.json", dst / "config.json")
+  tensors = safetensors.numpy.load_file(str(src / WEIGHTS_NAME))
+  edit(tensors)
+  safetensors.numpy.save_file(tensors, str(dst / WEIGHTS_NAME))
+  return dst
+
+
+@pytest.mark.parametrize(
+  "kind, edit, named",
+  [
+    ("missing", lambda t: t.pop("encoder.mid_block.attentions.0.to_k.weight"), "encoder.mid_block.attentions.0.to_k"),
+    ("unexpected", lambda t: t.update({"decoder.extra.weight": np.ones(3, np.float32)}), "decoder.extra.weight"),
+    (
+      "mis-shaped",
+      lambda t: t.update({"quant_conv.bias": np.ones(5, np.float32)}),
+      "quant_conv.bias",
+    ),
+  ],
+)
+def test_loading_is_strict(reference, tmp_path, kind, edit, named):
+  broken = _broken_copy(reference[0], tmp_path / "broken", edit)
+  with pytest.raises(ValueError, match=kind) as info:
+    load_vae(broken)
+  assert named in str(info.value)
+
+
+def test_legacy_attention_names_load(reference, loaded, tmp_path):
+  """Older diffusers files name the mid-block attention query/key/value/proj_attn."""
+  legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+  def rename(tensors):
+    for name in list(tensors):
+      for new, old in legacy.items():
+        if f".{new}." in name:
+          tensors[name.replace(f".{new}.", f".{old}.")] = tensors.pop(name)
+
+  _, params = load_vae(_broken_copy(reference[0], tmp_path / "legacy", rename))
+  jax.tree.map(np.testing.assert_array_equal, params, loaded[1])
+
+
+def test_tokenizer_is_per_frame_and_chunked(loaded):
+  config, params = loaded
+  frames = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (2, 3, 32, 32, 3)).astype(np.float32))
+  whole = tok.VaeTokenizer(params, config, frames_per_chunk=0)
+  chunked = tok.VaeTokenizer(params, config, frames_per_chunk=4)  # 6 frames: one chunk of 4, a rest of 2
+  assert whole.latent_shape(32, 32) == (4, 4, 4)
+  z = jax.jit(lambda t, x: t.encode(x))(chunked, frames)  # the tokenizer is a pytree argument
+  assert z.shape == (2, 3, 4, 4, 4)
+  per_frame = jnp.stack([jnp.stack([whole.encode(frames[b, t][None])[0] for t in range(3)]) for b in range(2)])
+  np.testing.assert_allclose(z, per_frame, rtol=1e-5, atol=1e-5)
+  out = jax.jit(lambda t, x: t.decode(x))(chunked, z)
+  assert out.shape == frames.shape
+  np.testing.assert_allclose(out[1, 2], whole.decode(z[1, 2][None])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_make_tokenizer_vae(reference):
+  assert "vae" in tok.TOKENIZERS and "pixel" in tok.TOKENIZERS
+  cfg = ml_collections.ConfigDict(dict(kind="vae", vae_path=str(reference[0]), downsample=8, frames_per_chunk=2))
+  tokenizer = tok.make_tokenizer(cfg)
+  assert isinstance(tokenizer, tok.VaeTokenizer) and tokenizer.frames_per_chunk == 2
+  assert tokenizer.latent_shape(176, 320) == (22, 40, 4)
+  cfg.downsample = 4
+  with pytest.raises(ValueError, match="downsamples by 8"):
+    tok.make_tokenizer(cfg)
+  with pytest.raises(ValueError, match="vae_path"):
+    tok.make_tokenizer(ml_collections.ConfigDict(dict(kind="vae", vae_path="")))

@@ -1,0 +1,483 @@
+"""Video-file source and its pipeline: listing, decoding, sampling, sharding, resumption, bad files (fast, CPU).
+
+Every video is made here with PyAV: 64x48 flat frames whose red level names the
+video (40 + 25*v) and whose green level names the frame (10 + 6*i), so a
+decoded clip tells which video and which frames it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections import Counter
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from vgpt_jax.data import video_files
+from vgpt_jax.data.pipeline import (
+  default_data_config,
+  eval_videos,
+  make_source,
+  train_dataset,
+  train_index_dataset,
+  validate_data_config,
+)
+from vgpt_jax.data.sources import SKIP_REASONS, BadVideo, NoUsableVideo
+from vgpt_jax.data.video_files import VideoFileSource, find_videos, read_clip, read_manifest
+
+FRAMES = 40  # frames of every good video
+
+
+def encode(path: Path, frames: np.ndarray, codec: str = "libx264", gop: int = 8, faststart: bool = False) -> Path:
+  """Writes uint8 [T, H, W, 3] frames as a video file at 24 fps, a keyframe every `gop` frames."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # Near-lossless, so a flat frame's level survives to within the RGB<->YUV rounding (about 2).
+  options = {"libx264": {"qp": "2"}, "libvpx": {"qmin": "0", "qmax": "4"}}.get(codec, {})
+  with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as container:
+    stream = container.add_stream(codec, rate=24, options=options)
+    stream.height, stream.width = frames.shape[1:3]
+    stream.pix_fmt = "yuv420p"
+    stream.bit_rate = 4_000_000
+    stream.codec_context.gop_size = gop
+    for frame in frames:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode())
+  return path
+
+
+def flat_video(video_id: int, frames: int = FRAMES, height: int = 48, width: int = 64) -> np.ndarray:
+  """uint8 [T, H, W, 3]: red = 40 + 25 * video_id, green = 10 + 6 * frame, blue = 128."""
+  out = np.empty((frames, height, width, 3), np.uint8)
+  out[..., 0] = 40 + 25 * video_id
+  out[..., 1] = (10 + 6 * np.arange(frames))[:, None, None]
+  out[..., 2] = 128
+  return out
+
+
+def identify(clip: np.ndarray) -> tuple[int, np.ndarray]:
+  """(video id, frame indices [F]) of a decoded uint8 or [-1, 1] float clip [F, H, W, 3]."""
+  clip = np.asarray(clip, np.float64)
+  if clip.max() <= 1.0:
+    clip = (clip + 1.0) * 127.5
+  mean = clip.mean(axis=(1, 2))  # [F, 3]
+  video = np.round((mean[:, 0] - 40) / 25)
+  frames = (mean[:, 1] - 10) / 6
+  assert np.all(video == video[0]), f"frames of different videos in one clip: {mean[:, 0]}"
+  assert np.abs(frames - np.round(frames)).max() < 0.45, f"green levels off the frame grid: {mean[:, 1]}"
+  return int(video[0]), np.round(frames).astype(int)
+
+
+def video_config(directory, **overrides):
+  """Data config over a video directory: 16x16 clips of 4 frames, stride 2..3, min_size 40."""
+  cfg = default_data_config()
+  cfg.source = "video_files"
+  cfg.path = str(directory)
+  cfg.height = cfg.width = 16
+  cfg.num_frames = 4
+  cfg.frame_stride = 2
+  cfg.frame_stride_max = 3
+  cfg.min_size = 40
+  cfg.num_eval_videos = 1
+  for key, value in overrides.items():
+    cfg[key] = value
+  return cfg
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def good_dir(tmp_path_factory) -> Path:
+  """8 good videos (ids 0..7) in nested folders and four containers, plus files to ignore."""
+  root = tmp_path_factory.mktemp("good")
+  names = ["a/v0.mp4", "a/v1.MOV", "a/b/v2.mkv", "v3.webm", "v4.avi", "v5.m4v", "z/v6.mp4", "z/v7.mp4"]
+  codecs = {".mp4": "libx264", ".mov": "libx264", ".mkv": "libx264", ".webm": "libvpx", ".avi": "mpeg4"}
+  for i, name in enumerate(names):
+    encode(root / name, flat_video(i), codecs.get(Path(name).suffix.lower(), "libx264"))
+  (root / "notes.txt").write_text("not a video")
+  (root / "a" / "v0.mp4.part").write_bytes(b"partial download")
+  return root
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(tmp_path_factory, good_dir) -> Path:
+  """5 good videos (ids 0..4) and one of each kind of bad file; a separate eval folder beside it."""
+  root = tmp_path_factory.mktemp("mixed")
+  train = root / "train"
+  for i in range(5):
+    encode(train / f"good{i}.mp4", flat_video(i))
+  (train / "zero.mp4").write_bytes(b"")
+  noise = np.random.default_rng(0).integers(0, 256, (FRAMES, 48, 64, 3), dtype=np.uint8)
+  data = encode(root / "noise.mp4", noise, faststart=True).read_bytes()  # index first, then the frames
+  (train / "truncated.mp4").write_bytes(data[: len(data) // 2])
+  (train / "random.mp4").write_bytes(np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+  (train / "text.mp4").write_text("this is a text file\n" * 50)
+  encode(train / "short.mp4", flat_video(5, frames=20))
+  encode(train / "small.mp4", flat_video(6, height=24, width=32))
+  encode(train / "wide.mp4", flat_video(7, height=48, width=240))
+  encode(root / "eval" / "held.mp4", flat_video(8))
+  encode(root / "eval" / "held2.mp4", flat_video(7))
+  return root
+
+
+MIXED_KINDS = {
+  **{f"good{i}.mp4": "good" for i in range(5)},
+  "zero.mp4": "unreadable",
+  "truncated.mp4": "truncated",
+  "random.mp4": "unreadable",
+  "text.mp4": "unreadable",
+  "short.mp4": "too_short",
+  "small.mp4": "too_small",
+  "wide.mp4": "bad_aspect",
+}
+
+
+def mixed_config(mixed_dir, **overrides):
+  """The window is always frames 0, 10, 20, 30 (40 frames, stride 10), so every bad file fails the same way."""
+  base = dict(path=str(mixed_dir / "train"), eval_path=str(mixed_dir / "eval"), frame_stride=10, frame_stride_max=0)
+  return video_config(mixed_dir, **{**base, **overrides})
+
+
+# ------------------------------------------------------------------------ listing
+
+
+def test_directory_listing_is_recursive_sorted_and_filtered(good_dir):
+  found = [os.path.relpath(p, good_dir) for p in find_videos(str(good_dir))]
+  expected = ["a/b/v2.mkv", "a/v0.mp4", "a/v1.MOV", "v3.webm", "v4.avi", "v5.m4v", "z/v6.mp4", "z/v7.mp4"]
+  assert found == expected
+  only = [os.path.relpath(p, good_dir) for p in find_videos(str(good_dir), (".MP4", "mov"))]
+  assert only == ["a/v0.mp4", "a/v1.MOV", "z/v6.mp4", "z/v7.mp4"]
+  source = VideoFileSource(video_config(good_dir, num_eval_videos=2))
+  assert len(source) == 6 and [os.path.basename(source.path(i)) for i in range(2)] == ["v2.mkv", "v0.mp4"]
+  assert str(good_dir) in source.describe() and "train" in source.describe()
+
+
+def test_manifest_with_and_without_counts(good_dir, tmp_path):
+  manifest = tmp_path / "lists" / "videos.tsv"
+  manifest.parent.mkdir()
+  manifest.write_text(
+    "# my videos\n\n"
+    f"{os.path.relpath(good_dir / 'a' / 'v0.mp4', manifest.parent)}\t12\n"  # relative, with a (short) count
+    f"{good_dir / 'v3.webm'}\n"  # absolute, count unknown
+    f"  {good_dir / 'z' / 'v6.mp4'}\t0\n"
+    f"{good_dir / 'z' / 'v7.mp4'}\n"
+  )
+  paths, counts = read_manifest(str(manifest))
+  assert [os.path.realpath(p) for p in paths[:2]] == [str(good_dir / "a" / "v0.mp4"), str(good_dir / "v3.webm")]
+  assert counts == [12, 0, 0, 0]
+  cfg = video_config(good_dir, path="", manifest=str(manifest), frame_stride=1, frame_stride_max=3)
+  validate_data_config(cfg)
+  source = VideoFileSource(cfg)
+  assert len(source) == 3 and "videos.tsv" in source.describe()
+  for seed in range(10):  # the manifest's count (12 of 40 frames) bounds every window
+    video, frames = identify(source.clip(0, np.random.default_rng(seed)))
+    assert video == 0 and frames.max() < 12
+  assert identify(source.clip(1, np.random.default_rng(0)))[0] == 3  # webm: counted by demuxing
+  manifest.write_text("a.mp4\tmany\n")
+  with pytest.raises(ValueError, match="line 1.*'many'"):
+    read_manifest(str(manifest))
+
+
+def test_write_manifest_lists_counts(good_dir, tmp_path):
+  out = tmp_path / "m.tsv"
+  assert video_files.write_manifest(str(good_dir), str(out)) == 8
+  paths, counts = read_manifest(str(out))
+  assert counts == [FRAMES] * 8 and os.path.realpath(paths[1]) == str(good_dir / "a" / "v0.mp4")
+
+
+# ----------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("name", ["a/v0.mp4", "a/b/v2.mkv", "v3.webm", "v4.avi"])
+def test_clip_has_the_chosen_frames_and_seeking_matches_full_decode(good_dir, name):
+  path = str(good_dir / name)
+  vid = int(Path(name).stem[1:])
+  for start, stride in [(0, 1), (1, 2), (9, 3), (17, 5), (23, 4), (36, 1)]:
+    clip, count = read_clip(path, lambda n: (start, stride), num_frames=4, height=24, width=32)
+    assert count == FRAMES and clip.shape == (4, 24, 32, 3) and clip.dtype == np.uint8
+    video, frames = identify(clip)
+    assert video == vid
+    np.testing.assert_array_equal(frames, start + stride * np.arange(4))
+    full, _ = read_clip(path, lambda n: (start, stride), num_frames=4, height=24, width=32, seek=False)
+    np.testing.assert_array_equal(clip, full)
+
+
+def test_source_draws_stride_and_start_from_rng(good_dir):
+  source = VideoFileSource(video_config(good_dir, frame_stride=2, frame_stride_max=5))
+  strides = set()
+  for seed in range(30):
+    clip = source.clip(3, np.random.default_rng(seed))
+    _, frames = identify(clip)
+    step = np.diff(frames)
+    assert np.all(step == step[0]) and 2 <= step[0] <= 5 and frames[-1] < FRAMES
+    strides.add(int(step[0]))
+    np.testing.assert_array_equal(clip, source.clip(3, np.random.default_rng(seed)))
+  assert strides == {2, 3, 4, 5}
+  _, frames = identify(source.first_clip(3))
+  np.testing.assert_array_equal(frames, [0, 2, 4, 6])
+
+
+def test_frames_are_scaled_to_cover_then_centre_cropped(tmp_path):
+  """96x48 to 32x32: scaled to 64x32, then columns 16..47 kept (original columns 24..71)."""
+  frames = np.full((12, 48, 96, 3), 30, np.uint8)  # dark
+  frames[:, :, 24:36] = 120  # grey band: scaled columns 16..23, cropped 0..7
+  frames[:, :, 48:] = 220  # bright right half: cropped 16..31
+  path = encode(tmp_path / "halves.mp4", frames)
+  clip, _ = read_clip(str(path), lambda n: (0, 1), num_frames=2, height=32, width=32)
+  assert clip.shape == (2, 32, 32, 3) and clip.dtype == np.uint8
+  row = clip[1, 16, :, 0].astype(int)
+  assert np.abs(row[:6] - 120).max() < 10
+  assert np.abs(row[9:14] - 30).max() < 10
+  assert np.abs(row[18:] - 220).max() < 10
+
+
+def test_cover_size_keeps_the_aspect():
+  assert video_files.cover_size(640, 360, 176, 320) == (320, 180)
+  assert video_files.cover_size(360, 640, 176, 320) == (320, 569)
+  assert video_files.cover_size(64, 48, 16, 16) == (21, 16)
+
+
+# ------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_batches_shape_range_and_content(good_dir):
+  cfg = video_config(good_dir)
+  batch = next(iter(train_dataset(cfg, batch_size=3, seed=0)))
+  assert batch["video"].shape == (3, 4, 16, 16, 3) and batch["video"].dtype == np.float32
+  assert -1.0 <= batch["video"].min() and batch["video"].max() <= 1.0
+  np.testing.assert_array_equal(batch["skipped"], np.zeros(len(SKIP_REASONS)))
+  source = make_source(cfg, "train")
+  indices = [index for _, index in train_index_dataset(cfg, seed=0, batch_size=3)[:3]]
+  for clip, index in zip(batch["video"], indices):
+    video, frames = identify(clip)
+    assert int(Path(source.path(index)).stem[1:]) == video
+    assert np.diff(frames)[0] in (2, 3)
+
+
+def test_shards_are_disjoint_and_cover_the_videos(good_dir):
+  cfg = video_config(good_dir, num_eval_videos=2)  # 6 train videos
+  seen = []
+  for shard in range(2):
+    ds = train_index_dataset(cfg, seed=3, batch_size=3, shard_index=shard, shard_count=2)
+    seen.append({index for _, index in ds[:3]})
+  assert len(seen[0]) == len(seen[1]) == 3 and not seen[0] & seen[1] and seen[0] | seen[1] == set(range(6))
+
+
+def test_global_batches_do_not_depend_on_the_number_of_hosts(mixed_dir):
+  """With bad files in the mix: two hosts' slices, concatenated, equal the one-host batches, skips included."""
+  cfg = mixed_config(mixed_dir, frame_stride=3, frame_stride_max=10)
+  single = take(iter(train_dataset(cfg, batch_size=4, seed=7)), 4)
+  hosts = [take(iter(train_dataset(cfg, batch_size=2, seed=7, shard_index=k, shard_count=2)), 4) for k in range(2)]
+  for step in range(4):
+    np.testing.assert_array_equal(np.concatenate([h[step]["video"] for h in hosts]), single[step]["video"])
+    np.testing.assert_array_equal(hosts[0][step]["skipped"] + hosts[1][step]["skipped"], single[step]["skipped"])
+  assert sum(b["skipped"].sum() for b in single) > 0
+
+
+def test_order_is_deterministic_per_seed(good_dir):
+  cfg = video_config(good_dir)
+  a, b, c = (take(iter(train_dataset(cfg, batch_size=2, seed=s)), 3) for s in (1, 1, 2))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["video"], y["video"])
+  assert any(not np.array_equal(x["video"], z["video"]) for x, z in zip(a, c))
+
+
+def test_iterator_state_restores_exactly(mixed_dir):
+  cfg = mixed_config(mixed_dir, frame_stride=3, frame_stride_max=10)
+  iterator = iter(train_dataset(cfg, batch_size=2, seed=3))
+  take(iterator, 3)
+  state = iterator.get_state()
+  expected = take(iterator, 3)
+  fresh = iter(train_dataset(cfg, batch_size=2, seed=3))
+  fresh.set_state(state)
+  for x, y in zip(expected, take(fresh, 3)):
+    np.testing.assert_array_equal(x["video"], y["video"])
+    np.testing.assert_array_equal(x["skipped"], y["skipped"])
+
+
+def test_worker_processes_match_in_process(mixed_dir):
+  cfg = mixed_config(mixed_dir)
+  iterator = iter(train_dataset(mixed_config(mixed_dir, worker_count=1), batch_size=2, seed=4))
+  try:
+    with_workers = take(iterator, 3)
+  finally:
+    iterator.close()
+  for x, y in zip(with_workers, take(iter(train_dataset(cfg, batch_size=2, seed=4)), 3)):
+    np.testing.assert_array_equal(x["video"], y["video"])
+    np.testing.assert_array_equal(x["skipped"], y["skipped"])
+
+
+def test_source_pickles_without_its_memo(good_dir):
+  source = VideoFileSource(video_config(good_dir))
+  source.clip(0, np.random.default_rng(0))
+  copy = pickle.loads(pickle.dumps(source))
+  assert copy._memo == {} and len(copy) == len(source) and copy.path(2) == source.path(2)
+
+
+# ---------------------------------------------------------------------- bad files
+
+
+@pytest.mark.parametrize("name,kind", sorted(MIXED_KINDS.items()))
+def test_each_bad_file_is_rejected_with_its_reason(mixed_dir, name, kind):
+  cfg = mixed_config(mixed_dir)
+  source = VideoFileSource(cfg)
+  index = [os.path.basename(source.path(i)) for i in range(len(source))].index(name)
+  if kind == "good":
+    assert identify(source.clip(index, np.random.default_rng(0)))[0] == int(name[4])
+    return
+  with pytest.raises(BadVideo) as err:
+    source.clip(index, np.random.default_rng(0))
+  assert err.value.reason == kind and name in str(err.value)
+
+
+def test_half_of_an_mp4_with_its_index_at_the_end_is_unreadable(mixed_dir, tmp_path):
+  data = encode(tmp_path / "whole.mp4", flat_video(0)).read_bytes()
+  (tmp_path / "half.mp4").write_bytes(data[: len(data) // 2])
+  with pytest.raises(BadVideo, match="unreadable"):
+    read_clip(str(tmp_path / "half.mp4"), lambda n: (0, 1), num_frames=4, height=16, width=16)
+  with pytest.raises(BadVideo, match="unreadable.*no such file"):
+    read_clip(str(tmp_path / "missing.mp4"), lambda n: (0, 1), num_frames=4, height=16, width=16)
+
+
+def replay(source, kinds: dict[str, str], seed: int, position: int, index: int, tries: int) -> tuple[int, Counter]:
+  """The pipeline's candidate rule, replayed from the files' known kinds: (good index, skips by reason)."""
+  skipped: Counter = Counter()
+  for attempt in range(tries):
+    if attempt:
+      index = int(np.random.default_rng([seed, position, attempt]).integers(len(source)))
+    kind = kinds[os.path.basename(source.path(index))]
+    if kind == "good":
+      return index, skipped
+    skipped[kind] += 1
+  raise AssertionError("no good candidate")
+
+
+def test_pipeline_yields_only_good_videos_and_counts_skips_by_reason(mixed_dir):
+  cfg = mixed_config(mixed_dir)
+  source = make_source(cfg, "train")
+  assert len(source) == len(MIXED_KINDS)  # the eval folder is separate
+  batch_size, steps, seed = 4, 6, 11  # 24 samples: about two epochs of the 12 files
+  batches = take(iter(train_dataset(cfg, batch_size=batch_size, seed=seed)), steps)
+  elements = train_index_dataset(cfg, seed=seed, batch_size=batch_size)
+  expected: Counter = Counter()
+  for step, batch in enumerate(batches):
+    batch_skips: Counter = Counter()
+    for j, clip in enumerate(batch["video"]):
+      position, index = elements[step * batch_size + j]
+      good, skipped = replay(source, MIXED_KINDS, seed, position, index, int(cfg.max_skip_tries))
+      video, frames = identify(clip)
+      assert video == int(os.path.basename(source.path(good))[4])
+      np.testing.assert_array_equal(frames, [0, 10, 20, 30])
+      batch_skips += skipped
+    assert dict(zip(SKIP_REASONS, batch["skipped"].tolist())) == {r: batch_skips[r] for r in SKIP_REASONS}
+    expected += batch_skips
+  assert set(expected) == set(SKIP_REASONS)  # every kind of bad file was met and counted
+
+
+def test_only_bad_files_raise_a_clear_error(mixed_dir, tmp_path):
+  for name in ["zero.mp4", "random.mp4", "short.mp4", "small.mp4"]:
+    os.link(mixed_dir / "train" / name, tmp_path / name)
+  cfg = mixed_config(mixed_dir, path=str(tmp_path), max_skip_tries=5)
+  with pytest.raises(NoUsableVideo) as err:
+    next(iter(train_dataset(cfg, batch_size=2, seed=0)))
+  message = str(err.value)
+  assert str(tmp_path) in message and "all 5 videos tried" in message and "data.max_skip_tries" in message
+  assert any(f"{reason}=" in message for reason in ("unreadable", "too_short", "too_small"))
+
+
+def test_empty_directory_raises_a_clear_error(tmp_path):
+  (tmp_path / "sub").mkdir()
+  (tmp_path / "sub" / "readme.txt").write_text("no videos here")
+  cfg = video_config(tmp_path)
+  with pytest.raises(ValueError, match=rf"data.path='{tmp_path}' holds no video files with extensions.*mp4"):
+    validate_data_config(cfg)
+  with pytest.raises(ValueError, match=rf"no video files in directory {tmp_path}.*mp4"):
+    VideoFileSource(cfg)
+  with pytest.raises(ValueError, match="holds no video files"):
+    train_dataset(cfg, batch_size=2, seed=0)
+
+
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
+    (dict(path=""), "needs data.path .* or data.manifest"),
+    (dict(path="/no/such/dir"), "data.path='/no/such/dir' is not an existing directory"),
+    (dict(manifest="/no/such.txt"), "both set"),
+    (dict(path="", manifest="/no/such.txt"), "data.manifest='/no/such.txt' is not an existing file"),
+    (dict(eval_path="/no/eval"), "data.eval_path='/no/eval' is not an existing directory"),
+    (dict(extensions=()), "data.extensions=.* is empty"),
+    (dict(min_size=0), "data.min_size=0 must be >= 1"),
+    (dict(max_aspect=0.5), "data.max_aspect=0.5 must be >= 1"),
+    (dict(max_skip_tries=0), "data.max_skip_tries=0 must be >= 1"),
+    (dict(num_eval_videos=0), "data.num_eval_videos=0 must be >= 1 .* or give held-out videos with data.eval_path"),
+  ],
+)
+def test_config_validation_names_the_field(good_dir, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    validate_data_config(video_config(good_dir, **overrides))
+
+
+def test_path_to_a_file_suggests_the_manifest(good_dir):
+  with pytest.raises(ValueError, match="not an existing directory .for a file listing videos use data.manifest"):
+    validate_data_config(video_config(good_dir / "v3.webm"))
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def test_eval_holds_out_the_last_files_and_never_overlaps_train(good_dir):
+  cfg = video_config(good_dir, num_eval_videos=3)
+  train, held = make_source(cfg, "train"), make_source(cfg, "eval")
+  train_paths = {train.path(i) for i in range(len(train))}
+  eval_paths = [held.path(i) for i in range(len(held))]
+  assert len(train_paths) == 5 and not train_paths & set(eval_paths)
+  assert train_paths | set(eval_paths) == set(find_videos(str(good_dir)))
+  assert [os.path.basename(p) for p in eval_paths] == ["v5.m4v", "v6.mp4", "v7.mp4"]
+  videos = eval_videos(cfg, 2)
+  assert videos.shape == (2, 4, 16, 16, 3)
+  assert [identify(v) for v in videos][1][0] == 6
+  np.testing.assert_array_equal(identify(videos[0])[1], [0, 2, 4, 6])
+  with pytest.raises(ValueError, match="num_eval_videos"):
+    eval_videos(cfg, 4)
+  with pytest.raises(ValueError, match="would hold out all 8 videos"):
+    make_source(video_config(good_dir, num_eval_videos=8), "train")
+
+
+def test_eval_path_is_excluded_from_train_and_bad_eval_videos_are_skipped(mixed_dir, good_dir):
+  cfg = mixed_config(mixed_dir)
+  assert identify(eval_videos(cfg, 1)[0])[0] == 8
+  inside = video_config(mixed_dir / "train", eval_path=str(mixed_dir / "train"))  # eval set = the train folder
+  with pytest.raises(ValueError, match="nothing is left to train on"):
+    make_source(inside, "train")
+  first_good = mixed_config(mixed_dir, eval_path=str(mixed_dir / "train"), path=str(good_dir))
+  videos = eval_videos(first_good, 5)  # the held-out folder sorted: good0..good4 come first anyway
+  assert [identify(v)[0] for v in videos] == [0, 1, 2, 3, 4]
+  with pytest.raises(NoUsableVideo, match="only 5 of the 6 held-out videos"):
+    eval_videos(first_good, 6)
+
+
+# ----------------------------------------------------------------- the train job
+
+
+def test_train_job_reports_skipped_videos(mixed_dir, tmp_path, caplog):
+  """Two steps of the main job on the mixed folder: skip totals reach metrics.jsonl and summary.json."""
+  from tests.conftest import small_config
+  from vgpt_jax.train import train
+
+  data = mixed_config(mixed_dir, num_frames=5, frame_stride=8)  # 40 frames: window 0, 8, ..., 32
+  cfg = small_config(**{"train.steps": 2, "train.log_every": 1, "train.tensorboard": False})
+  for key in ("source", "path", "eval_path", "num_frames", "frame_stride", "frame_stride_max", "min_size"):
+    cfg.data[key] = data[key]
+  with caplog.at_level("INFO"):
+    summary = train(cfg, tmp_path)
+  assert "skipped" in caplog.text and "videos so far: unreadable=" in caplog.text
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert all(f"skipped_{reason}" in records[-1] for reason in SKIP_REASONS)
+  on_disk = json.loads((tmp_path / "summary.json").read_text())["skipped_videos"]
+  assert on_disk == summary["skipped_videos"] and set(on_disk) == set(SKIP_REASONS)
+  assert sum(on_disk.values()) == sum(records[-1][f"skipped_{r}"] for r in SKIP_REASONS) > 0

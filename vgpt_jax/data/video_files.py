@@ -1,0 +1,619 @@
+"""Videos from the user's own files (a directory tree or a manifest), decoded with PyAV.
+
+`VideoFileSource` implements the `VideoSource` protocol of `sources.py`: video
+`index` -> uint8 clip [data.num_frames, data.height, data.width, 3].
+
+Which files:
+  * `data.path`: a directory, searched recursively for `data.extensions`
+    (case-insensitive), sorted so every host sees the same numbering.
+  * `data.manifest`: a text file, one video per line, `path` or
+    `path<TAB>frame_count`; relative paths resolve against the manifest's
+    directory; blank lines and `#` comments are ignored. Listing millions of
+    files once into a manifest (see `write_manifest`) saves every process a
+    directory walk, and the counts save opening containers that store none
+    (mkv, webm).
+  * Held out for evaluation: the files of `data.eval_path` / `data.eval_manifest`
+    when set (and then removed from training if they also appear there), else
+    the last `data.num_eval_videos` files of the listing. The listing order is
+    the held-out rule, so a collection that grows changes which files are held
+    out: give a fixed eval set for comparisons across runs.
+
+How a clip is cut (SPEC section 6, made fixed-shape for a jitted step):
+  * stride k drawn from [data.frame_stride, min(data.frame_stride_max, T // F)],
+    T the video's frame count, F = data.num_frames; start drawn from
+    [0, T - F*k]. A video with T < F * data.frame_stride is `too_short`.
+  * Frame i is the frame whose timestamp is i / fps. Reading seeks to the
+    keyframe before the first needed frame and decodes forward only up to
+    the last needed one, so a 16-frame clip from an hour-long file costs a
+    few GOPs, not the whole file.
+  * Each frame is scaled (bicubic, swscale) so it covers data.height x
+    data.width keeping its aspect, then centre-cropped to exactly that size.
+    The reference instead kept each video's own size (longest side <= 320,
+    cropped to multiples of 16); one fixed shape avoids recompiling.
+
+Every PyAV error becomes `BadVideo` with one of `SKIP_REASONS`; the pipeline
+skips and counts it. Not handled: rotation metadata (phone videos play
+rotated), non-square sample aspect ratios, videos with several video streams
+(the first that is not cover art is used).
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from typing import Any, Callable, Iterator, Sequence
+
+import av
+import numpy as np
+from av.video.reformatter import Interpolation, VideoReformatter
+
+from vgpt_jax.data.sources import BadVideo
+
+VIDEO_EXTENSIONS: tuple[str, ...] = ("mp4", "mov", "mkv", "webm", "avi", "m4v")
+
+# PyAV/FFmpeg failures that mean "this file cannot give the clip"; anything else is a bug and escapes.
+_AV_ERRORS = (av.FFmpegError, OSError, EOFError, ValueError, RuntimeError, MemoryError, OverflowError)
+
+# Per-process memo of facts about a file that do not depend on the random draw (counted frame
+# counts, rng-independent rejections). A process meets a file about once per epoch over a large
+# collection, so this only pays off for small ones; the bound keeps it cheap.
+_MEMO_LIMIT = 100_000
+
+
+def _get(cfg: Any, name: str, default: Any) -> Any:
+  """Optional config field (ConfigDict, dict or plain object)."""
+  if hasattr(cfg, "get"):
+    return cfg.get(name, default)
+  return getattr(cfg, name, default)
+
+
+def _normalise_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
+  """('.MP4', 'mov') -> ('mp4', 'mov'): lower case, no dot."""
+  return tuple(sorted({e.lower().lstrip(".") for e in extensions if e.strip(". ")}))
+
+
+def _has_extension(name: str, extensions: tuple[str, ...]) -> bool:
+  ext = os.path.splitext(name)[1][1:].lower()
+  return bool(ext) and ext in extensions
+
+
+def _walk(directory: str, extensions: tuple[str, ...]) -> Iterator[str]:
+  """Video paths under `directory` (recursive, symlinked directories not followed), in walk order."""
+  for root, dirs, files in os.walk(directory):
+    dirs.sort()
+    for name in sorted(files):
+      if _has_extension(name, extensions):
+        yield os.path.join(root, name)
+
+
+def find_videos(directory: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[str]:
+  """Sorted paths of the video files under `directory`, recursively, matching `extensions` case-insensitively."""
+  return sorted(_walk(directory, _normalise_extensions(extensions)))
+
+
+def has_videos(directory: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> bool:
+  """Whether `directory` holds at least one video file; stops at the first, so it is cheap when true."""
+  return next(_walk(directory, _normalise_extensions(extensions)), None) is not None
+
+
+def read_manifest(manifest: str) -> tuple[list[str], list[int]]:
+  """(paths, frame counts) from a manifest; count 0 = unknown. Raises ValueError naming a bad line."""
+  base = os.path.dirname(os.path.abspath(manifest))
+  paths, counts = [], []
+  with open(manifest, encoding="utf-8", errors="surrogateescape") as f:
+    for number, line in enumerate(f, 1):
+      line = line.rstrip("\r\n")
+      if not line.strip() or line.lstrip().startswith("#"):
+        continue
+      path, _, count = line.partition("\t")
+      path, count = path.strip(), count.strip()
+      if not path:
+        raise ValueError(f"{manifest} line {number}: empty path before the tab")
+      frames = 0
+      if count:
+        try:
+          frames = int(count)
+        except ValueError:
+          raise ValueError(
+            f"{manifest} line {number}: frame count {count!r} is not an integer (format: path<TAB>frame_count)"
+          ) from None
+        if frames < 0:
+          raise ValueError(f"{manifest} line {number}: frame count {frames} is negative (0 means unknown)")
+      if "://" not in path and not os.path.isabs(path):
+        path = os.path.join(base, path)
+      paths.append(path)
+      counts.append(frames)
+  return paths, counts
+
+
+def manifest_has_entries(manifest: str) -> bool:
+  """Whether the manifest lists at least one path; reads only up to the first."""
+  with open(manifest, encoding="utf-8", errors="surrogateescape") as f:
+    return any(line.strip() and not line.lstrip().startswith("#") for line in f)
+
+
+class PathList:
+  """Compact, picklable list of paths with frame counts (0 = unknown).
+
+  Millions of Python strings cost ~100 bytes each in every Grain worker and
+  pickle slowly; one bytes blob plus an offset array costs the path's bytes.
+  """
+
+  def __init__(self, paths: Sequence[str], frames: Sequence[int] | None = None):
+    encoded = [os.fsencode(p) for p in paths]
+    self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(p) for p in encoded], out=self._offsets[1:])
+    self._blob = b"".join(encoded)
+    self.frames = np.zeros(len(encoded), np.int64) if frames is None else np.asarray(frames, np.int64)
+    if self.frames.shape != (len(encoded),):
+      raise ValueError(f"{len(encoded)} paths but {self.frames.shape} frame counts")
+
+  def __len__(self) -> int:
+    return len(self._offsets) - 1
+
+  def __getitem__(self, index: int) -> str:
+    return os.fsdecode(self._blob[self._offsets[index] : self._offsets[index + 1]])
+
+  def __iter__(self) -> Iterator[str]:
+    return (self[i] for i in range(len(self)))
+
+  def take(self, indices: Sequence[int]) -> "PathList":
+    return PathList([self[i] for i in indices], self.frames[np.asarray(indices, dtype=np.int64)])
+
+
+def write_manifest(directory: str, out: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> int:
+  """Writes `path<TAB>frame_count` for every video under `directory` (paths relative to `out`); returns the count.
+
+  Unreadable files get count 0 and stay in the list (the pipeline skips and
+  counts them), so the manifest is a faithful listing.
+  """
+  base = os.path.dirname(os.path.abspath(out))
+  paths = find_videos(directory, extensions)
+  with open(out, "w", encoding="utf-8", errors="surrogateescape") as f:
+    f.write("# path<TAB>frame_count (0: unknown)\n")
+    for path in paths:
+      try:
+        frames = probe(path).frames
+      except BadVideo:
+        frames = 0
+      f.write(f"{os.path.relpath(os.path.abspath(path), base)}\t{frames}\n")
+  return len(paths)
+
+
+# ------------------------------------------------------------------------ decoding
+
+
+class VideoInfo:
+  """What the container says about the first video stream."""
+
+  def __init__(self, width: int, height: int, frames: int, fps: Fraction):
+    self.width, self.height, self.frames, self.fps = width, height, frames, fps
+
+  def __repr__(self) -> str:
+    return f"VideoInfo(width={self.width}, height={self.height}, frames={self.frames}, fps={self.fps})"
+
+
+def _open(path: str) -> av.container.InputContainer:
+  if not os.path.exists(path) and "://" not in path:
+    raise BadVideo("unreadable", f"{path}: no such file")
+  if "://" not in path and os.path.getsize(path) == 0:
+    raise BadVideo("unreadable", f"{path}: empty file")
+  try:
+    return av.open(path, mode="r", metadata_errors="ignore")
+  except _AV_ERRORS as e:
+    raise BadVideo("unreadable", f"{path}: {e}") from None
+
+
+_STILLS = (
+  av.stream.Disposition.attached_pic | av.stream.Disposition.still_image | av.stream.Disposition.timed_thumbnails
+)
+
+
+def _video_stream(container: av.container.InputContainer, path: str) -> av.video.stream.VideoStream:
+  """The first moving-picture stream (cover art and thumbnails, common in mp4/m4v/mkv, are skipped)."""
+  for stream in container.streams.video:
+    if not stream.disposition & _STILLS:
+      return stream
+  raise BadVideo("unreadable", f"{path}: no video stream")
+
+
+def _fps(stream: av.video.stream.VideoStream, path: str) -> Fraction:
+  for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+    if rate:
+      return Fraction(rate)
+  raise BadVideo("unreadable", f"{path}: no frame rate")
+
+
+def _count_packets(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
+  """Frames of a stream whose container stores no count (mkv, webm): demux without decoding."""
+  return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def probe(path: str, frames_hint: int = 0) -> VideoInfo:
+  """Size, frame count and rate of the file's first video stream; counts packets if the header has no count."""
+  container = _open(path)
+  try:
+    stream = _video_stream(container, path)
+    ctx = stream.codec_context
+    info = VideoInfo(int(ctx.width), int(ctx.height), int(frames_hint or stream.frames), _fps(stream, path))
+    if info.frames <= 0:
+      info.frames = _count_packets(container, stream)
+    return info
+  except _AV_ERRORS as e:
+    raise BadVideo("unreadable", f"{path}: {e}") from None
+  finally:
+    container.close()
+
+
+def check_shape(info: VideoInfo, path: str, min_size: int, max_aspect: float) -> None:
+  """Rejects frames too small or too elongated to crop a useful view from (SPEC section 6)."""
+  short, long = sorted((info.width, info.height))
+  if short <= 0:
+    raise BadVideo("unreadable", f"{path}: frame size {info.width}x{info.height}")
+  if short < min_size:
+    raise BadVideo("too_small", f"{path}: {info.width}x{info.height}, shorter side under data.min_size={min_size}")
+  if long / short > max_aspect:
+    raise BadVideo(
+      "bad_aspect", f"{path}: {info.width}x{info.height}, aspect {long / short:.2f} over data.max_aspect={max_aspect}"
+    )
+
+
+def cover_size(width: int, height: int, out_height: int, out_width: int) -> tuple[int, int]:
+  """(width, height) of the frame scaled, aspect kept, to the smallest size covering out_height x out_width."""
+  scale = max(out_width / width, out_height / height)
+  return max(out_width, round(width * scale)), max(out_height, round(height * scale))
+
+
+class _FrameWriter:
+  """Decoded frames -> rows of the uint8 [F, H, W, 3] output: bicubic cover-scale, centre crop."""
+
+  def __init__(self, out: np.ndarray, width: int, height: int):
+    self.out = out
+    out_height, out_width = out.shape[1:3]
+    self.size = cover_size(width, height, out_height, out_width)
+    self.top = (self.size[1] - out_height) // 2
+    self.left = (self.size[0] - out_width) // 2
+    self.reformatter = VideoReformatter()  # one swscale context for the whole clip
+
+  def write(self, row: int, frame: av.VideoFrame) -> None:
+    rgb = self.reformatter.reformat(
+      frame, width=self.size[0], height=self.size[1], format="rgb24", interpolation=Interpolation.BICUBIC, threads=1
+    ).to_ndarray()
+    h, w = self.out.shape[1:3]
+    self.out[row] = rgb[self.top : self.top + h, self.left : self.left + w]
+
+
+def _decode_targets(
+  container: av.container.InputContainer,
+  stream: av.video.stream.VideoStream,
+  fps: Fraction,
+  targets: np.ndarray,
+  writer: _FrameWriter,
+  seek: bool,
+) -> tuple[int, int, BaseException | None]:
+  """Fills writer rows for frame indices `targets` (sorted); returns (rows filled, frames decoded, error).
+
+  Frame index = round((pts - start) * time_base * fps). Row j gets the first
+  decoded frame whose index is >= targets[j]. With `seek`, decoding starts at
+  the keyframe at or before targets[0]; a seek that lands after it returns
+  (0, -1, None) so the caller decodes from the start instead.
+  """
+  start = stream.start_time or 0
+  time_base = Fraction(stream.time_base) if stream.time_base else Fraction(1, 1)
+  if seek:
+    container.seek(start + int(Fraction(int(targets[0])) / fps / time_base), stream=stream, backward=True)
+  frames_per_tick = float(time_base * fps)  # float: exact enough for indices, cheaper than Fraction per frame
+  filled, decoded, index, last = 0, 0, -1, None
+  try:
+    for frame in container.decode(stream):
+      index = index + 1 if frame.pts is None else round((frame.pts - start) * frames_per_tick)
+      if seek and decoded == 0 and index > targets[0]:
+        return 0, -1, None
+      decoded, last = decoded + 1, frame
+      if index < targets[filled]:
+        continue
+      first = filled
+      while filled < len(targets) and targets[filled] <= index:
+        filled += 1
+      writer.write(first, frame)
+      writer.out[first + 1 : filled] = writer.out[first]  # a gap in the timestamps: repeat the frame
+      if filled == len(targets):
+        return filled, decoded, None
+  except _AV_ERRORS as e:
+    return filled, decoded, e
+  # Clean end one frame short of the last target (timestamp rounding): the last frame stands in for it.
+  if last is not None and filled == len(targets) - 1 and targets[filled] - index <= 1:
+    writer.write(filled, last)
+    filled += 1
+  return filled, decoded, None
+
+
+def _open_video(path: str, threads: int) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+  """Opened container and its first video stream with the decoder's threading set (before it opens)."""
+  container = _open(path)
+  try:
+    stream = _video_stream(container, path)
+    stream.codec_context.thread_count = threads
+    stream.codec_context.thread_type = "NONE" if threads == 1 else "AUTO"
+  except BaseException:
+    container.close()
+    raise
+  return container, stream
+
+
+def read_clip(
+  path: str,
+  choose: Callable[[int], tuple[int, int]],
+  *,
+  num_frames: int,
+  height: int,
+  width: int,
+  min_size: int = 1,
+  max_aspect: float = float("inf"),
+  frames_hint: int = 0,
+  threads: int = 1,
+  seek: bool = True,
+) -> tuple[np.ndarray, int]:
+  """uint8 [num_frames, height, width, 3] frames start, start+k, ... of `path`, and the video's frame count.
+
+  `choose(frame_count) -> (start, k)` picks the window once the count is known
+  (and raises BadVideo("too_short") if none fits). `frames_hint` > 0 replaces
+  the container's count (a manifest's); `threads` is FFmpeg's decoder thread
+  count (0: FFmpeg decides, 1: none); `seek=False` always decodes from the
+  first frame (for tests and benchmarks). Raises BadVideo; no PyAV exception
+  escapes.
+  """
+  container, stream = _open_video(path, threads)
+  try:
+    ctx = stream.codec_context
+    info = VideoInfo(int(ctx.width), int(ctx.height), int(frames_hint or stream.frames), _fps(stream, path))
+    check_shape(info, path, min_size, max_aspect)
+    if info.frames <= 0:
+      info.frames = probe(path).frames  # a separate pass, so this container stays at the start
+    try:
+      start, stride = choose(info.frames)
+    except BadVideo as e:
+      raise BadVideo(e.reason, f"{path}: {e.detail}") from None
+    targets = start + stride * np.arange(num_frames)
+    if start < 0 or stride < 1 or targets[-1] >= info.frames:
+      raise IndexError(f"choose() gave start={start}, stride={stride}: outside the {info.frames} frames of {path}")
+    writer = _FrameWriter(np.empty((num_frames, height, width, 3), dtype=np.uint8), info.width, info.height)
+    filled, decoded, error = 0, -1, None
+    if seek and start > 0:
+      try:
+        filled, decoded, error = _decode_targets(container, stream, info.fps, targets, writer, seek=True)
+      except _AV_ERRORS:
+        decoded = -1  # the seek itself failed
+      if decoded <= 0:  # nothing came after the seek: read from the start instead
+        container.close()
+        container, stream = _open_video(path, threads)
+    if decoded <= 0:
+      filled, decoded, error = _decode_targets(container, stream, info.fps, targets, writer, seek=False)
+    if filled < num_frames:
+      why = f"decoder error: {error}" if error is not None else "end of stream"
+      if decoded <= 0:
+        raise BadVideo("unreadable", f"{path}: no frame could be decoded ({why})")
+      raise BadVideo(
+        "truncated",
+        f"{path}: {why} after {decoded} frames; needed frame {int(targets[filled])} of the {info.frames} claimed",
+      )
+    return writer.out, info.frames
+  except _AV_ERRORS as e:
+    raise BadVideo("unreadable", f"{path}: {e}") from None
+  finally:
+    container.close()
+
+
+def choose_window(frames: int, num_frames: int, strides: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
+  """(start, stride): stride uniform over the strides in range that fit, then start uniform; rejects too-short."""
+  low, high = strides
+  high = min(high, frames // num_frames)
+  if high < low:
+    raise BadVideo("too_short", f"{frames} frames < data.num_frames * data.frame_stride = {num_frames * low}")
+  stride = int(rng.integers(low, high + 1))
+  start = int(rng.integers(0, frames - num_frames * stride + 1))
+  return start, stride
+
+
+# -------------------------------------------------------------------------- source
+
+
+def _listing(directory: str, manifest: str, extensions: tuple[str, ...]) -> tuple[PathList, str]:
+  """The files of a directory or manifest, and a description naming where they came from."""
+  if manifest:
+    paths, frames = read_manifest(manifest)
+    return PathList(paths, frames), f"manifest {manifest}"
+  return PathList(
+    find_videos(directory, extensions)
+  ), f"directory {directory} (recursive, *.{{{','.join(extensions)}}})"
+
+
+def split_files(data_cfg: Any, split: str) -> tuple[PathList, str]:
+  """The files of `split` ("train" or "eval") and a description of them, per the module docstring's rule."""
+  if split not in ("train", "eval"):
+    raise ValueError(f"Unknown split {split!r}; valid splits are ['train', 'eval'].")
+  extensions = _normalise_extensions(_get(data_cfg, "extensions", VIDEO_EXTENSIONS))
+  files, where = _listing(_get(data_cfg, "path", ""), _get(data_cfg, "manifest", ""), extensions)
+  if not len(files):
+    raise ValueError(
+      f"no video files in {where}; data.source='video_files' needs files with one of the extensions "
+      f"{list(extensions)} (data.extensions) under data.path, or their paths in data.manifest"
+    )
+  eval_path, eval_manifest = _get(data_cfg, "eval_path", ""), _get(data_cfg, "eval_manifest", "")
+  if eval_path or eval_manifest:
+    held_out, eval_where = _listing(eval_path, eval_manifest, extensions)
+    if split == "eval":
+      if not len(held_out):
+        raise ValueError(f"no video files in {eval_where} (data.eval_path / data.eval_manifest)")
+      return held_out, f"{eval_where} (eval split)"
+    held = {os.path.abspath(p) for p in held_out}
+    keep = [i for i, p in enumerate(files) if os.path.abspath(p) not in held]
+    if not keep:
+      raise ValueError(f"every file of {where} is also in the eval set {eval_where}; nothing is left to train on")
+    return (files if len(keep) == len(files) else files.take(keep)), f"{where} (train split, {eval_where} excluded)"
+  num_eval = int(_get(data_cfg, "num_eval_videos", 0))
+  if num_eval >= len(files):
+    raise ValueError(
+      f"data.num_eval_videos={num_eval} would hold out all {len(files)} videos of {where} for evaluation; "
+      "lower data.num_eval_videos or give a separate set with data.eval_path / data.eval_manifest"
+    )
+  cut = len(files) - num_eval
+  if split == "eval":
+    return files.take(range(cut, len(files))), f"{where} (eval split: the last {num_eval} of {len(files)} files)"
+  return files.take(range(cut)), f"{where} (train split: the first {cut} of {len(files)} files)"
+
+
+class VideoFileSource:
+  """`VideoSource` over video files: index -> uint8 clip [F, H, W, 3] decoded with PyAV.
+
+  Picklable (paths are one bytes blob), so it ships to Grain worker
+  processes; each process keeps its own small memo of frame counts and
+  rejections.
+  """
+
+  def __init__(self, data_cfg: Any, split: str = "train"):
+    self.files, self._where = split_files(data_cfg, split)
+    self.split = split
+    self.num_frames = int(data_cfg.num_frames)
+    self.height, self.width = int(data_cfg.height), int(data_cfg.width)
+    low = int(_get(data_cfg, "frame_stride", 1))
+    self.strides = (low, max(low, int(_get(data_cfg, "frame_stride_max", 0))))
+    self.min_size = int(_get(data_cfg, "min_size", 128))
+    self.max_aspect = float(_get(data_cfg, "max_aspect", 4.0))
+    self.threads = int(_get(data_cfg, "decode_threads", 1))
+    self._memo: dict[int, int | BadVideo] = {}
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getstate__(self) -> dict:
+    return {**self.__dict__, "_memo": {}}
+
+  def describe(self) -> str:
+    return self._where
+
+  def path(self, index: int) -> str:
+    return self.files[index]
+
+  def clip(self, index: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [F, H, W, 3]: stride and start drawn from `rng` (module docstring); raises BadVideo."""
+    return self._read(index, lambda frames: choose_window(frames, self.num_frames, self.strides, rng))
+
+  def first_clip(self, index: int) -> np.ndarray:
+    """uint8 [F, H, W, 3]: frames 0, s, 2s, ... with s = data.frame_stride; the same clip every time (eval)."""
+
+    def choose(frames: int) -> tuple[int, int]:
+      if frames < self.num_frames * self.strides[0]:
+        raise BadVideo("too_short", f"{frames} frames < {self.num_frames} * data.frame_stride={self.strides[0]}")
+      return 0, self.strides[0]
+
+    return self._read(index, choose)
+
+  def _read(self, index: int, choose: Callable[[int], tuple[int, int]]) -> np.ndarray:
+    index = int(index)
+    if not 0 <= index < len(self.files):
+      raise IndexError(f"Video index {index} out of range [0, {len(self.files)}).")
+    known = self._memo.get(index)
+    if isinstance(known, BadVideo):
+      raise BadVideo(known.reason, known.detail)
+    hint = int(self.files.frames[index]) or (known or 0)
+    try:
+      clip, frames = read_clip(
+        self.files[index],
+        choose,
+        num_frames=self.num_frames,
+        height=self.height,
+        width=self.width,
+        min_size=self.min_size,
+        max_aspect=self.max_aspect,
+        frames_hint=hint,
+        threads=self.threads,
+      )
+    except BadVideo as e:
+      if e.reason != "truncated":  # the others do not depend on the drawn window
+        self._remember(index, e)
+      raise
+    if not hint:
+      self._remember(index, frames)
+    return clip
+
+  def _remember(self, index: int, fact: int | BadVideo) -> None:
+    if len(self._memo) >= _MEMO_LIMIT:
+      self._memo.clear()
+    self._memo[index] = fact
+
+  def __repr__(self) -> str:
+    return f"VideoFileSource({len(self)} videos from {self._where})"
+
+
+def _check_location(problems: list[str], prefix: str, directory: str, manifest: str, extensions: tuple[str, ...]):
+  """Appends what is wrong with data.{prefix}path / data.{prefix}manifest (both empty is the caller's business)."""
+  pfield, mfield = f"data.{prefix}path", f"data.{prefix}manifest"
+  if directory and manifest:
+    problems.append(f"{pfield}={directory!r} and {mfield}={manifest!r} are both set; set one of them")
+  elif directory:
+    if not os.path.isdir(directory):
+      hint = f" (for a file listing videos use {mfield})" if os.path.isfile(directory) else ""
+      problems.append(f"{pfield}={directory!r} is not an existing directory{hint}")
+    elif extensions and not has_videos(directory, extensions):
+      problems.append(
+        f"{pfield}={directory!r} holds no video files with extensions {list(extensions)} "
+        "(searched recursively; data.extensions sets others)"
+      )
+  elif manifest:
+    if not os.path.isfile(manifest):
+      problems.append(f"{mfield}={manifest!r} is not an existing file (it lists one video path per line)")
+    elif not manifest_has_entries(manifest):
+      problems.append(f"{mfield}={manifest!r} lists no video paths")
+
+
+def validate_config(data_cfg: Any) -> list[str]:
+  """Problems with the video-file fields of a data config (empty when sound); each names its field and fix.
+
+  Cheap: checks that paths exist and that a directory holds at least one
+  video (the walk stops at the first), without listing everything.
+  """
+  problems: list[str] = []
+  extensions = _normalise_extensions(_get(data_cfg, "extensions", VIDEO_EXTENSIONS))
+  if not extensions:
+    problems.append(f"data.extensions={_get(data_cfg, 'extensions', ())!r} is empty; give e.g. ('mp4', 'mov')")
+  path, manifest = str(_get(data_cfg, "path", "")), str(_get(data_cfg, "manifest", ""))
+  if not path and not manifest:
+    problems.append(
+      "data.source='video_files' needs data.path (a directory of videos) or data.manifest "
+      "(a text file with one video path per line)"
+    )
+  _check_location(problems, "", path, manifest, extensions)
+  eval_path, eval_manifest = str(_get(data_cfg, "eval_path", "")), str(_get(data_cfg, "eval_manifest", ""))
+  _check_location(problems, "eval_", eval_path, eval_manifest, extensions)
+  if not eval_path and not eval_manifest and int(_get(data_cfg, "num_eval_videos", 0)) < 1:
+    problems.append(
+      f"data.num_eval_videos={_get(data_cfg, 'num_eval_videos', 0)} must be >= 1 (the last files are held out for "
+      "the end-of-run samples), or give held-out videos with data.eval_path / data.eval_manifest"
+    )
+  min_size, max_aspect = _get(data_cfg, "min_size", 128), _get(data_cfg, "max_aspect", 4.0)
+  if int(min_size) < 1:
+    problems.append(f"data.min_size={min_size} must be >= 1 (pixels of the shorter side)")
+  if float(max_aspect) < 1.0:
+    problems.append(f"data.max_aspect={max_aspect} must be >= 1 (long side / short side)")
+  threads = _get(data_cfg, "decode_threads", 1)
+  if int(threads) < 0:
+    problems.append(f"data.decode_threads={threads} must be >= 0 (0: FFmpeg decides, 1: no threads)")
+  return problems
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+  """python -m vgpt_jax.data.video_files DIRECTORY MANIFEST: list a collection once, with frame counts."""
+  import argparse
+
+  parser = argparse.ArgumentParser(description=_main.__doc__)
+  parser.add_argument("directory")
+  parser.add_argument("manifest")
+  parser.add_argument("--extensions", default=",".join(VIDEO_EXTENSIONS))
+  args = parser.parse_args(argv)
+  count = write_manifest(args.directory, args.manifest, args.extensions.split(","))
+  print(f"wrote {count} videos to {args.manifest}")
+
+
+if __name__ == "__main__":
+  _main()
