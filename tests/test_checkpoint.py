@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import cpu_env, logged_losses, run_python, small_config, train_command
 from vgpt_jax import checkpoint, parallel, trainer
 from vgpt_jax.data.pipeline import train_dataset
+from vgpt_jax.data.sources import SKIP_REASONS
 from vgpt_jax.export import export, load_exported
 from vgpt_jax.layout import fixed_split
 
@@ -254,10 +255,10 @@ def test_grad_accumulation_ema_and_nonfinite_skip():
   state = trainer.create_state(setup, mesh)
   before = jax.device_get(state.params)
   state, metrics = step(state, video.at[0, 0, 0, 0, 0].set(jnp.nan))
-  assert int(metrics["skipped"]) == 1 and int(state.step) == 1
+  assert int(metrics["skipped_steps"]) == 1 and int(state.step) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
   state, metrics = step(state, video)
-  assert int(metrics["skipped"]) == 1 and np.isfinite(float(metrics["loss"]))
+  assert int(metrics["skipped_steps"]) == 1 and np.isfinite(float(metrics["loss"]))
 
 
 def test_train_stops_after_too_many_nonfinite_steps(tmp_path, monkeypatch):
@@ -265,7 +266,8 @@ def test_train_stops_after_too_many_nonfinite_steps(tmp_path, monkeypatch):
 
   def nan_batches(config, seed):
     while True:
-      yield {"video": np.full((config.train.batch_size, 5, 16, 16, 3), np.nan, np.float32)}
+      video = np.full((config.train.batch_size, 5, 16, 16, 3), np.nan, np.float32)
+      yield {"video": video, "skipped": np.zeros(len(SKIP_REASONS), np.int32)}
 
   monkeypatch.setattr(train_module, "_data_iterator", nan_batches)
   cfg = small_config(**{"train.steps": 50, "train.max_skipped_steps": 3})

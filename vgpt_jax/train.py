@@ -230,9 +230,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "time": time.time() - start}
     record.update({f"skipped_{reason}": n for reason, n in skipped_videos.items()})
     history.append(record)
-    if record["skipped"] > config.train.max_skipped_steps:
+    if record["skipped_steps"] > config.train.max_skipped_steps:
       raise FloatingPointError(
-        f"{int(record['skipped'])} steps had a non-finite loss or gradient (last at step {step}), more than "
+        f"{int(record['skipped_steps'])} steps had a non-finite loss or gradient (last at step {step}), more than "
         f"train.max_skipped_steps={config.train.max_skipped_steps}; lower optim.lr or check the data"
       )
     if step % config.train.log_every == 0 or step == config.train.steps:
@@ -248,8 +248,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     if profile and step == profile_first:
       jax.profiler.start_trace(str(workdir / "profile"))
     batch = next(batches)
-    if "skipped" in batch:  # a batch from elsewhere (a test's iterator) may carry no skip counts
-      skips.add(batch["skipped"])
+    skips.add(batch["skipped"])
     video = jax.make_array_from_process_local_data(sharding, batch["video"])
     state, metrics = step_fn(state, video)
     if pending is not None:
@@ -290,7 +289,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
       steps_per_second=(len(history) - 1) / max(wall - first_step_seconds, 1e-9),
       loss_first=float(np.mean(losses[:head])),
       loss_last=float(np.mean(losses[-head:])),
-      skipped_steps=int(history[-1]["skipped"]),
+      skipped_steps=int(history[-1]["skipped_steps"]),
       parameters=int(n_params),
       compiled_memory_gib=memory,
     )

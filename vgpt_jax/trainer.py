@@ -217,7 +217,7 @@ def train_step(setup: Setup, state: TrainState, video: jax.Array) -> tuple[Train
     "loss": loss,
     "grad_norm": grad_norm,
     "lr": make_schedule(setup.config.optim)(state.step),
-    "skipped": new_state.skipped,
+    "skipped_steps": new_state.skipped,
   }
   return new_state, metrics
 
