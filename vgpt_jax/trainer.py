@@ -229,8 +229,8 @@ def compile_train_step(setup: Setup, mesh: Mesh) -> jax.stages.Compiled:
   first step (`.memory_analysis()`). Call it as `state, metrics = step(state, video)`.
   """
   cfg = setup.config
-  shardings = state_shardings(setup, mesh)
   abstract = sharded_abstract_state(setup, mesh)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
   video = jax.ShapeDtypeStruct(
     (cfg.train.batch_size, cfg.data.num_frames, cfg.data.height, cfg.data.width, 3),
     jnp.float32,
