@@ -98,22 +98,31 @@ def _boxed_state(setup: Setup, seed: int) -> TrainState:
   )
 
 
+def _boxed_abstract_state(setup: Setup) -> TrainState:
+  """Shapes of the state with their logical axis names (one trace of init, nothing allocated)."""
+  return jax.eval_shape(functools.partial(_boxed_state, setup, setup.config.seed))
+
+
+def _shardings_of(boxed: TrainState, mesh: Mesh) -> TrainState:
+  with nn.logical_axis_rules(parallel.LOGICAL_RULES):
+    return parallel.logical_shardings(boxed, mesh)
+
+
 def abstract_state(setup: Setup) -> TrainState:
   """Shapes and dtypes of the (unboxed) train state; nothing is allocated."""
-  return nn.unbox(jax.eval_shape(functools.partial(_boxed_state, setup, setup.config.seed)))
+  return nn.unbox(_boxed_abstract_state(setup))
 
 
 def state_shardings(setup: Setup, mesh: Mesh) -> TrainState:
   """NamedShardings of the train state, from shapes only (nothing materialised)."""
-  abstract = jax.eval_shape(functools.partial(_boxed_state, setup, setup.config.seed))
-  with nn.logical_axis_rules(parallel.LOGICAL_RULES):
-    return parallel.logical_shardings(abstract, mesh)
+  return _shardings_of(_boxed_abstract_state(setup), mesh)
 
 
 def sharded_abstract_state(setup: Setup, mesh: Mesh) -> TrainState:
   """The state's shapes with the shardings wanted on `mesh`: the target for compiling and restoring."""
+  boxed = _boxed_abstract_state(setup)
   return jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state(setup), state_shardings(setup, mesh)
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), _shardings_of(boxed, mesh)
   )
 
 
