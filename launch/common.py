@@ -118,7 +118,9 @@ def render(commands: Sequence[Sequence[str]]) -> list[str]:
 def add_job_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
   """The options every launcher shares: what to train, where, overrides, extra env, dry run."""
   parser.add_argument("--config", required=required, help="config file[:arg], as train.py takes it")
-  parser.add_argument("--workdir", required=required, help="run directory: a filesystem path (a gcsfuse mount for buckets)")
+  parser.add_argument(
+    "--workdir", required=required, help="run directory: a filesystem path (a gcsfuse mount for buckets)"
+  )
   parser.add_argument(
     "--override",
     action="append",

@@ -189,3 +189,35 @@ def test_make_tokenizer_vae(reference):
     tok.make_tokenizer(cfg)
   with pytest.raises(ValueError, match="vae_path"):
     tok.make_tokenizer(ml_collections.ConfigDict(dict(kind="vae", vae_path="")))
+
+
+def test_vae_latents_are_encoded_once_and_must_match_the_tokenizer(reference, tmp_path):
+  """encode.py stores the VAE's latents of whole videos; training on them refuses another VAE's scaling."""
+  import json
+
+  from tests.conftest import small_config
+  from vgpt_jax import encode, trainer
+  from vgpt_jax.data import pipeline
+  from vgpt_jax.data.latents import LatentSource
+
+  sizes = {"data.height": 32, "data.width": 32, "data.num_train_videos": 3, "data.num_eval_videos": 1}
+  vae = {"tokenizer.kind": "vae", "tokenizer.vae_path": str(reference[0]), "tokenizer.downsample": 8}
+  cfg = small_config(**sizes, **vae, **{"model.patch_size": 1})
+  out = tmp_path / "latents"
+  encode.encode(cfg, out, splits=["train", "eval"], max_frames=6, dtype="float32", batch_frames=4)
+  tokenizer = tok.make_tokenizer(cfg.tokenizer)
+  source = pipeline.make_source(cfg.data, "train")
+  lat_cfg = small_config(**sizes, **vae, **{"model.patch_size": 1, "data.source": "latents"})
+  lat_cfg.data.latents_path = str(out)
+  stored = LatentSource(lat_cfg.data, "train")
+  for i in range(3):
+    want = tokenizer.encode(jnp.asarray(pipeline.to_float(source.frames(i, 0, 6))))
+    np.testing.assert_allclose(stored.record(i)["latents"], want, rtol=1e-5, atol=1e-5)
+  assert trainer.make_setup(lat_cfg).inputs == "latents"
+  other = tmp_path / "other_vae"
+  shutil.copytree(reference[0], other)
+  config = json.loads((other / "config.json").read_text())
+  (other / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
+  lat_cfg.tokenizer.vae_path = str(other)
+  with pytest.raises(ValueError, match="scaling_factor: encoded with 0.13025, configured 0.5"):
+    trainer.make_setup(lat_cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from vgpt_jax import diffusion
+from vgpt_jax.data import latents
 from vgpt_jax.data.pipeline import validate_data_config
 from vgpt_jax.layout import SPLITS
 from vgpt_jax.model.tokenizer import TOKENIZERS
@@ -55,6 +56,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     problems.append(str(e))
   _choice(problems, "tokenizer.kind", tok.kind, TOKENIZERS)
+  if d.get("source") == "latents":
+    problems.extend(latents.tokenizer_problems(d, tok))
   cell = tok.downsample * m.patch_size
   for name in ("height", "width"):
     if cell > 0 and d[name] % cell:

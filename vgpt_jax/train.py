@@ -74,20 +74,25 @@ def predict_held_out(setup: trainer.Setup, params, mesh, seed: int) -> tuple[np.
   """(truth, prediction) float32 [B, N, H, W, 3]: held-out clips continued from their first frames.
 
   Every process runs it (the parameters may be sharded across hosts); the
-  result is replicated so any host can read it.
+  result is replicated so any host can read it. With pre-encoded latents the
+  truth shown is their decoding.
   """
   cfg = setup.config
   m = cfg.train.sample_context_frames
-  truth = eval_videos(cfg.data, cfg.train.num_samples)
+  held_out = eval_videos(cfg.data, cfg.train.num_samples)  # frames, or latents
 
-  def generate(p, video, key):
-    context = setup.tokenizer.encode(video)[:, :m]
-    predicted = setup.tokenizer.decode(predict_clip(setup, p, context, key, cfg.train.sample_steps))
-    return jnp.concatenate([video[:, :m], jnp.clip(predicted, -1, 1)], axis=1)
+  def generate(p, inputs, key):
+    if setup.inputs == "latents":
+      latents, video = inputs, jnp.clip(setup.tokenizer.decode(inputs), -1, 1)
+    else:
+      latents, video = setup.tokenizer.encode(inputs), inputs
+    predicted = setup.tokenizer.decode(predict_clip(setup, p, latents[:, :m], key, cfg.train.sample_steps))
+    return video, jnp.concatenate([video[:, :m], jnp.clip(predicted, -1, 1)], axis=1)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
-    prediction = jax.jit(generate, out_shardings=parallel.replicated(mesh))(params, truth, jax.random.key(seed))
-  return truth, np.asarray(prediction)
+    generate = jax.jit(generate, out_shardings=parallel.replicated(mesh))
+    truth, prediction = generate(params, held_out, jax.random.key(seed))
+  return np.asarray(truth), np.asarray(prediction)
 
 
 def write_sample(truth: np.ndarray, prediction: np.ndarray, context_frames: int, workdir: Path) -> dict:
@@ -115,7 +120,7 @@ def _check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh) -> None:
 
 
 def _data_iterator(config: ml_collections.ConfigDict, seed: int):
-  """This process's Grain iterator of {"video": [B/processes, F, H, W, 3], "skipped": [len(SKIP_REASONS)]}."""
+  """This process's Grain iterator of {"video" or "latents": [B/processes, F, ...], "skipped": [len(SKIP_REASONS)]}."""
   return iter(
     train_dataset(
       config.data,
@@ -249,8 +254,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
       jax.profiler.start_trace(str(workdir / "profile"))
     batch = next(batches)
     skips.add(batch["skipped"])
-    video = jax.make_array_from_process_local_data(sharding, batch["video"])
-    state, metrics = step_fn(state, video)
+    inputs = jax.make_array_from_process_local_data(sharding, batch[setup.inputs])
+    state, metrics = step_fn(state, inputs)
     if pending is not None:
       flush(*pending)
     pending = (step + 1, metrics, skips.as_dict())

@@ -17,9 +17,12 @@ import optax
 from jax.sharding import Mesh
 
 from vgpt_jax import diffusion, parallel
+from vgpt_jax.data import latents as latents_lib
+from vgpt_jax.data.pipeline import input_key
 from vgpt_jax.layout import Layout, sample_splits, training_layout
 from vgpt_jax.model import VideoGPT
-from vgpt_jax.model.tokenizer import Tokenizer, make_tokenizer
+from vgpt_jax.model import tokenizer as tokenizer_lib
+from vgpt_jax.model.tokenizer import Tokenizer
 
 
 @jax.tree_util.register_dataclass
@@ -43,6 +46,13 @@ class Setup:
   layout: Layout
   optimizer: optax.GradientTransformation
   latent_shape: tuple[int, int, int]  # (h, w, C)
+  inputs: str  # "video": batches of frames, encoded in the step; "latents": pre-encoded (no tokenizer in the step)
+
+  def input_shape(self, batch_size: int) -> tuple[int, ...]:
+    """Shape of a batch of model inputs: frames [B, N, H, W, 3] or latents [B, N, h, w, C]."""
+    d = self.config.data
+    per_frame = self.latent_shape if self.inputs == "latents" else (d.height, d.width, 3)
+    return (batch_size, d.num_frames, *per_frame)
 
 
 def make_schedule(optim_cfg: ml_collections.ConfigDict) -> optax.Schedule:
@@ -64,8 +74,12 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
 
 
 def make_setup(config: ml_collections.ConfigDict) -> Setup:
-  tokenizer = make_tokenizer(config.tokenizer)
+  tokenizer = tokenizer_lib.make_tokenizer(config.tokenizer)
   h, w, c = tokenizer.latent_shape(config.data.height, config.data.width)
+  inputs = input_key(config.data)
+  if inputs == "latents":  # the stored latents must be this tokenizer's (it decodes the samples)
+    description = tokenizer_lib.describe(tokenizer, config.data.height, config.data.width)
+    latents_lib.check_tokenizer(config.data.latents_path, description)
   p = config.model.patch_size
   return Setup(
     config=config,
@@ -74,6 +88,7 @@ def make_setup(config: ml_collections.ConfigDict) -> Setup:
     layout=training_layout(config.data.num_frames, (h // p) * (w // p)),
     optimizer=make_optimizer(config.optim),
     latent_shape=(h, w, c),
+    inputs=inputs,
   )
 
 
@@ -153,12 +168,13 @@ def _noised_sample(setup: Setup, key: jax.Array, x1: jax.Array) -> tuple[jax.Arr
   return clean, x_t, t, block_of_frame, eps
 
 
-def loss_fn(params: Any, setup: Setup, video: jax.Array, keys: jax.Array) -> jax.Array:
+def loss_fn(params: Any, setup: Setup, inputs: jax.Array, keys: jax.Array) -> jax.Array:
   """Next-clip flow-matching loss of one batch.
 
-  video: float32 [B, N, H, W, 3] in [-1, 1]; keys: [B] per-sample PRNG keys.
+  inputs: float32 frames [B, N, H, W, 3] in [-1, 1], or latents [B, N, h, w, C]
+  when setup.inputs == "latents"; keys: [B] per-sample PRNG keys.
   """
-  x1 = setup.tokenizer.encode(video)  # [B, N, h, w, C]
+  x1 = inputs if setup.inputs == "latents" else setup.tokenizer.encode(inputs)  # [B, N, h, w, C]
   clean, x_t, t, block_of_frame, eps = jax.vmap(functools.partial(_noised_sample, setup))(keys, x1)
   output = setup.model.apply({"params": params}, clean, x_t, t, block_of_frame, setup.layout)
   return diffusion.prediction_loss(output, x1, eps, setup.config.diffusion.prediction)
@@ -169,17 +185,17 @@ def step_key(state: TrainState) -> jax.Array:
   return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
-def loss_and_grads(setup: Setup, params: Any, video: jax.Array, key: jax.Array) -> tuple[jax.Array, Any]:
+def loss_and_grads(setup: Setup, params: Any, inputs: jax.Array, key: jax.Array) -> tuple[jax.Array, Any]:
   """Mean loss and gradient over the batch, in train.grad_accum_steps sequential micro-batches.
 
   Sample i always uses fold_in(key, i), so accumulation changes memory, not the result.
   """
-  b = video.shape[0]
+  b = inputs.shape[0]
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(b))
   k = setup.config.train.grad_accum_steps
   grad_fn = jax.value_and_grad(loss_fn)
   if k == 1:
-    return grad_fn(params, setup, video, keys)
+    return grad_fn(params, setup, inputs, keys)
 
   def micro(x: jax.Array) -> jax.Array:
     # Strided micro-batches ([B/k, k] -> [k, B/k]) keep each device's rows on that device.
@@ -190,17 +206,17 @@ def loss_and_grads(setup: Setup, params: Any, video: jax.Array, key: jax.Array) 
     return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
   zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-  (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micro(video), micro(keys)))
+  (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micro(inputs), micro(keys)))
   return loss / k, jax.tree.map(lambda g: g / k, grads)
 
 
-def train_step(setup: Setup, state: TrainState, video: jax.Array) -> tuple[TrainState, dict]:
-  """One optimiser step; pure, so it can be jit-compiled with shardings.
+def train_step(setup: Setup, state: TrainState, inputs: jax.Array) -> tuple[TrainState, dict]:
+  """One optimiser step on a batch of `setup.input_shape`; pure, so it can be jit-compiled with shardings.
 
   A step whose loss or gradient is not finite leaves params, optimiser state and
   EMA untouched and is counted in `skipped`.
   """
-  loss, grads = loss_and_grads(setup, state.params, video, step_key(state))
+  loss, grads = loss_and_grads(setup, state.params, inputs, step_key(state))
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
@@ -235,15 +251,13 @@ def compile_train_step(setup: Setup, mesh: Mesh) -> jax.stages.Compiled:
   """Ahead-of-time compiled train step with explicit in/out shardings and the state donated.
 
   Compiled from shapes alone, so its memory use can be reported before the
-  first step (`.memory_analysis()`). Call it as `state, metrics = step(state, video)`.
+  first step (`.memory_analysis()`). Call it as `state, metrics = step(state, inputs)`, inputs
+  of `setup.input_shape(train.batch_size)` (frames or pre-encoded latents).
   """
-  cfg = setup.config
   abstract = sharded_abstract_state(setup, mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  video = jax.ShapeDtypeStruct(
-    (cfg.train.batch_size, cfg.data.num_frames, cfg.data.height, cfg.data.width, 3),
-    jnp.float32,
-    sharding=parallel.batch_sharding(mesh),
+  inputs = jax.ShapeDtypeStruct(
+    setup.input_shape(setup.config.train.batch_size), jnp.float32, sharding=parallel.batch_sharding(mesh)
   )
   step = jax.jit(
     functools.partial(train_step, setup),
@@ -252,7 +266,7 @@ def compile_train_step(setup: Setup, mesh: Mesh) -> jax.stages.Compiled:
     donate_argnums=0,
   )
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
-    return step.lower(abstract, video).compile()
+    return step.lower(abstract, inputs).compile()
 
 
 def memory_summary(compiled: jax.stages.Compiled) -> dict[str, float]:

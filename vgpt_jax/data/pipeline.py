@@ -5,6 +5,8 @@ Sources (data.source), each a `VideoSource` (sources.py):
                seed: costs no disk, any index is reproducible on any host
   video_files  the user's videos, a directory tree or a manifest, decoded with PyAV
                (video_files.py)
+  tfds         any prepared TFDS video dataset, read without TensorFlow (tfds_source.py)
+  latents      videos pre-encoded by `python -m vgpt_jax.encode` (latents.py)
 
 Train pipeline (per host):
   range(len(source)).seed(seed).shuffle().repeat()   one global stream, new order per epoch
@@ -14,7 +16,8 @@ Train pipeline (per host):
   -> to_iter_dataset(ReadOptions)                      thread prefetch
   -> mp_prefetch (only if worker_count > 0)            process prefetch
 
-Each element is {"video": float32 [B, F, H, W, 3], "skipped": int32 [len(SKIP_REASONS)]}.
+Each element is {"video": float32 [B, F, H, W, 3], "skipped": int32 [len(SKIP_REASONS)]},
+or {"latents": float32 [B, F, h, w, C], "skipped": ...} for data.source="latents".
 
 Bad videos: when the video at global position p raises BadVideo, attempt a =
 1, 2, ... takes video rng_a.integers(len(source)) with rng_a =
@@ -34,7 +37,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from vgpt_jax.data import tfds_source, video_files
+from vgpt_jax.data import latents, tfds_source, video_files
 from vgpt_jax.data.physics import SPLITS, PhysicsWorld, render_video, video_seed
 from vgpt_jax.data.sources import SKIP_REASONS, BadVideo, NoUsableVideo, VideoSource
 
@@ -44,7 +47,7 @@ _REASON_INDEX = {reason: i for i, reason in enumerate(SKIP_REASONS)}
 def default_data_config() -> ml_collections.ConfigDict:
   """Defaults for the data config (`config.data`); physics knobs mirror PhysicsWorld."""
   cfg = ml_collections.ConfigDict()
-  cfg.source = "physics"  # physics | video_files | tfds
+  cfg.source = "physics"  # physics | video_files | tfds | latents
   cfg.height = 32
   cfg.width = 32
   cfg.num_frames = 8  # frames per training sample
@@ -78,6 +81,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.extensions = video_files.VIDEO_EXTENSIONS  # case-insensitive
   cfg.min_size = 128  # skip videos whose shorter side has fewer pixels (reference: 128)
   cfg.max_aspect = 4.0  # skip videos whose long side / short side is larger (reference: 4)
+  # source="latents": shards written by python -m vgpt_jax.encode (vgpt_jax/data/latents.py); no VAE in the step.
+  cfg.latents_path = ""
   cfg.decode_threads = 1  # FFmpeg threads per decoded video; 0: FFmpeg decides (see BENCHMARKS.md)
   return cfg
 
@@ -217,6 +222,13 @@ class PhysicsVideoSource:
     """uint8 [num_frames, H, W, 3]: frames 0, s, 2s, ... with s = data.frame_stride (evaluation)."""
     return self.frames(index, 0, self.num_frames, self.strides[0])
 
+  def leading_frames(self, index: int, stride: int, max_frames: int = 0) -> np.ndarray:
+    """uint8 [T, H, W, 3]: frames 0, stride, ..., as many as the video has (at most max_frames if > 0)."""
+    count = self.world.num_frames // stride if max_frames <= 0 else min(max_frames, self.world.num_frames // stride)
+    if count < self.num_frames:
+      raise BadVideo("too_short", f"{self.world.num_frames} frames < data.num_frames={self.num_frames} * {stride}")
+    return self.frames(index, 0, count, stride)
+
   def describe(self) -> str:
     return f"the synthetic physics world ({self.split} split, {self.num_videos} videos, seed {self.base_seed})"
 
@@ -243,6 +255,19 @@ def _tfds_problems(data_cfg: Any) -> list[str]:
 register_source("tfds", tfds_source.TfdsVideoSource, _tfds_problems)
 
 
+register_source("latents", latents.LatentSource, latents.validate_config)
+
+
+def input_key(data_cfg: Any) -> str:
+  """The batch key of the model's input: "latents" for pre-encoded latents, else "video" (frames)."""
+  return "latents" if _get(data_cfg, "source", "physics") == "latents" else "video"
+
+
+def clip_shape(source: VideoSource, data_cfg: Any) -> tuple[int, ...]:
+  """Shape of one clip of `source`: latents [F, h, w, C] for a latents source, else frames [F, H, W, 3]."""
+  return getattr(source, "clip_shape", (int(data_cfg.num_frames), int(data_cfg.height), int(data_cfg.width), 3))
+
+
 def make_source(data_cfg: Any, split: str) -> VideoSource:
   """The data source named by data_cfg.source for `split` ("train" or "eval")."""
   validate_data_config(data_cfg)
@@ -253,7 +278,10 @@ def make_source(data_cfg: Any, split: str) -> VideoSource:
 
 
 class _ClipOrSkip:
-  """(global position, video index) -> {"video": float32 [F, H, W, 3], "skipped": int32 [len(SKIP_REASONS)]}.
+  """(global position, video index) -> {key: float32 clip, "skipped": int32 [len(SKIP_REASONS)]}.
+
+  key is "video" (uint8 frames from the source, scaled to [-1, 1]) or, for a
+  source whose `yields` is "latents", "latents" (float32 latents, as stored).
 
   The randomness comes from (seed, global position), not from the element's
   place in this host's stream, so the same global batch is produced whatever
@@ -264,7 +292,9 @@ class _ClipOrSkip:
     self.source = source
     self.seed = seed
     self.max_tries = max_tries
-    self.shape = shape  # (F, H, W, 3)
+    self.shape = shape  # (F, H, W, 3) or latents (F, h, w, C)
+    self.key = getattr(source, "yields", "video")
+    self.dtype = np.float32 if self.key == "latents" else np.uint8
 
   def __call__(self, element: tuple[int, int]) -> dict[str, np.ndarray]:
     position, index = (int(x) for x in element)
@@ -280,11 +310,12 @@ class _ClipOrSkip:
       except BadVideo as e:
         skipped[_REASON_INDEX[e.reason]] += 1
         continue
-      if video.shape != self.shape or video.dtype != np.uint8:
+      if video.shape != self.shape or video.dtype != self.dtype:
         raise ValueError(
-          f"{self.source.describe()} gave a {video.dtype} clip {video.shape}; expected uint8 {self.shape}"
+          f"{self.source.describe()} gave a {video.dtype} clip {video.shape}; "
+          f"expected {np.dtype(self.dtype).name} {self.shape}"
         )
-      return {"video": to_float(video), "skipped": skipped}
+      return {self.key: video if self.key == "latents" else to_float(video), "skipped": skipped}
     counts = ", ".join(f"{r}={n}" for r, n in zip(SKIP_REASONS, skipped) if n)
     raise NoUsableVideo(
       f"all {self.max_tries} videos tried for sample {position} were bad ({counts}) in {self.source.describe()}; "
@@ -294,9 +325,10 @@ class _ClipOrSkip:
 
 
 def _stack(elements: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Batch: videos stacked [B, F, H, W, 3]; skip counts summed [len(SKIP_REASONS)]."""
+  """Batch: clips stacked [B, F, ...]; skip counts summed [len(SKIP_REASONS)]."""
+  (key,) = set(elements[0]) - {"skipped"}
   return {
-    "video": np.stack([e["video"] for e in elements]),
+    key: np.stack([e[key] for e in elements]),
     "skipped": np.sum([e["skipped"] for e in elements], axis=0, dtype=np.int32),
   }
 
@@ -343,7 +375,8 @@ def train_dataset(
   shard_index: int = 0,
   shard_count: int = 1,
 ) -> grain.IterDataset:
-  """This host's infinite, shuffled train stream of {"video": float32 [B, F, H, W, 3], "skipped": int32 [R]}.
+  """This host's infinite, shuffled train stream of {"video": float32 [B, F, H, W, 3], "skipped": int32 [R]}
+  ({"latents": float32 [B, F, h, w, C], ...} when data.source="latents").
 
   B = batch_size is this host's part of the global batch (see
   `train_index_dataset`). F = data_cfg.num_frames frames taken every k frames
@@ -355,8 +388,7 @@ def train_dataset(
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   source = make_source(data_cfg, "train")
-  shape = (int(data_cfg.num_frames), int(data_cfg.height), int(data_cfg.width), 3)
-  clip = _ClipOrSkip(source, seed, int(_get(data_cfg, "max_skip_tries", 16)), shape)
+  clip = _ClipOrSkip(source, seed, int(_get(data_cfg, "max_skip_tries", 16)), clip_shape(source, data_cfg))
   ds = train_index_dataset(
     data_cfg,
     seed=seed,
@@ -380,7 +412,8 @@ def train_dataset(
 
 
 def eval_videos(data_cfg: Any, count: int) -> np.ndarray:
-  """float32 [count, num_frames, H, W, 3] in [-1, 1]: the first `count` good held-out videos.
+  """float32 [count, num_frames, H, W, 3] in [-1, 1]: the first `count` good held-out videos
+  (their latents [count, num_frames, h, w, C] when data.source="latents").
 
   Frames 0, stride, 2*stride, ... (stride = data.frame_stride), so evaluation
   always sees the same clips; bad held-out videos are skipped.
@@ -392,8 +425,8 @@ def eval_videos(data_cfg: Any, count: int) -> np.ndarray:
       f"data.num_eval_videos={_get(data_cfg, 'num_eval_videos', None)}), got {count}."
     )
   first_clip = getattr(source, "first_clip", None)
-  shape = (int(data_cfg.num_frames), int(data_cfg.height), int(data_cfg.width), 3)
-  out = np.empty((count, *shape), dtype=np.float32)
+  out = np.empty((count, *clip_shape(source, data_cfg)), dtype=np.float32)
+  latent = getattr(source, "yields", "video") == "latents"
   skipped = np.zeros(len(SKIP_REASONS), dtype=np.int64)
   found = 0
   for index in range(len(source)):
@@ -404,7 +437,7 @@ def eval_videos(data_cfg: Any, count: int) -> np.ndarray:
     except BadVideo as e:
       skipped[_REASON_INDEX[e.reason]] += 1
       continue
-    out[found] = to_float(video)
+    out[found] = video if latent else to_float(video)
     found += 1
   if found < count:
     counts = ", ".join(f"{r}={n}" for r, n in zip(SKIP_REASONS, skipped) if n)

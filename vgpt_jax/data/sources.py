@@ -44,6 +44,10 @@ class VideoSource(Protocol):
   Optional: `first_clip(index) -> uint8 [F, H, W, 3]`, frames 0, s, 2s, ...
   with s = data.frame_stride, which the held-out samples use when present
   (else they use `clip(index, default_rng([index]))`).
+
+  Optional: `leading_frames(index, stride, max_frames=0) -> uint8 [T, H, W, 3]`,
+  frames 0, stride, 2*stride, ... as many as the video has (T <= max_frames
+  when > 0), which `python -m vgpt_jax.encode` needs to pre-encode a source.
   """
 
   def __len__(self) -> int: ...

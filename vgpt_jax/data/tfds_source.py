@@ -293,6 +293,23 @@ class TfdsVideoSource:
 
   def clip_with_window(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, int, int]:
     """(clip, start, stride): `clip` plus the window it took, so a caller can check or log it."""
+    video = self._video(index)
+    start, stride = sample_window(self.num_frames, len(video), self.strides, rng)
+    return self._frames(index, video, start + stride * np.arange(self.num_frames)), start, stride
+
+  def leading_frames(self, index: int, stride: int, max_frames: int = 0) -> np.ndarray:
+    """uint8 [T, height, width, 3]: frames 0, stride, 2*stride, ... of video `index`, T <= max_frames if > 0.
+
+    What `python -m vgpt_jax.encode` stores; raises BadVideo("too_short") when T < num_frames.
+    """
+    video = self._video(index)
+    count = len(video) // stride if max_frames <= 0 else min(max_frames, len(video) // stride)
+    if count < self.num_frames:
+      raise BadVideo("too_short", f"video {index}: {len(video)} frames < {self.num_frames} * stride {stride}")
+    return self._frames(index, video, stride * np.arange(count))
+
+  def _video(self, index: int) -> Any:
+    """The stored frames of video `index` (an array, or a list of encoded frames); raises BadVideo."""
     reader = self._reader()
     index = int(index)
     if not 0 <= index < len(reader):
@@ -307,8 +324,10 @@ class TfdsVideoSource:
           video = video[..., None]
     except Exception as e:  # any failure to read or decode the record: skip this video
       raise BadVideo("unreadable", f"video {index} of {self.describe()}: {type(e).__name__}: {e}") from e
-    start, stride = sample_window(self.num_frames, len(video), self.strides, rng)
-    picks = start + stride * np.arange(self.num_frames)
+    return video
+
+  def _frames(self, index: int, video: Any, picks: np.ndarray) -> np.ndarray:
+    """uint8 [len(picks), height, width, 3]: the picked frames of `video`, decoded if stored encoded, fitted."""
     if self._frame_feature is None:
       frames = video[picks]
     else:
@@ -320,7 +339,7 @@ class TfdsVideoSource:
         frames = frames[..., None]
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] not in (1, 3):
       raise BadVideo("unreadable", f"video {index} of {self.describe()}: frames {frames.dtype} {frames.shape}")
-    return fit_frames(frames, self.height, self.width), start, stride
+    return fit_frames(frames, self.height, self.width)
 
   def __repr__(self) -> str:
     return f"TfdsVideoSource({self.describe()})"

@@ -509,19 +509,33 @@ class VideoFileSource:
 
     return self._read(index, choose)
 
-  def _read(self, index: int, choose: Callable[[int], tuple[int, int]]) -> np.ndarray:
+  def leading_frames(self, index: int, stride: int, max_frames: int = 0) -> np.ndarray:
+    """uint8 [T, H, W, 3]: frames 0, stride, 2*stride, ..., T <= max_frames if > 0 (a whole video, to pre-encode).
+
+    Decodes from the start; raises BadVideo("too_short") when T < data.num_frames.
+    """
+    path = self.path(index)
+    frames = int(self.files.frames[index]) or probe(path).frames
+    count = frames // stride if max_frames <= 0 else min(max_frames, frames // stride)
+    if count < self.num_frames:
+      raise BadVideo("too_short", f"{path}: {frames} frames < data.num_frames={self.num_frames} * stride {stride}")
+    return self._read(index, lambda n: (0, stride), count, frames)
+
+  def _read(
+    self, index: int, choose: Callable[[int], tuple[int, int]], num_frames: int = 0, frames_hint: int = 0
+  ) -> np.ndarray:
     index = int(index)
     if not 0 <= index < len(self.files):
       raise IndexError(f"Video index {index} out of range [0, {len(self.files)}).")
     known = self._memo.get(index)
     if isinstance(known, BadVideo):
       raise BadVideo(known.reason, known.detail)
-    hint = int(self.files.frames[index]) or (known or 0)
+    hint = int(self.files.frames[index]) or (known or 0) or frames_hint
     try:
       clip, frames = read_clip(
         self.files[index],
         choose,
-        num_frames=self.num_frames,
+        num_frames=num_frames or self.num_frames,
         height=self.height,
         width=self.width,
         min_size=self.min_size,

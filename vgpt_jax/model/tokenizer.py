@@ -18,6 +18,7 @@ TOKENIZERS = ("pixel", "vae")
 DEFAULT_FRAMES_PER_CHUNK = 8
 
 
+@jax.tree_util.register_dataclass  # no leaves: a jitted function can take it as an argument
 @dataclasses.dataclass(frozen=True)
 class PixelTokenizer:
   """Space-to-depth by `downsample`: [..., H, W, 3] in [-1, 1] -> [..., H/f, W/f, 3 f^2].
@@ -26,8 +27,8 @@ class PixelTokenizer:
   parameters, so tiny models train on raw pixels and decode exactly.
   """
 
-  downsample: int = 4
-  channels: int = 3
+  downsample: int = dataclasses.field(default=4, metadata=dict(static=True))
+  channels: int = dataclasses.field(default=3, metadata=dict(static=True))
 
   def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
     f = self.downsample
@@ -126,6 +127,18 @@ class VaeTokenizer:
 
 
 Tokenizer = PixelTokenizer | VaeTokenizer
+
+
+def describe(tokenizer: Tokenizer, height: int, width: int) -> dict[str, Any]:
+  """What determines a tokenizer's latents of height x width frames (stored with pre-encoded latents)."""
+  out: dict[str, Any] = {
+    "kind": "pixel" if isinstance(tokenizer, PixelTokenizer) else "vae",
+    "downsample": tokenizer.downsample,
+    "latent_shape": list(tokenizer.latent_shape(height, width)),
+  }
+  if isinstance(tokenizer, VaeTokenizer):
+    out.update(scaling_factor=tokenizer.config.scaling_factor, shift_factor=tokenizer.config.shift_factor)
+  return out
 
 
 def make_tokenizer(tokenizer_cfg: ml_collections.ConfigDict) -> Tokenizer:
