@@ -192,3 +192,25 @@ def saved_config(path: str | epath.PathLike, step: int = -1) -> ml_collections.C
       raise CheckpointError(f"no checkpoints in {directory}")
     restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   return ml_collections.ConfigDict(restored["config"])
+
+
+def load_model(path: str | epath.PathLike, step: int = -1, weights: str = "auto") -> tuple[Any, Any, int]:
+  """(Setup, params on the default device, step) of a run's checkpoint, for sampling and evaluation.
+
+  weights: "params", "ema", or "auto" (the EMA when the run kept one).
+  """
+  from vgpt_jax import trainer
+
+  config = saved_config(path, step)
+  if weights == "auto":
+    weights = "ema" if config.train.ema_decay > 0 else "params"
+  if weights not in ("params", "ema"):
+    raise ValueError(f"weights={weights!r}; choose params, ema or auto")
+  if weights == "ema" and config.train.ema_decay <= 0:
+    raise ValueError(f"{path} was trained without an EMA (train.ema_decay=0); use weights=params")
+  setup = trainer.make_setup(config)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shapes = trainer.abstract_state(setup).params
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), shapes)
+  params, step = load_params(path, target, step, ema=weights == "ema")
+  return setup, params, step

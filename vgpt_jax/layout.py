@@ -131,6 +131,23 @@ def training_layout(num_frames: int, tokens_per_frame: int) -> Layout:
   return _from_rows(n, s, rows)
 
 
+def sampling_layout(num_frames: int, tokens_per_frame: int) -> Layout:
+  """Clean frames 0..N-1, then noisy frames 0..N-1: every token a sampler may run (the ids
+  of each token, and so the mask, are those of the training layout)."""
+  n, s = num_frames, tokens_per_frame
+  rows: list[tuple[int, int, int, int, int]] = []
+  for f in range(n):
+    rows += _clean_segment(f, n, s)
+  for f in range(n):
+    rows += _noisy_segment(f, n, s)
+  return _from_rows(n, s, rows)
+
+
+def segment_tokens(layout: Layout, stream: int, first: int, stop: int) -> np.ndarray:
+  """int [T']: the layout's tokens of `stream` (CLEAN or NOISY) for frames first..stop-1, in layout order."""
+  return np.nonzero((layout.stream == stream) & (layout.frame >= first) & (layout.frame < stop))[0]
+
+
 def interleaved_layout(clip_sizes: Sequence[int], tokens_per_frame: int) -> Layout:
   """The reference order N(B1) C(B1) N(B2) C(B2) ... N(BK) for one fixed split."""
   n, s = int(sum(clip_sizes)), tokens_per_frame

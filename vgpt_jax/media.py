@@ -1,4 +1,4 @@
-"""Write videos people can open: PNG grids and GIFs from uint8 frames."""
+"""Write videos people can open: PNG grids, GIFs, MP4s and plots from uint8 frames."""
 
 from __future__ import annotations
 
@@ -37,6 +37,53 @@ def save_gif(path: str | Path, frames: np.ndarray, fps: int = 8, scale: int = 1)
   if scale > 1:
     images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
   images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+  return path
+
+
+def upscale(frames: np.ndarray, scale: int) -> np.ndarray:
+  """Nearest-neighbour upscaling of uint8 [..., H, W, 3] by an integer factor."""
+  return frames if scale <= 1 else np.repeat(np.repeat(frames, scale, axis=-3), scale, axis=-2)
+
+
+def save_mp4(path: str | Path, frames: np.ndarray, fps: int = 8, scale: int = 1) -> Path:
+  """Save uint8 [T, H, W, 3] as H.264 MP4 (yuv420p, so it plays everywhere; odd sizes are padded by one pixel)."""
+  import av
+
+  path = Path(path)
+  frames = upscale(np.asarray(frames, np.uint8), scale)
+  t, h, w, _ = frames.shape
+  frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+  with av.open(str(path), "w") as container:
+    stream = container.add_stream("libx264", rate=fps, options={"crf": "18"})
+    stream.height, stream.width = frames.shape[1:3]
+    stream.pix_fmt = "yuv420p"
+    for frame in frames:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode())
+  return path
+
+
+def save_lines(
+  path: str | Path, x: np.ndarray, series: dict[str, np.ndarray], xlabel: str, ylabel: str, title: str = ""
+) -> Path:
+  """Save several named lines on one plot as PNG, e.g. per-frame error of a model and its baselines."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  path = Path(path)
+  fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+  for name, y in series.items():
+    ax.plot(x, y, lw=1.5, marker="o", ms=3, label=name)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
   return path
 
 

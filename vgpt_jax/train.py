@@ -39,7 +39,7 @@ from vgpt_jax import config as config_lib
 from vgpt_jax.data.pipeline import eval_videos, to_uint8, train_dataset
 from vgpt_jax.data.sources import SKIP_REASONS
 from vgpt_jax.preemption import PreemptionWatch
-from vgpt_jax.sample import predict_clip
+from vgpt_jax.sampling import Sampler, SamplingConfig
 
 
 class MetricsLog:
@@ -80,13 +80,16 @@ def predict_held_out(setup: trainer.Setup, params, mesh, seed: int) -> tuple[np.
   cfg = setup.config
   m = cfg.train.sample_context_frames
   held_out = eval_videos(cfg.data, cfg.train.num_samples)  # frames, or latents
+  n = cfg.data.num_frames
+  sampler = Sampler(setup, SamplingConfig(steps=cfg.train.sample_steps, clip_frames=n - m))  # one clip
 
   def generate(p, inputs, key):
     if setup.inputs == "latents":
       latents, video = inputs, jnp.clip(setup.tokenizer.decode(inputs), -1, 1)
     else:
       latents, video = setup.tokenizer.encode(inputs), inputs
-    predicted = setup.tokenizer.decode(predict_clip(setup, p, latents[:, :m], key, cfg.train.sample_steps))
+    keys = jax.random.split(key, latents.shape[0])
+    predicted = setup.tokenizer.decode(sampler.rollout(p, latents[:, :m], keys, n - m))
     return video, jnp.concatenate([video[:, :m], jnp.clip(predicted, -1, 1)], axis=1)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from vgpt_jax.layout import TokenIds
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, TokenIds, TokenIds], jax.Array]
+# Keys and values of earlier tokens, per layer: (k, v) each [layers, B, Tc, H, Dh] (keys after RoPE).
+KVCache = tuple[jax.Array, jax.Array]
 
 # Named rematerialisation policies (what the backward pass may keep from the forward).
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -62,7 +64,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention; the mask comes from token ids via `attention_fn`."""
+  """Multi-head self-attention; the mask comes from token ids via `attention_fn`.
+
+  With `cached` (k, v [B, Tc, H, Dh]) and their `cached_ids`, the queries also
+  attend to those earlier tokens: the KV-cached sampler's path. Returns the
+  output and this call's own (k, v), so a caller can cache them.
+  """
 
   num_heads: int
   head_dim: int
@@ -71,7 +78,14 @@ class Attention(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], ids: TokenIds) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    rope: tuple[jax.Array, jax.Array],
+    ids: TokenIds,
+    cached: tuple[jax.Array, jax.Array] | None = None,
+    cached_ids: TokenIds | None = None,
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     shape, axes = (x.shape[-1], self.num_heads, self.head_dim), ("embed", "heads", "kv")
 
     def kernel(name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
@@ -83,8 +97,14 @@ class Attention(nn.Module):
     x = x.astype(self.dtype)
     q, k, v = (jnp.einsum("btd,dhk->bthk", x, kernel(name, shape, axes)) for name in ("query", "key", "value"))
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    out = self.attention_fn(q, k, v, ids, ids)
-    return jnp.einsum("bthk,hkd->btd", out, kernel("out", shape[1:] + shape[:1], axes[1:] + axes[:1]))
+    if cached is None:
+      out = self.attention_fn(q, k, v, ids, ids)
+    else:
+      all_ids = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), cached_ids, ids)
+      k_all, v_all = (jnp.concatenate([c.astype(self.dtype), new], axis=1) for c, new in zip(cached, (k, v)))
+      out = self.attention_fn(q, k_all, v_all, ids, all_ids)
+    out = jnp.einsum("bthk,hkd->btd", out, kernel("out", shape[1:] + shape[:1], axes[1:] + axes[:1]))
+    return out, (k, v)
 
 
 class SwiGLU(nn.Module):
@@ -112,25 +132,39 @@ class SwiGLU(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x)). Scan-compatible signature."""
+  """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x)). Scan-compatible signature.
+
+  `cached` is this layer's slice of a KVCache (or None); with `return_kv` the
+  layer's keys/values are its scan output, so the Decoder returns a KVCache.
+  """
 
   num_heads: int
   head_dim: int
   mlp_dim: int
   norm_eps: float
   attention_fn: AttentionFn
+  return_kv: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], ids: TokenIds):
+  def __call__(
+    self,
+    x: jax.Array,
+    rope: tuple[jax.Array, jax.Array],
+    ids: TokenIds,
+    cached_ids: TokenIds | None,
+    cached: tuple[jax.Array, jax.Array] | None,
+  ):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(self.norm_eps, name="attn_norm", **kw)(x)
-    x = x + Attention(self.num_heads, self.head_dim, self.attention_fn, name="attn", **kw)(h, rope, ids)
+    attn = Attention(self.num_heads, self.head_dim, self.attention_fn, name="attn", **kw)
+    out, kv = attn(h, rope, ids, cached, cached_ids)
+    x = x + out
     h = RMSNorm(self.norm_eps, name="mlp_norm", **kw)(x)
     x = x + SwiGLU(self.mlp_dim, name="mlp", **kw)(h)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    return x, None
+    return x, (kv if self.return_kv else None)
 
 
 class Decoder(nn.Module):
@@ -148,8 +182,19 @@ class Decoder(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, ids: TokenIds) -> jax.Array:
-    """x: [B, T, D] embeddings; ids: fields [B, T]. Returns [B, T, D]."""
+  def __call__(
+    self,
+    x: jax.Array,
+    ids: TokenIds,
+    cache: KVCache | None = None,
+    cache_ids: TokenIds | None = None,
+    return_kv: bool = False,
+  ) -> jax.Array | tuple[jax.Array, KVCache]:
+    """x: [B, T, D] embeddings; ids: fields [B, T]. Returns [B, T, D].
+
+    With `cache` (and `cache_ids`, fields [B, Tc]) the tokens also attend to the
+    cached earlier tokens; with `return_kv` it returns (x, this call's KVCache).
+    """
     layer_cls = DecoderLayer
     if self.remat != "none":
       layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
@@ -157,19 +202,22 @@ class Decoder(nn.Module):
       layer_cls,
       variable_axes={"params": 0},
       split_rngs={"params": True},
-      in_axes=(nn.broadcast, nn.broadcast),
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
       length=self.num_layers,
       metadata_params={nn.PARTITION_NAME: "layers"},
     )
     rope = rope_tables(ids.position, self.head_dim, self.rope_theta)
-    x, _ = stack(
+    layers = stack(
       self.num_heads,
       self.head_dim,
       self.mlp_dim,
       self.norm_eps,
       self.attention_fn,
+      return_kv,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name="layers",
-    )(x.astype(self.dtype), rope, ids)
-    return RMSNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
+    )
+    x, kv = layers(x.astype(self.dtype), rope, ids, cache_ids, cache)
+    x = RMSNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
+    return (x, kv) if return_kv else x

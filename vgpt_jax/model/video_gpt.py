@@ -12,11 +12,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from vgpt_jax.attention import dense_attention
 from vgpt_jax.layout import NUM_SPECIAL, Layout, token_ids
 from vgpt_jax.model.embeddings import FinalLayer, PatchEmbed, TimestepEmbedder, patchify, sincos_2d_table, unpatchify
-from vgpt_jax.model.transformer import AttentionFn, Decoder
+from vgpt_jax.model.transformer import AttentionFn, Decoder, KVCache
 
 ATTENTION_FNS: dict[str, AttentionFn] = {"dense": dense_attention}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -67,7 +68,11 @@ class VideoGPT(nn.Module):
     t: jax.Array,
     block_of_frame: jax.Array,
     layout: Layout,
-  ) -> jax.Array:
+    tokens: np.ndarray | None = None,
+    cache: KVCache | None = None,
+    cache_tokens: np.ndarray | None = None,
+    return_kv: bool = False,
+  ) -> jax.Array | tuple[jax.Array | None, KVCache]:
     """Predict clean latents of the noisy frames.
 
     Args:
@@ -76,8 +81,15 @@ class VideoGPT(nn.Module):
       t: [B, N] flow time of each noisy frame (1 = clean).
       block_of_frame: int32 [B, N] clip index of each frame.
       layout: static token layout for N frames of S = h*w/p^2 tokens.
+      tokens: static int [T'] subset of the layout's tokens to run (default: all);
+        the KV-cached sampler runs a clip's tokens alone.
+      cache, cache_tokens: keys/values of earlier layout tokens `cache_tokens`
+        (static int [Tc]) that `tokens` also attend to, as `return_kv` gave them.
+      return_kv: also return this call's KVCache ([layers, B, T', H, Dh] each).
     Returns:
-      float32 [B, N, h, w, C]: the network's output for every noisy frame.
+      float32 [B, N', h, w, C]: the output for every noisy frame whose patches are
+      all in `tokens` (N' = N by default; None if there is none), and the KVCache
+      with `return_kv`.
     """
     b, n, h, w, c = noisy.shape
     p = self.patch_size
@@ -109,11 +121,14 @@ class VideoGPT(nn.Module):
       raise ValueError(
         f"layout is for {layout.num_frames} frames x {layout.tokens_per_frame} tokens, got {n} frames x {s} tokens"
       )
-    x = jnp.take(table, jnp.asarray(layout.source), axis=1)  # [B, T, D]
+    tokens = np.arange(layout.length) if tokens is None else np.asarray(tokens)
+    x = jnp.take(table, jnp.asarray(layout.source[tokens]), axis=1)  # [B, T', D]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    ids = token_ids(layout, block_of_frame)
-    x = Decoder(
+    all_ids = token_ids(layout, block_of_frame)
+    ids = all_ids[:, tokens]
+    cache_ids = None if cache is None else all_ids[:, np.asarray(cache_tokens)]
+    decoded = Decoder(
       self.num_layers,
       self.num_heads,
       self.hidden // self.num_heads,
@@ -124,9 +139,18 @@ class VideoGPT(nn.Module):
       self.remat,
       name="decoder",
       **kw,
-    )(x, ids)
+    )(x, ids, cache, cache_ids, return_kv)
+    x, kv = decoded if return_kv else (decoded, None)
 
-    noisy_out = jnp.take(x, jnp.asarray(layout.noisy_patch_index().reshape(-1)), axis=1).reshape(b, n, s, self.hidden)
-    cond = TimestepEmbedder(self.hidden, self.time_freq_dim, name="final_time", **kw)(t)
-    out = FinalLayer(p * p * c, param_dtype=self.param_dtype, name="final")(noisy_out, cond)
-    return unpatchify(out, p, h, w)
+    # Sequence index (within `tokens`) of each noisy patch, for the frames whose patches are all there.
+    where = np.full(layout.length, -1)
+    where[tokens] = np.arange(len(tokens))
+    patch_index = where[layout.noisy_patch_index()]  # [N, S]
+    frames = np.nonzero((patch_index >= 0).all(axis=1))[0]
+    out = None
+    if len(frames):
+      noisy_out = jnp.take(x, jnp.asarray(patch_index[frames].reshape(-1)), axis=1)
+      noisy_out = noisy_out.reshape(b, len(frames), s, self.hidden)
+      cond = TimestepEmbedder(self.hidden, self.time_freq_dim, name="final_time", **kw)(t[:, frames])
+      out = unpatchify(FinalLayer(p * p * c, param_dtype=self.param_dtype, name="final")(noisy_out, cond), p, h, w)
+    return (out, kv) if return_kv else out

@@ -1,0 +1,313 @@
+"""Physics-IQ (SPEC section 9): masks, the three IoUs, MSE, the score formula, the directory evaluator and its CLI."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from vgpt_jax.metrics import physics_iq as piq
+
+REPO = Path(__file__).resolve().parents[1]
+FPS = 8
+
+
+def _masks(*frames: list[int]) -> np.ndarray:
+  """bool [T, 2, 2] from T lists of 4 pixels (row-major)."""
+  return np.array(frames, dtype=bool).reshape(len(frames), 2, 2)
+
+
+# Frame 0: a = {0, 1}, b = {0}      -> I 1, U 2 -> 0.5
+# Frame 1: both empty               -> 1 (empty union)
+# Frame 2: a = {0, 1, 2}, b = {1, 2, 3} -> I 2, U 4 -> 0.5
+A = _masks([1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0])
+B = _masks([1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 1])
+
+
+def test_iou_per_frame_and_spatiotemporal_iou():
+  np.testing.assert_allclose(piq.iou_per_frame(A, B), [0.5, 1.0, 0.5])
+  assert piq.spatiotemporal_iou(A, B) == pytest.approx(2 / 3)
+
+
+def test_spatial_iou():
+  # OR over time: a = {0, 1, 2}, b = {0, 1, 2, 3} -> 3 / 4.
+  assert piq.spatial_iou(A, B) == pytest.approx(0.75)
+
+
+def test_weighted_spatial_iou():
+  # Time averages: a = [2, 2, 1, 0] / 3, b = [1, 1, 1, 1] / 3; min sums to 3/3, max to 6/3 -> 0.5.
+  assert piq.weighted_spatial_iou(A, B) == pytest.approx(0.5)
+
+
+def test_empty_union_counts_one_and_one_sided_motion_counts_zero():
+  empty = np.zeros((3, 2, 2), bool)
+  assert piq.spatiotemporal_iou(empty, empty) == 1.0
+  assert piq.spatial_iou(empty, empty) == 1.0
+  assert piq.weighted_spatial_iou(empty, empty) == 1.0
+  assert piq.spatiotemporal_iou(A, empty) == pytest.approx(1 / 3)  # only frame 1 (empty in both) scores
+  assert piq.spatial_iou(A, empty) == 0.0
+  assert piq.weighted_spatial_iou(A, empty) == 0.0
+
+
+def test_mse_per_frame_in_unit_range():
+  a = np.zeros((2, 2, 2, 3))
+  b = np.zeros((2, 2, 2, 3))
+  b[1, 0, 0, 0] = 0.6  # one of 12 values of frame 1 off by 0.6
+  np.testing.assert_allclose(piq.mse_per_frame(a, b), [0.0, 0.36 / 12])
+
+
+MEANS = {
+  "spatiotemporal_iou": 0.5,
+  "spatial_iou": 0.6,
+  "weighted_spatial_iou": 0.3,
+  "mse": 0.02,
+  "variance_spatiotemporal_iou": 1.0,
+  "variance_spatial_iou": 0.8,
+  "variance_weighted_spatial_iou": 0.6,
+  "variance_mse": 0.01,
+}
+
+
+def test_score_formula_by_hand():
+  # mean(0.5 / 1, 0.6 / 0.8, 0.3 / 0.6) = (0.5 + 0.75 + 0.5) / 3 = 0.58333; minus (0.02 - 0.01) -> 0.57333.
+  assert piq.physics_iq_score(MEANS) == pytest.approx(57.3333333)
+
+
+def test_score_clips_at_100_and_0():
+  # Ratios 1, 1, 1 and MSE below the variance MSE: 1 - (0 - 0.05) = 1.05 -> clipped to 100.
+  top = dict(MEANS, spatiotemporal_iou=1.0, spatial_iou=0.8, weighted_spatial_iou=0.6, mse=0.0, variance_mse=0.05)
+  assert piq.physics_iq_score(top) == 100.0
+  # Ratios 0.1 each, MSE 0.5 above the variance: 0.1 - 0.5 < 0 -> 0.
+  bottom = dict(MEANS, spatiotemporal_iou=0.1, spatial_iou=0.08, weighted_spatial_iou=0.06, mse=0.51)
+  assert piq.physics_iq_score(bottom) == 0.0
+
+
+def test_score_needs_variances():
+  with pytest.raises(ValueError, match="variance_mse"):
+    piq.physics_iq_score({k: v for k, v in MEANS.items() if k != "variance_mse"})
+
+
+def _row(scenario, st, s, ws, mse, vst, vs, vws, vmse):
+  names = piq.METRICS + piq.VARIANCES
+  return {"scenario": scenario, **dict(zip(names, (st, s, ws, mse, vst, vs, vws, vmse)))}
+
+
+def test_aggregate_averages_views_then_scenarios_and_forms_ratios_of_means():
+  rows = [
+    _row("A", 0.2, 0.5, 0.4, 0.02, 0.4, 1.0, 0.5, 0.01),
+    _row("A", 0.4, 0.7, 0.2, 0.04, 0.4, 0.6, 0.5, 0.03),
+    _row("B", 0.9, 0.3, 0.6, 0.01, 0.9, 0.8, 0.7, 0.02),
+  ]
+  out = piq.aggregate(rows)
+  # Scenario A = mean of its two views; then the mean of A and B (a flat mean over rows would give ST 0.5).
+  assert out["num_scenarios"] == 2 and out["num_videos"] == 3
+  assert out["spatiotemporal_iou"] == pytest.approx(0.6)
+  assert out["variance_spatiotemporal_iou"] == pytest.approx(0.65)
+  assert out["spatial_iou"] == pytest.approx(0.45) and out["weighted_spatial_iou"] == pytest.approx(0.45)
+  # Ratio of means (0.6 / 0.65), not mean of per-scenario ratios (0.875).
+  assert out["ratio_spatiotemporal_iou"] == pytest.approx(0.6 / 0.65)
+  assert out["mse_minus_variance"] == pytest.approx(0.0)
+  assert out["physics_iq_score"] == pytest.approx(100 * (0.6 / 0.65 + 0.45 / 0.8 + 0.45 / 0.6) / 3)
+
+
+def test_aggregate_without_variance_gives_raw_means_only():
+  rows = [{"scenario": "A", "spatiotemporal_iou": 0.5, "spatial_iou": 0.5, "weighted_spatial_iou": 0.5, "mse": 0.1}]
+  out = piq.aggregate(rows)
+  assert out["physics_iq_score"] is None and out["mse"] == pytest.approx(0.1)
+  assert not any(k.startswith("variance_") for k in out)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _moving_square(frames: int = 5, size: int = 40, side: int = 8, step: int = 6, x0: int = 2) -> np.ndarray:
+  """uint8 [T, size, size, 3]: a white square on black, rows 16..23, moving `step` px right per frame."""
+  video = np.zeros((frames, size, size, 3), np.uint8)
+  for t in range(frames):
+    video[t, 16 : 16 + side, x0 + step * t : x0 + step * t + side] = 255
+  return video
+
+
+def test_motion_masks_moving_square():
+  masks = piq.motion_masks(_moving_square())
+  assert masks.shape == (5, 40, 40) and masks.dtype == bool
+  assert not masks[0].any()
+  for t in range(1, 5):
+    old_centre, new_centre = 2 + 6 * (t - 1) + 4, 2 + 6 * t + 4
+    assert masks[t, 20, old_centre] and masks[t, 20, new_centre], t
+    assert not masks[t, :8].any() and not masks[t, 32:].any(), t  # rows far from the square stay still
+    assert not masks[t, :, new_centre + 10 :].any(), t  # nothing ahead of the square
+
+
+def test_motion_masks_static_video_is_empty():
+  texture = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+  assert not piq.motion_masks(np.repeat(texture[None], 4, axis=0)).any()
+
+
+@pytest.mark.parametrize("step,moves", [(14, False), (15, True)])
+def test_motion_masks_alpha_and_strict_threshold(step, moves):
+  # Flat grey 100 -> 100 + step: average 100 + 0.3 step rounds to 104, difference 10 (not > 10) or 11.
+  video = np.full((2, 16, 16, 3), 100, np.uint8)
+  video[1] += step
+  masks = piq.motion_masks(video)
+  assert masks[1].all() == moves and masks[1].any() == moves
+
+
+def test_motion_masks_accepts_unit_floats_and_rejects_other_ranges():
+  video = _moving_square()
+  np.testing.assert_array_equal(piq.motion_masks(video.astype(np.float32) / 255), piq.motion_masks(video))
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    piq.motion_masks(video.astype(np.float32))
+  with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
+    piq.motion_masks(video[0])
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+def test_score_arrays_identical_and_without_take2():
+  video = _moving_square()[None].repeat(2, axis=0)
+  other = _moving_square(step=4)[None].repeat(2, axis=0)
+  rows, scores = piq.score_arrays(video, video, other)
+  assert len(rows) == 2
+  for row in rows:
+    assert row["spatiotemporal_iou"] == row["spatial_iou"] == row["weighted_spatial_iou"] == 1.0
+    assert row["mse"] == 0.0 and row["variance_mse"] > 0 and row["variance_spatiotemporal_iou"] < 1
+  assert scores["physics_iq_score"] == 100.0
+  rows, scores = piq.score_arrays(other, video)
+  assert scores["physics_iq_score"] is None and 0 < scores["spatiotemporal_iou"] < 1 and scores["mse"] > 0
+  assert "variance_mse" not in rows[0]
+
+
+def test_compare_videos_shape_errors():
+  video = _moving_square()
+  with pytest.raises(ValueError, match="size"):
+    piq.compare_videos(video[:, :20, :20], video)
+  with pytest.raises(ValueError, match="frame counts"):
+    piq.compare_videos(video[:3], video)
+  # With a common size the generated video may have its own resolution.
+  row = piq.compare_videos(video.repeat(2, axis=1).repeat(2, axis=2), video, size=(10, 10))
+  assert 0 < row["spatiotemporal_iou"] <= 1 and row["mse"] < 0.01
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _write_mp4(path: Path, frames: np.ndarray) -> None:
+  with av.open(str(path), "w") as container:
+    stream = container.add_stream("libx264", rate=FPS, options={"qp": "0"})
+    stream.height, stream.width = frames.shape[1:3]
+    stream.pix_fmt = "yuv420p"
+    for frame in frames:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode())
+
+
+# (take-1 id, take-2 id, view, scenario, square step in take 1, in take 2)
+VIEWS = [
+  ("0001", "0004", "perspective-left", "ball-drop", 6, 5),
+  ("0002", "0005", "perspective-center", "ball-drop", 5, 6),
+  ("0003", "0006", "perspective-center", "domino", 4, 6),
+]
+
+
+def _real_name(file_id: str, view: str, take: int, scenario: str) -> str:
+  return f"{file_id}_testing-videos_{FPS}FPS_{view}_take-{take}_{scenario}.mp4"
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> tuple[Path, Path]:
+  """A benchmark-style real folder (take 1 and 2) and a generated folder holding copies of take 1."""
+  root = tmp_path_factory.mktemp("physics_iq")
+  real, generated = root / "real", root / "generated"
+  real.mkdir()
+  generated.mkdir()
+  for id1, id2, view, scenario, step1, step2 in VIEWS:
+    _write_mp4(real / _real_name(id1, view, 1, scenario), _moving_square(frames=8, size=48, step=step1))
+    _write_mp4(real / _real_name(id2, view, 2, scenario), _moving_square(frames=8, size=48, step=step2, x0=4))
+    shutil.copy(real / _real_name(id1, view, 1, scenario), generated / f"{id1}_{view}_{scenario}.mp4")
+  return real, generated
+
+
+def test_evaluate_directory_identical_generated(bench, tmp_path):
+  real, generated = bench
+  out_csv = tmp_path / "sub" / "scores.csv"
+  rows, scores = piq.evaluate_directory(str(real), str(generated), str(out_csv))
+  assert [(r["scenario"], r["view"]) for r in rows] == [(s, v) for _, _, v, s, _, _ in VIEWS]
+  for row in rows:
+    assert row["spatiotemporal_iou"] == row["spatial_iou"] == row["weighted_spatial_iou"] == 1.0
+    assert row["mse"] == 0.0 and row["num_frames"] == 8
+    assert row["variance_spatiotemporal_iou"] < 1 and row["variance_mse"] > 0
+  assert scores["num_scenarios"] == 2 and scores["num_videos"] == 3
+  assert scores["physics_iq_score"] == 100.0
+
+  with open(out_csv, newline="") as f:
+    lines = list(csv.DictReader(f))
+  assert list(lines[0]) == list(piq._INFO_COLUMNS + piq.METRICS + piq.VARIANCES)
+  assert [line["take1"] for line in lines] == [_real_name(i, v, 1, s) for i, _, v, s, _, _ in VIEWS]
+  assert [line["take2"] for line in lines] == [_real_name(i, v, 2, s) for _, i, v, s, _, _ in VIEWS]
+  assert [line["generated"] for line in lines] == [f"{i}_{v}_{s}.mp4" for i, _, v, s, _, _ in VIEWS]
+  for line, row in zip(lines, rows):
+    for key in piq.METRICS + piq.VARIANCES:
+      assert float(line[key]) == row[key], key
+
+
+def test_evaluate_directory_downscale_gives_common_size(bench):
+  real, generated = bench
+  rows, _ = piq.evaluate_directory(str(real), str(generated), downscale=1, max_frames=5)
+  assert all(r["num_frames"] == 5 and r["mse"] == 0.0 for r in rows)
+
+
+def test_evaluate_directory_missing_files(bench, tmp_path):
+  real, generated = bench
+  partial = tmp_path / "real_partial"
+  shutil.copytree(real, partial)
+  (partial / _real_name("0005", "perspective-center", 2, "ball-drop")).unlink()
+  with pytest.raises(FileNotFoundError, match="take-2"):
+    piq.evaluate_directory(str(partial), str(generated))
+
+  gen_partial = tmp_path / "generated_partial"
+  shutil.copytree(generated, gen_partial)
+  (gen_partial / "0003_perspective-center_domino.mp4").unlink()
+  with pytest.raises(FileNotFoundError, match="no generated video"):
+    piq.evaluate_directory(str(real), str(gen_partial))
+
+
+def test_evaluate_directory_without_any_take2_gives_raw_metrics(bench, tmp_path):
+  real, generated = bench
+  take1_only = tmp_path / "take1_only"
+  take1_only.mkdir()
+  for id1, _, view, scenario, _, _ in VIEWS:
+    shutil.copy(real / _real_name(id1, view, 1, scenario), take1_only)
+  rows, scores = piq.evaluate_directory(str(take1_only), str(generated))
+  assert scores["physics_iq_score"] is None and scores["spatiotemporal_iou"] == 1.0
+  assert all(r["take2"] == "" and "variance_mse" not in r for r in rows)
+
+
+def test_cli(bench, tmp_path):
+  real, generated = bench
+  out_csv = tmp_path / "cli.csv"
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "vgpt_jax.metrics.physics_iq",
+      f"--real={real}",
+      f"--generated={generated}",
+      f"--output={out_csv}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert result.returncode == 0, result.stderr
+  scores = json.loads(result.stdout)
+  assert scores["physics_iq_score"] == 100.0 and scores["num_videos"] == 3
+  with open(out_csv, newline="") as f:
+    assert len(list(csv.DictReader(f))) == 3

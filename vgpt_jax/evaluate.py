@@ -1,0 +1,245 @@
+"""Roll a checkpoint out on held-out videos and score it against two baselines.
+
+  python -m vgpt_jax.evaluate --checkpoint=WORKDIR [--videos=DIR] [--num_videos=64]
+      [--context_frames=4 --frames=4 --clip_frames=0 --steps=50 --guidance=1 --output=DIR --nofvd]
+
+Videos: the run's held-out set (the physics world's eval split by default) or
+the files of --videos, each cut to context_frames + frames frames at the run's
+stride and frame size (shorter videos are skipped: the truth is needed).
+
+Methods, all given the same context frames:
+  model         the KV-cached sampler (vgpt_jax/sampling.py)
+  copy_last     every predicted frame is the last context frame
+  linear        x_{m-1} + k (x_{m-1} - x_{m-2}): linear extrapolation of the last two
+
+Metrics on the predicted frames: MSE, PSNR and SSIM per frame (pixels in
+[0, 1]); Physics-IQ's spatiotemporal, spatial and weighted spatial IoU of
+motion masks and its MSE (vgpt_jax/metrics/physics_iq.py; the masks of each
+video start at its last context frame, so the first prediction's motion
+counts; frames smaller than 128 pixels are upscaled by nearest neighbour so
+the 5x5 mask filters do not erase small objects); FVD (I3D) of the whole
+videos (context + prediction) against the true ones. There is no second take
+of a held-out video, so the Physics-IQ score's physical-variance
+normalisation does not apply: the raw metrics are reported.
+
+Written to DIR (default WORKDIR/eval): metrics.json, a table (table.md, also
+printed), per_frame_mse.png / per_frame_psnr.png / per_frame_ssim.png (error
+over the rollout horizon), rollouts.gif (truth | model | copy_last | linear).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import app, flags, logging
+
+from vgpt_jax import checkpoint, media
+from vgpt_jax.data.pipeline import to_uint8
+from vgpt_jax.metrics import physics_iq, video
+from vgpt_jax.sample import continue_videos, file_videos, held_out_videos
+from vgpt_jax.sampling import SamplingConfig
+
+METHODS = ("model", "copy_last", "linear")
+MASK_SIZE = 128  # frames are upscaled to at least this many pixels before motion masks
+
+
+def copy_last(context: np.ndarray, frames: int) -> np.ndarray:
+  """[B, frames, H, W, 3]: the last context frame repeated. context: [B, m, H, W, 3]."""
+  return np.repeat(context[:, -1:], frames, axis=1)
+
+
+def linear_extrapolation(context: np.ndarray, frames: int) -> np.ndarray:
+  """[B, frames, H, W, 3]: the last two context frames' difference continued, clipped to [-1, 1]."""
+  if context.shape[1] < 2:
+    return copy_last(context, frames)
+  last, step = context[:, -1:], context[:, -1:] - context[:, -2:-1]
+  k = np.arange(1, frames + 1, dtype=np.float32)[None, :, None, None, None]
+  return np.clip(last + k * step, -1.0, 1.0)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+  """[-1, 1] -> [0, 1] (the metrics' pixel range)."""
+  return (np.asarray(x, np.float32) + 1.0) / 2.0
+
+
+class FvdReference:
+  """I3D statistics of the true videos (context + truth), computed once and shared by every method."""
+
+  def __init__(self, context: np.ndarray, truth: np.ndarray):
+    from vgpt_jax.metrics import fvd
+
+    self.fvd = fvd
+    self.stats = fvd.feature_statistics(fvd.i3d_features(np.concatenate([context, truth], axis=1)))
+
+  def distance(self, context: np.ndarray, prediction: np.ndarray) -> float:
+    features = self.fvd.i3d_features(np.concatenate([context, prediction], axis=1))
+    return float(self.fvd.frechet_distance(*self.stats, *self.fvd.feature_statistics(features)))
+
+
+def score(
+  context: np.ndarray, truth: np.ndarray, prediction: np.ndarray, fvd_reference: FvdReference | None = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(summary metrics, per-frame curves) of one method; float [-1, 1] context [B, m, ...], others [B, g, ...].
+
+  FVD is included when `fvd_reference` (the true videos' I3D statistics) is given.
+  """
+  p, t = _unit(prediction), _unit(truth)
+  curves = {
+    "mse": video.mse_per_frame(p, t).mean(axis=0),
+    "psnr": video.psnr(p, t, 1.0).mean(axis=0),
+    "ssim": video.ssim(p, t, 1.0).mean(axis=0),
+  }
+  scale = max(1, MASK_SIZE // min(truth.shape[2:4]))
+  with_start = lambda x: media.upscale(to_uint8(np.concatenate([context[:, -1:], x], axis=1)), scale)  # noqa: E731
+  _, piq = physics_iq.score_arrays(with_start(prediction), with_start(truth))
+  out: dict[str, Any] = {name: float(np.mean(curve)) for name, curve in curves.items()}
+  out.update({f"physics_iq_{k}": float(piq[k]) for k in physics_iq.METRICS})
+  if fvd_reference is not None:
+    out["fvd"] = fvd_reference.distance(context, prediction)
+  return out, curves
+
+
+def evaluate(
+  checkpoint_path: str,
+  output: str | Path,
+  *,
+  videos_dir: str = "",
+  num_videos: int = 64,
+  context_frames: int = 0,
+  frames: int = 0,
+  sampling: SamplingConfig | None = None,
+  seed: int = 0,
+  weights: str = "auto",
+  step: int = -1,
+  with_fvd: bool = True,
+  batch_size: int = 16,
+) -> dict[str, Any]:
+  """The CLI's work; returns what metrics.json holds. 0 for context_frames/frames means the run's defaults."""
+  setup, params, step = checkpoint.load_model(checkpoint_path, step, weights)
+  cfg = setup.config
+  m = context_frames or cfg.train.sample_context_frames
+  g = frames or cfg.data.num_frames - m
+  sampling = sampling or SamplingConfig(clip_frames=cfg.data.num_frames - m)
+  if videos_dir:
+    videos = file_videos(setup, videos_dir, num_videos, m + g)
+  else:
+    videos = held_out_videos(setup, num_videos, m + g)
+  videos = [(name, v) for name, v in videos if len(v) == m + g]
+  if not videos:
+    raise ValueError(
+      f"no video with {m + g} frames (context {m} + {g} to predict) in {videos_dir or 'the held-out set'}"
+    )
+  if len(videos) < num_videos:
+    logging.warning("only %d of the %d videos asked for have %d frames", len(videos), num_videos, m + g)
+  stacked = np.stack([v for _, v in videos])
+  context, truth = stacked[:, :m], stacked[:, m:]
+  predictions = {
+    "model": np.stack(continue_videos(setup, params, videos, sampling, m, g, seed, batch_size=batch_size)),
+    "copy_last": copy_last(context, g),
+    "linear": linear_extrapolation(context, g),
+  }
+  fvd_reference, fvd_note = None, "off (--nofvd)"
+  if with_fvd:
+    from vgpt_jax.metrics.fvd import MIN_FRAMES
+
+    if m + g < MIN_FRAMES or len(videos) < 2:
+      fvd_note = f"skipped: I3D needs >= {MIN_FRAMES} frames (context + predicted) and >= 2 videos"
+      logging.warning("FVD %s; use --frames=%d or more", fvd_note, max(MIN_FRAMES - m, 1))
+    else:
+      fvd_reference, fvd_note = FvdReference(context, truth), "I3D Kinetics-400 logits of context + prediction"
+  results, curves = {}, {}
+  for method in METHODS:
+    logging.info("scoring %s", method)
+    results[method], curves[method] = score(context, truth, predictions[method], fvd_reference)
+  directory = Path(output)
+  directory.mkdir(parents=True, exist_ok=True)
+  report = {
+    "checkpoint": str(checkpoint_path),
+    "step": step,
+    "videos": len(videos),
+    "source": videos_dir or "held-out set",
+    "context_frames": m,
+    "predicted_frames": g,
+    "sampling": {k: getattr(sampling, k) for k in ("steps", "shift", "guidance", "clip_frames", "window")},
+    "metrics": results,
+    "fvd": fvd_note,
+    "per_frame": {method: {k: v.tolist() for k, v in c.items()} for method, c in curves.items()},
+  }
+  (directory / "metrics.json").write_text(json.dumps(report, indent=2))
+  table = format_table(results)
+  (directory / "table.md").write_text(table + "\n")
+  horizon = np.arange(1, g + 1)
+  for name, label in (("mse", "MSE"), ("psnr", "PSNR (dB)"), ("ssim", "SSIM")):
+    series = {method: curves[method][name] for method in METHODS}
+    path = directory / f"per_frame_{name}.png"
+    media.save_lines(path, horizon, series, "predicted frame", label, f"{label} over the rollout horizon")
+  full = [to_uint8(np.concatenate([context, x], axis=1)) for x in (truth, *predictions.values())]  # [B, T, H, W, 3]
+  rows = [np.concatenate([f[i] for f in full], axis=2) for i in range(min(4, len(videos)))]  # truth | methods
+  media.save_gif(directory / "rollouts.gif", np.concatenate(rows, axis=1), scale=max(1, 96 // stacked.shape[2]))
+  print(table)
+  return report
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+  """Markdown table: one row per method, one column per metric (arrows say which way is better)."""
+  better = {"mse": "↓", "psnr": "↑", "ssim": "↑", "fvd": "↓", "physics_iq_mse": "↓"}
+  columns = list(next(iter(results.values())))
+  head = "| method | " + " | ".join(f"{c} {better.get(c, '↑')}" for c in columns) + " |"
+  rule = "|---|" + "---|" * len(columns)
+  body = [f"| {method} | " + " | ".join(f"{r[c]:.4g}" for c in columns) + " |" for method, r in results.items()]
+  return "\n".join([head, rule, *body])
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string("checkpoint", None, "A run's workdir (or its checkpoints directory).")
+  flags.DEFINE_string("videos", "", "A directory of held-out video files; empty: the run's held-out set.")
+  flags.DEFINE_string("output", "", "Where to write; default CHECKPOINT/eval.")
+  flags.DEFINE_integer("num_videos", 64, "Videos to evaluate on.")
+  flags.DEFINE_integer("context_frames", 0, "Context frames; 0: train.sample_context_frames.")
+  flags.DEFINE_integer("frames", 0, "Frames to predict; 0: data.num_frames - context_frames.")
+  flags.DEFINE_integer("clip_frames", 0, "Frames per generated clip; 0: data.num_frames - context_frames.")
+  flags.DEFINE_integer("steps", 50, "Euler steps per clip.")
+  flags.DEFINE_float("shift", 1.0, "Timestep shift (1: none).")
+  flags.DEFINE_float("guidance", 1.0, "Classifier-free guidance scale (1: off).")
+  flags.DEFINE_integer("seed", 0, "Noise seed.")
+  flags.DEFINE_enum("weights", "auto", ["auto", "params", "ema"], "auto: the EMA when the run kept one.")
+  flags.DEFINE_integer("step", -1, "Checkpoint step; -1: the newest readable.")
+  flags.DEFINE_bool("fvd", True, "Also compute FVD with I3D (slow on CPU).")
+  flags.DEFINE_integer("batch_size", 16, "Videos generated together.")
+  flags.mark_flags_as_required(["checkpoint"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  config = checkpoint.saved_config(f.checkpoint, f.step)
+  m = f.context_frames or config.train.sample_context_frames
+  sampling = SamplingConfig(
+    steps=f.steps, shift=f.shift, guidance=f.guidance, clip_frames=f.clip_frames or config.data.num_frames - m
+  )
+  try:
+    evaluate(
+      f.checkpoint,
+      f.output or str(Path(f.checkpoint) / "eval"),
+      videos_dir=f.videos,
+      num_videos=f.num_videos,
+      context_frames=m,
+      frames=f.frames,
+      sampling=sampling,
+      seed=f.seed,
+      weights=f.weights,
+      step=f.step,
+      with_fvd=f.fvd,
+      batch_size=f.batch_size,
+    )
+  except (ValueError, checkpoint.CheckpointError) as e:
+    raise SystemExit(f"evaluate: {e}") from None
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

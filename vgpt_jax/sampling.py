@@ -1,0 +1,262 @@
+"""Autoregressive next-clip generation (SPEC section 7), with a KV cache.
+
+Given m clean context frames (latents), clips of g frames are generated one
+after another by Euler integration of the flow ODE; each finished clip joins
+the context. The model sees a window of at most W frames (its trained length):
+when the context and the next clip no longer fit, the window slides to the
+last W - g frames, renumbered from frame 0, so positions always lie where
+training put them.
+
+Why a cache is exact: clean tokens never attend to noisy ones (SPEC section
+3), so the context's keys and values do not depend on the clip being denoised.
+`rollout(..., cached=True)` computes them once (and appends each finished
+clip's), then every denoising step runs only the g noisy frames' tokens
+against them. `cached=False` recomputes the whole sequence at every step, as
+the reference does; tests check both give the same clips.
+
+Classifier-free guidance (scale w != 1): the unconditional branch is the same
+noisy clip with no history, its frames at positions from 0 (the reference's
+choice; a training sample's first clip is exactly that case), and
+v = v_u + w (v_c - v_u).
+
+Unlike the reference, generated latents join the context directly, not after a
+decode/re-encode round trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vgpt_jax import diffusion
+from vgpt_jax.layout import CLEAN, NOISY, fixed_split, sampling_layout, segment_tokens, training_layout
+from vgpt_jax.model.transformer import KVCache
+from vgpt_jax.trainer import Setup
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How clips are generated; `window` 0 means the trained length (data.num_frames)."""
+
+  steps: int = 50  # Euler steps per clip
+  shift: float = 1.0  # timestep shift (1 = none)
+  guidance: float = 1.0  # classifier-free guidance scale (1 = off: one model call per step)
+  clip_frames: int = 1  # g: frames generated per clip
+  window: int = 0  # W: frames the model sees at once
+
+  def window_for(self, setup: Setup) -> int:
+    return self.window or setup.layout.num_frames
+
+
+def check_sampling(setup: Setup, cfg: SamplingConfig, context_frames: int) -> None:
+  """Raise ValueError naming the fix when `cfg` cannot run on this model."""
+  w = cfg.window_for(setup)
+  problems = []
+  if cfg.steps < 1:
+    problems.append(f"steps={cfg.steps} must be >= 1")
+  if cfg.clip_frames < 1:
+    problems.append(f"clip_frames={cfg.clip_frames} must be >= 1")
+  if w > setup.layout.num_frames:
+    problems.append(f"window={w} exceeds the trained length data.num_frames={setup.layout.num_frames}")
+  if cfg.clip_frames >= w:
+    problems.append(f"clip_frames={cfg.clip_frames} leaves no room for context in a window of {w} frames")
+  if context_frames < 1:
+    problems.append("at least one context frame is needed")
+  if problems:
+    raise ValueError("cannot sample: " + "; ".join(problems))
+
+
+def _frame_times(b: int, m: int, g: int, t: jax.Array) -> jax.Array:
+  """[B, m + g]: 1 for the context frames, t for the clip's."""
+  return jnp.concatenate([jnp.ones((b, m)), jnp.full((b, g), t)], axis=1)
+
+
+def _unconditional_velocity(setup: Setup, params: Any, x: jax.Array, t: jax.Array) -> jax.Array:
+  """The guidance branch: the clip alone, frames at positions 0..g-1, no history (one clip, block 0)."""
+  b, g = x.shape[:2]
+  layout = training_layout(g, setup.layout.tokens_per_frame)
+  split = jnp.zeros((b, g), jnp.int32)
+  out = setup.model.apply({"params": params}, x, x, jnp.full((b, g), t), split, layout)
+  return diffusion.velocity(out, x, jnp.full((b, g), t), setup.config.diffusion.prediction)
+
+
+def _guided(setup: Setup, params: Any, guidance: float, conditional: Callable) -> Callable:
+  """velocity_fn(x, t) with classifier-free guidance around `conditional(x, t)`."""
+
+  def velocity_fn(x: jax.Array, t: jax.Array) -> jax.Array:
+    v = conditional(x, t)
+    if guidance == 1.0:
+      return v
+    v_u = _unconditional_velocity(setup, params, x, t)
+    return v_u + guidance * (v - v_u)
+
+  return velocity_fn
+
+
+def uncached_clip(
+  setup: Setup, params: Any, context: jax.Array, noise: jax.Array, steps: int, shift: float, guidance: float
+) -> jax.Array:
+  """The reference's way: the whole training-layout sequence (split m | g) recomputed at every step.
+
+  context: [B, m, h, w, C]; noise: [B, g, h, w, C] (the clip at t = 0). Returns the clip at t = 1.
+  """
+  b, m = context.shape[:2]
+  g = noise.shape[1]
+  layout = training_layout(m + g, setup.layout.tokens_per_frame)
+  split = jnp.broadcast_to(jnp.asarray(fixed_split((m, g))), (b, m + g))
+  prediction = setup.config.diffusion.prediction
+
+  def conditional(x: jax.Array, t: jax.Array) -> jax.Array:
+    frames = jnp.concatenate([context, x], axis=1)  # noisy copies of the context are masked from the clip
+    out = setup.model.apply({"params": params}, frames, frames, _frame_times(b, m, g, t), split, layout)
+    return diffusion.velocity(out[:, m:], x, jnp.full((b, g), t), prediction)
+
+  grid = diffusion.euler_grid(steps, shift)
+  return diffusion.euler_integrate(_guided(setup, params, guidance, conditional), noise, grid)
+
+
+def _window_inputs(window: int, frames: jax.Array, first: int) -> jax.Array:
+  """[B, W, h, w, C]: `frames` placed at window frames first.., zeros elsewhere (those are not run)."""
+  b, n = frames.shape[:2]
+  before = jnp.zeros((b, first, *frames.shape[2:]), frames.dtype)
+  after = jnp.zeros((b, window - first - n, *frames.shape[2:]), frames.dtype)
+  return jnp.concatenate([before, frames, after], axis=1)
+
+
+def extend_cache(
+  setup: Setup, window: int, params: Any, cache: KVCache | None, frames: jax.Array, first: int
+) -> KVCache:
+  """The cache of window frames 0..first-1 extended with clean `frames` [B, k, ...] at first..first+k-1.
+
+  The new frames' clean tokens run once, attending to the cached ones (clean
+  attention is causal over frames, so nothing earlier changes).
+  """
+  b, k = frames.shape[:2]
+  layout = sampling_layout(window, setup.layout.tokens_per_frame)
+  clean = _window_inputs(window, frames, first)
+  split = jnp.zeros((b, window), jnp.int32)
+  _, kv = setup.model.apply(
+    {"params": params},
+    clean,
+    jnp.zeros_like(clean),
+    jnp.ones((b, window)),
+    split,
+    layout,
+    tokens=segment_tokens(layout, CLEAN, first, first + k),
+    cache=cache,
+    cache_tokens=segment_tokens(layout, CLEAN, 0, first) if cache is not None else None,
+    return_kv=True,
+  )
+  if cache is None:
+    return kv
+  return jax.tree.map(lambda old, new: jnp.concatenate([old, new], axis=2), cache, kv)
+
+
+def cached_denoise(
+  setup: Setup, window: int, params: Any, cache: KVCache, m: int, x: jax.Array, t: jax.Array
+) -> jax.Array:
+  """The network's output for the clip x [B, g, ...] at time t, given the cached context of m frames.
+
+  Equals the training layout's output for the noisy frames m..m+g-1 with split (m | g).
+  """
+  b, g = x.shape[:2]
+  layout = sampling_layout(window, setup.layout.tokens_per_frame)
+  noisy = _window_inputs(window, x, m)
+  split = jnp.asarray(np.repeat([0, 1, 2], [m, g, window - m - g]).astype(np.int32))
+  times = jnp.concatenate([jnp.ones((b, m)), jnp.full((b, g), t), jnp.ones((b, window - m - g))], axis=1)
+  return setup.model.apply(
+    {"params": params},
+    jnp.zeros_like(noisy),
+    noisy,
+    times,
+    jnp.broadcast_to(split, (b, window)),
+    layout,
+    tokens=segment_tokens(layout, NOISY, m, m + g),
+    cache=cache,
+    cache_tokens=segment_tokens(layout, CLEAN, 0, m),
+  )
+
+
+def cached_clip(
+  setup: Setup,
+  window: int,
+  params: Any,
+  cache: KVCache,
+  m: int,
+  noise: jax.Array,
+  steps: int,
+  shift: float,
+  guidance: float,
+) -> jax.Array:
+  """Generate one clip against the cached context of m frames; only the clip's tokens run per step."""
+  prediction = setup.config.diffusion.prediction
+
+  def conditional(x: jax.Array, t: jax.Array) -> jax.Array:
+    out = cached_denoise(setup, window, params, cache, m, x, t)
+    return diffusion.velocity(out, x, jnp.full(x.shape[:2], t), prediction)
+
+  grid = diffusion.euler_grid(steps, shift)
+  return diffusion.euler_integrate(_guided(setup, params, guidance, conditional), noise, grid)
+
+
+class Sampler:
+  """Jit-compiled rollouts for one model; compiled functions are reused across calls of the same shapes."""
+
+  def __init__(self, setup: Setup, cfg: SamplingConfig):
+    self.setup, self.cfg = setup, cfg
+    self.window = cfg.window_for(setup)
+    w = self.window
+    self._extend = jax.jit(functools.partial(extend_cache, setup, w), static_argnames="first")
+    self._cached_clip = jax.jit(
+      functools.partial(cached_clip, setup, w), static_argnames=("m", "steps", "shift", "guidance")
+    )
+    self._uncached_clip = jax.jit(
+      functools.partial(uncached_clip, setup), static_argnames=("steps", "shift", "guidance")
+    )
+
+  def rollout(
+    self,
+    params: Any,
+    context: jax.Array,
+    keys: jax.Array,
+    num_frames: int,
+    cached: bool = True,
+    on_clip: Callable[[int, int], None] | None = None,
+  ) -> jax.Array:
+    """Generate `num_frames` frames after `context` [B, m, h, w, C]; returns [B, num_frames, h, w, C].
+
+    keys: [B] one PRNG key per video. Clip c of video i starts from noise drawn
+    with fold_in(keys[i], c), so the cached and uncached paths, and any batch
+    holding the same video, see the same noise. `on_clip(done, total)` is
+    called after each clip (progress bars).
+    """
+    cfg, w = self.cfg, self.window
+    check_sampling(self.setup, cfg, context.shape[1])
+    shape = context.shape[2:]
+    history = jnp.asarray(context, jnp.float32)
+    total = -(-num_frames // cfg.clip_frames)
+    cache, cache_start, cached_upto = None, -1, 0
+    for c in range(total):
+      g = min(cfg.clip_frames, num_frames - c * cfg.clip_frames)
+      start = max(0, history.shape[1] + g - w)  # slide so that context + clip fit the window
+      window_context = history[:, start:]
+      m = window_context.shape[1]
+      noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, c), (g, *shape), jnp.float32))(keys)
+      sampling = dict(steps=cfg.steps, shift=float(cfg.shift), guidance=float(cfg.guidance))
+      if cached:
+        if start != cache_start:  # positions moved: the window's context is encoded afresh
+          cache, cache_start, cached_upto = None, start, 0
+        cache = self._extend(params, cache, window_context[:, cached_upto:], first=cached_upto)
+        cached_upto = m
+        clip = self._cached_clip(params, cache, m=m, noise=noise, **sampling)
+      else:
+        clip = self._uncached_clip(params, window_context, noise, **sampling)
+      history = jnp.concatenate([history, clip], axis=1)
+      if on_clip is not None:
+        on_clip(c + 1, total)
+    return history[:, context.shape[1] :]
