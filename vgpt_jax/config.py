@@ -5,12 +5,13 @@ from __future__ import annotations
 import ml_collections
 
 from vgpt_jax import diffusion
+from vgpt_jax.attention.select import ATTENTIONS
 from vgpt_jax.data import latents
 from vgpt_jax.data.pipeline import validate_data_config
 from vgpt_jax.layout import SPLITS
 from vgpt_jax.model.tokenizer import TOKENIZERS
 from vgpt_jax.model.transformer import REMAT_POLICIES
-from vgpt_jax.model.video_gpt import ATTENTION_FNS, DTYPES
+from vgpt_jax.model.video_gpt import DTYPES
 
 
 class ConfigError(ValueError):
@@ -36,7 +37,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   )
 
   # Model shape.
-  _choice(problems, "model.attention", m.attention, ATTENTION_FNS)
+  _choice(problems, "model.attention", m.attention, ATTENTIONS)
+  if m.get("attention_block", 512) < 8 or m.get("attention_block", 512) % 8:
+    problems.append(f"model.attention_block={m.get('attention_block')} must be a positive multiple of 8")
   _choice(problems, "model.remat", m.remat, REMAT_POLICIES)
   _choice(problems, "model.dtype", m.dtype, DTYPES)
   _choice(problems, "model.param_dtype", m.param_dtype, DTYPES)
@@ -68,6 +71,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if cell > 0 and max(d.height, d.width) // cell > m.pos_embed_max_size:
     problems.append(
       f"patch grid {d.height // cell}x{d.width // cell} exceeds model.pos_embed_max_size={m.pos_embed_max_size}"
+    )
+
+  tokens = (2 * d.num_frames - 1) * ((d.height // cell) * (d.width // cell) + 2) if cell > 0 else 0
+  context = config.mesh.context
+  if context < 1:
+    problems.append(f"mesh.context={context}: give the context-parallel size explicitly (1 = off)")
+  elif context > 1 and tokens % (2 * context):
+    problems.append(
+      f"mesh.context={context}: the {tokens}-token sequence cannot be dealt in {2 * context} equal chunks; "
+      "change data.num_frames or the frame size, or use a smaller mesh.context"
     )
 
   # Frames and clips.

@@ -72,6 +72,8 @@ def file_videos(setup: Setup, path: str, count: int, frames: int) -> Videos:
   for p in paths[:count]:
     try:
       available = video_files.probe(p).frames // stride
+      if available < 1:
+        raise BadVideo("too_short", f"{p}: no frame at stride {stride}")
       clip, _ = video_files.read_clip(
         p,
         lambda n: (0, stride),

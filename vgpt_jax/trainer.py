@@ -17,6 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from vgpt_jax import diffusion, parallel
+from vgpt_jax.attention import context_parallel
 from vgpt_jax.data import latents as latents_lib
 from vgpt_jax.data.pipeline import input_key
 from vgpt_jax.layout import Layout, sample_splits, training_layout
@@ -73,6 +74,14 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
   )
 
 
+def model_layout(num_frames: int, tokens_per_frame: int, context: int = 1) -> Layout:
+  """The training layout; with context parallelism (mesh.context > 1) in an order that balances the devices."""
+  layout = training_layout(num_frames, tokens_per_frame)
+  if context > 1:
+    layout = context_parallel.reorder(layout, context_parallel.balanced_order(layout, context))
+  return layout
+
+
 def make_setup(config: ml_collections.ConfigDict) -> Setup:
   tokenizer = tokenizer_lib.make_tokenizer(config.tokenizer)
   h, w, c = tokenizer.latent_shape(config.data.height, config.data.width)
@@ -85,7 +94,7 @@ def make_setup(config: ml_collections.ConfigDict) -> Setup:
     config=config,
     model=VideoGPT.from_config(config.model),
     tokenizer=tokenizer,
-    layout=training_layout(config.data.num_frames, (h // p) * (w // p)),
+    layout=model_layout(config.data.num_frames, (h // p) * (w // p), config.mesh.context),
     optimizer=make_optimizer(config.optim),
     latent_shape=(h, w, c),
     inputs=inputs,

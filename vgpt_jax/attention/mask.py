@@ -17,7 +17,6 @@ Rules (SPEC section 3), with kinds ordered BOS < TIME < PATCH < EOS:
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from vgpt_jax.layout import CLEAN, NOISY, TokenIds
 
@@ -42,8 +41,3 @@ def dense_mask(q: TokenIds, k: TokenIds) -> jax.Array:
     TokenIds(*(x[:, :, None] for x in (q.frame, q.block, q.stream, q.kind, q.position))),
     TokenIds(*(x[:, None, :] for x in (k.frame, k.block, k.stream, k.kind, k.position))),
   )
-
-
-def visible_count(ids: TokenIds) -> jax.Array:
-  """int [B]: number of visible (query, key) pairs of a sequence's own mask."""
-  return jnp.sum(dense_mask(ids, ids), axis=(1, 2))

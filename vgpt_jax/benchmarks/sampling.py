@@ -1,6 +1,6 @@
 """Sampling benchmark: KV-cached rollouts against recomputing the whole sequence at every step.
 
-  python -m vgpt_jax.benchmarks.sampling [--preset=tiny --clips=4 --steps=50 --batch=4]
+  python -m vgpt_jax.benchmarks.sampling [--preset=tiny --clips=4 --steps=50 --batch=16 --context_frames=7]
 
 Both paths generate the same clips (tests/test_sampling.py checks it); the
 table gives their steady-state time (compilation excluded: each path runs
@@ -62,6 +62,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("clip_frames", 1, "Frames per clip.")
   flags.DEFINE_integer("context_frames", 7, "Context frames (7 of the tiny model's 8: a long rollout's steady state).")
   flags.DEFINE_integer("steps", 50, "Euler steps per clip.")
-  flags.DEFINE_integer("batch", 4, "Videos per rollout.")
+  flags.DEFINE_integer("batch", 16, "Videos per rollout (the evaluate CLI's default batch).")
   flags.DEFINE_integer("repeats", 3, "Timed runs per path (the median is reported).")
   app.run(main)

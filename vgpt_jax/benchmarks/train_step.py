@@ -21,7 +21,7 @@ import numpy as np
 
 from configs import tiny
 from vgpt_jax import parallel, trainer
-from vgpt_jax.attention.mask import visible_count
+from vgpt_jax.attention.accounting import visible_count
 from vgpt_jax.layout import sample_splits, token_ids
 from vgpt_jax.model import model_config
 from vgpt_jax.model.transformer import REMAT_POLICIES

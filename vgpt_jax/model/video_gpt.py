@@ -14,12 +14,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vgpt_jax.attention import dense_attention
+from vgpt_jax.attention.select import attention_fn
 from vgpt_jax.layout import NUM_SPECIAL, Layout, token_ids
 from vgpt_jax.model.embeddings import FinalLayer, PatchEmbed, TimestepEmbedder, patchify, sincos_2d_table, unpatchify
-from vgpt_jax.model.transformer import AttentionFn, Decoder, KVCache
+from vgpt_jax.model.transformer import Decoder, KVCache
 
-ATTENTION_FNS: dict[str, AttentionFn] = {"dense": dense_attention}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -36,7 +35,8 @@ class VideoGPT(nn.Module):
   time_freq_dim: int = 256
   pos_embed_max_size: int = 192
   pos_embed_base_size: int = 64
-  attention: str = "dense"
+  attention: str = "dense"  # attention/select.py: dense | chunked | pallas_tpu | pallas_gpu | auto
+  attention_block: int = 512  # tile size of the tiled paths
   remat: str = "none"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -55,6 +55,7 @@ class VideoGPT(nn.Module):
       pos_embed_max_size=model_cfg.pos_embed_max_size,
       pos_embed_base_size=model_cfg.pos_embed_base_size,
       attention=model_cfg.attention,
+      attention_block=model_cfg.get("attention_block", 512),
       remat=model_cfg.remat,
       dtype=DTYPES[model_cfg.dtype],
       param_dtype=DTYPES[model_cfg.param_dtype],
@@ -96,33 +97,40 @@ class VideoGPT(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     pos = jnp.asarray(sincos_2d_table(self.hidden, h // p, w // p, self.pos_embed_max_size, self.pos_embed_base_size))
 
-    clean_tok = PatchEmbed(self.hidden, name="clean_embed", **kw)(patchify(clean, p)) + pos.astype(self.dtype)
-    noisy_tok = PatchEmbed(self.hidden, zero_init=True, name="noisy_embed", **kw)(patchify(noisy, p)) + pos.astype(
-      self.dtype
-    )
-    time_tok = TimestepEmbedder(self.hidden, self.time_freq_dim, name="time_token", **kw)(t)
+    s = pos.shape[0]
+    if layout.table_size != 2 * n * s + n + NUM_SPECIAL:
+      raise ValueError(
+        f"layout is for {layout.num_frames} frames x {layout.tokens_per_frame} tokens, got {n} frames x {s} tokens"
+      )
+    tokens = np.arange(layout.length) if tokens is None else np.asarray(tokens)
+    # Embed only the tokens that run (the KV-cached sampler runs a clip's tokens, not the window's): each kind of
+    # token source is embedded for its selected entries, then the parts are put in the tokens' order.
+    source = layout.source[tokens]
+    bounds = np.cumsum([0, n * s, n * s, n, NUM_SPECIAL])
+    picks = [np.nonzero((source >= lo) & (source < hi))[0] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    local = [source[pick] - lo for pick, lo in zip(picks, bounds[:-1])]  # index within each kind's table
+    parts = []
+    for frames, name, zero_init, pick, idx in (
+      (clean, "clean_embed", False, picks[0], local[0]),
+      (noisy, "noisy_embed", True, picks[1], local[1]),
+    ):
+      if len(pick):
+        patches = jnp.take(patchify(frames, p).reshape(b, n * s, -1), jnp.asarray(idx), axis=1)
+        embed = PatchEmbed(self.hidden, zero_init=zero_init, name=name, **kw)(patches)
+        parts.append(embed + pos[idx % s].astype(self.dtype))
+    if len(picks[2]):
+      t_tok = jnp.take(t, jnp.asarray(local[2]), axis=1)
+      parts.append(TimestepEmbedder(self.hidden, self.time_freq_dim, name="time_token", **kw)(t_tok).astype(self.dtype))
     special = self.param(
       "special_tokens",
       nn.with_logical_partitioning(nn.initializers.normal(0.02), ("special", "embed")),
       (NUM_SPECIAL, self.hidden),
       self.param_dtype,
     )
-    s = clean_tok.shape[2]
-    table = jnp.concatenate(
-      [
-        clean_tok.reshape(b, n * s, self.hidden),
-        noisy_tok.reshape(b, n * s, self.hidden),
-        time_tok.astype(self.dtype),
-        jnp.broadcast_to(special.astype(self.dtype), (b, NUM_SPECIAL, self.hidden)),
-      ],
-      axis=1,
-    )
-    if table.shape[1] != layout.table_size:
-      raise ValueError(
-        f"layout is for {layout.num_frames} frames x {layout.tokens_per_frame} tokens, got {n} frames x {s} tokens"
-      )
-    tokens = np.arange(layout.length) if tokens is None else np.asarray(tokens)
-    x = jnp.take(table, jnp.asarray(layout.source[tokens]), axis=1)  # [B, T', D]
+    if len(picks[3]):
+      parts.append(jnp.broadcast_to(special[local[3]].astype(self.dtype), (b, len(picks[3]), self.hidden)))
+    order = np.argsort(np.concatenate(picks))
+    x = jnp.take(jnp.concatenate(parts, axis=1), jnp.asarray(order), axis=1)  # [B, T', D]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     all_ids = token_ids(layout, block_of_frame)
@@ -135,7 +143,7 @@ class VideoGPT(nn.Module):
       self.mlp_dim,
       self.norm_eps,
       self.rope_theta,
-      ATTENTION_FNS[self.attention],
+      attention_fn(self.attention, self.attention_block),
       self.remat,
       name="decoder",
       **kw,

@@ -1,0 +1,127 @@
+"""Fast attention paths against the dense reference; tile skipping and exact visible-entry accounting."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from tests.conftest import small_config
+from vgpt_jax import layout as L
+from vgpt_jax import trainer
+from vgpt_jax.attention import accounting, select
+from vgpt_jax.attention.chunked import chunked_attention, pad_ids, tile_map
+from vgpt_jax.attention.dense import dense_attention
+from vgpt_jax.attention.mask import dense_mask
+
+RANDOM = ml_collections.ConfigDict(dict(split="random", min_clips=2, max_clips=-1))
+
+
+def random_ids(key: int, batch: int, frames: int, tokens: int) -> L.TokenIds:
+  split = L.sample_splits(jax.random.key(key), batch, frames, RANDOM)
+  return L.token_ids(L.training_layout(frames, tokens), split)
+
+
+def qkv(key: int, batch: int, length: int, heads: int = 2, dim: int = 16, kv_length: int | None = None):
+  keys = jax.random.split(jax.random.key(key), 3)
+  kv_length = kv_length or length
+  return (
+    jax.random.normal(keys[0], (batch, length, heads, dim)),
+    jax.random.normal(keys[1], (batch, kv_length, heads, dim)),
+    jax.random.normal(keys[2], (batch, kv_length, heads, dim)),
+  )
+
+
+def rel(a, b) -> float:
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize("frames, tokens, block_q, block_k", [(6, 6, 16, 16), (5, 5, 32, 8), (8, 4, 64, 64)])
+def test_chunked_equals_dense_forward_and_gradients(frames, tokens, block_q, block_k):
+  """Fresh inputs and random splits (padding included: lengths are not multiples of the blocks)."""
+  for seed in range(2):
+    ids = random_ids(seed, 3, frames, tokens)
+    q, k, v = qkv(seed + 10, 3, ids.frame.shape[1])
+    weights = jax.random.normal(jax.random.key(seed + 20), q.shape)
+
+    def loss(fn):
+      return lambda q, k, v: jnp.sum(fn(q, k, v, ids, ids) * weights)
+
+    chunked = lambda q, k, v, a, b: chunked_attention(q, k, v, a, b, block_q=block_q, block_k=block_k)  # noqa: E731
+    assert rel(chunked(q, k, v, ids, ids), dense_attention(q, k, v, ids, ids)) < 1e-5
+    grads = jax.grad(loss(chunked), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(dense_attention), argnums=(0, 1, 2))(q, k, v)
+    for got, ref in zip(grads, want):
+      assert rel(got, ref) < 1e-5
+
+
+def test_chunked_queries_against_cached_keys():
+  """Tq != Tk: one noisy clip's queries against the clean context and itself, as the KV-cached sampler runs."""
+  lay = L.sampling_layout(5, 6)
+  split = jnp.asarray([[0, 0, 0, 1, 1]])
+  ids = L.token_ids(lay, split)
+  q_tokens = L.segment_tokens(lay, L.NOISY, 3, 5)
+  k_tokens = np.concatenate([L.segment_tokens(lay, L.CLEAN, 0, 3), q_tokens])
+  q_ids, k_ids = ids[:, q_tokens], ids[:, k_tokens]
+  q, k, v = qkv(3, 1, len(q_tokens), kv_length=len(k_tokens))
+  out = chunked_attention(q, k, v, q_ids, k_ids, block_q=8, block_k=16)
+  assert rel(out, dense_attention(q, k, v, q_ids, k_ids)) < 1e-5
+
+
+def test_tile_map_never_skips_a_visible_entry_and_skips_most_of_a_long_sequence():
+  block = 16
+  for seed in range(4):
+    ids = random_ids(seed, 2, 12, 14)
+    length = -(-ids.frame.shape[1] // block) * block
+    padded = pad_ids(ids, length)
+    kept = np.asarray(tile_map(padded, padded, block, block))  # [B, nq, nk]
+    mask = np.asarray(dense_mask(padded, padded))
+    n = length // block
+    has_visible = mask.reshape(2, n, block, n, block).any(axis=(2, 4))
+    assert not (has_visible & ~kept).any()  # conservative: never hides a visible entry
+    assert kept.mean() < 0.6  # and still skips most tiles (clean never sees noisy, noisy sees little)
+
+
+def test_visible_count_is_exact_and_matches_the_dense_mask():
+  ids = random_ids(5, 3, 7, 5)
+  want = np.asarray(dense_mask(ids, ids)).sum(axis=(1, 2))
+  np.testing.assert_array_equal(accounting.visible_count(ids, block=16), want)
+  fractions = accounting.tile_fractions(ids, ids, 16, 16)
+  assert 0 < fractions["visible_fraction"] < fractions["tiles_kept_fraction"] <= 1
+  assert fractions["visible_fraction"] == pytest.approx(want.mean() / ids.frame.shape[1] ** 2)
+  assert accounting.attention_flops(100.0, 8, 2, backward=False) == 2 * 2 * 100 * 8 * 2
+
+
+def test_a_new_split_does_not_recompile():
+  ids_a, ids_b = random_ids(0, 2, 6, 6), random_ids(1, 2, 6, 6)
+  assert not np.array_equal(ids_a.block, ids_b.block)
+  q, k, v = qkv(0, 2, ids_a.frame.shape[1])
+  fn = jax.jit(lambda *a: chunked_attention(*a, block_q=32, block_k=32))
+  fn(q, k, v, ids_a, ids_a)
+  fn(q, k, v, ids_b, ids_b)
+  assert fn._cache_size() == 1  # noqa: SLF001
+
+
+def test_model_with_chunked_attention_equals_dense():
+  outs = {}
+  for name in ("dense", "chunked", "auto"):
+    setup = trainer.make_setup(small_config(**{"model.attention": name, "model.attention_block": 16}))
+    x = jax.random.normal(jax.random.key(2), (2, 5, *setup.latent_shape))
+    split = jnp.asarray([[0, 0, 1, 1, 2], [0, 1, 1, 1, 1]])
+
+    @jax.jit
+    def forward(x, split, setup=setup):
+      params = trainer.init_params(setup, jax.random.key(0))
+      params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+      return setup.model.apply({"params": params}, x, x, jnp.full((2, 5), 0.3), split, setup.layout)
+
+    outs[name] = forward(x, split)
+  assert rel(outs["chunked"], outs["dense"]) < 1e-5
+  np.testing.assert_array_equal(outs["auto"], outs["dense"])  # a short sequence on CPU: auto is dense
+
+
+def test_unknown_attention_is_refused():
+  with pytest.raises(ValueError, match="unknown attention 'flash'"):
+    select.attention_fn("flash")

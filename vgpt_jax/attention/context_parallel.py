@@ -1,0 +1,87 @@
+"""Context parallelism: a long sequence split over the `context` mesh axis.
+
+Each device keeps its slice of the queries and gathers every key and value
+(all-gather over `context`; the backward pass reduce-scatters their
+gradients), then runs any attention path on (local queries, all keys). The
+activations between layers stay split along the sequence (logical axis
+`length` -> `context` in parallel.LOGICAL_RULES), so a device holds 1/c of
+every activation but one layer's K/V.
+
+Balance: in the training order (clean frames, then noisy frames) the work per
+query grows along each half, so contiguous slices would give the last device
+the most. `balanced_order` first interleaves clean and noisy segments frame by
+frame (the work then grows with the frame), then deals the sequence out in 2c
+chunks, device i taking chunk i and chunk 2c-1-i: a cheap early chunk with an
+expensive late one. The mask depends on ids only, so any token order gives the
+same model.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from vgpt_jax.layout import Layout, TokenIds
+
+AXIS = "context"
+
+
+def context_size() -> int:
+  """Size of the `context` axis of the mesh in scope (1 without one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or AXIS not in mesh.axis_names:
+    return 1
+  return int(mesh.shape[AXIS])
+
+
+def balanced_order(layout: Layout, shards: int) -> np.ndarray:
+  """int [T]: a permutation of the layout's tokens whose `shards` contiguous slices carry equal attention work."""
+  t = layout.length
+  if t % (2 * shards):
+    raise ValueError(
+      f"a sequence of {t} tokens cannot be dealt in {2 * shards} equal chunks for mesh.context={shards}; "
+      "choose a frame size or frame count that makes (2 * num_frames - 1) * (tokens_per_frame + 2) divisible by "
+      f"{2 * shards}, or a smaller mesh.context"
+    )
+  by_frame = np.lexsort((np.arange(t), layout.stream, layout.frame))  # C0 N0 C1 N1 ...: work grows with the frame
+  chunks = by_frame.reshape(2 * shards, t // (2 * shards))
+  return np.concatenate([np.concatenate([chunks[i], chunks[2 * shards - 1 - i]]) for i in range(shards)])
+
+
+def reorder(layout: Layout, order: np.ndarray) -> Layout:
+  """The same tokens in another order (ids and the model's output are unchanged)."""
+  return Layout(
+    layout.num_frames,
+    layout.tokens_per_frame,
+    frame=layout.frame[order],
+    stream=layout.stream[order],
+    kind=layout.kind[order],
+    position=layout.position[order],
+    source=layout.source[order],
+  )
+
+
+def shard_over_context(inner):
+  """attention_fn -> the same function split over the `context` axis when the mesh in scope has one (> 1)."""
+
+  def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: TokenIds, k_ids: TokenIds) -> jax.Array:
+    if context_size() == 1:
+      return inner(q, k, v, q_ids, k_ids)
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    if q.shape[0] % int(np.prod([mesh.shape[a] for a in batch])):
+      batch = ()  # e.g. the one-sample init: replicate the batch, still split the sequence
+    heads = "tensor" if "tensor" in mesh.axis_names and q.shape[2] % mesh.shape["tensor"] == 0 else None
+    x_spec, id_spec = P(batch or None, AXIS, heads, None), P(batch or None, AXIS)
+    ids_spec = jax.tree.map(lambda _: id_spec, q_ids)
+
+    def local(q, k, v, q_ids, k_ids):
+      gather = lambda x: jax.lax.all_gather(x, AXIS, axis=1, tiled=True)  # noqa: E731
+      return inner(q, gather(k), gather(v), q_ids, jax.tree.map(gather, k_ids))
+
+    return jax.shard_map(
+      local, in_specs=(x_spec, x_spec, x_spec, ids_spec, ids_spec), out_specs=x_spec, check_vma=False
+    )(q, k, v, q_ids, k_ids)
+
+  return attention

@@ -1,0 +1,426 @@
+"""Flash attention for GPUs in Pallas (Triton lowering), masked by per-token ids, empty tiles skipped.
+
+Forward and backward are Pallas kernels tied together with `jax.custom_vjp`:
+  * the mask is never stored: each kernel loads the id fields (frame, block,
+    stream, kind) of its query rows and key rows and evaluates `mask.visible`
+    on the broadcast [block_q, block_k] tile, the same predicate the dense
+    reference uses;
+  * tiles with no visible entry are never visited: `chunked.tile_map` (per
+    batch element) becomes, outside the kernels, a list of the visible key tiles
+    of every query tile and its length (and, for the dk/dv kernel, the visible
+    query tiles of every key tile). Each kernel's loop runs over its list only,
+    so the work is proportional to the kept tiles (about a quarter of a training
+    sequence's) and no branch sits inside the loop;
+  * softmax statistics (running max, normaliser, log-sum-exp) are float32 and
+    kept in base 2 (`exp2`, scale folded with log2(e)); matmuls accumulate in
+    float32. The backward recomputes probabilities from the saved log-sum-exp:
+    one kernel over key tiles accumulates dk and dv, one over query tiles
+    accumulates dq (the split of the public Pallas flash backward), so neither
+    needs atomics.
+Any lengths work: sequences are padded to the blocks with invisible padding
+tokens (`chunked.pad_ids`); a query that sees no key outputs 0.
+
+Constraints (checked by `pallas_gpu_attention`, which raises a ValueError that
+names the fix):
+  * q [B, Tq, H, D], k and v [B, Tk, H, D]: same B, H and D (no grouped heads);
+  * D a power of two >= 16 (Triton's tensor shapes are powers of two and its
+    `dot` needs every dimension >= 16): 16, 32, 64, 128 or 256;
+  * block_q, block_k powers of two >= 16. They are capped at the padded
+    lengths (so short sequences use small tiles); 64 or 128 suit an H100, larger
+    tiles spill registers (and 256-wide heads want 32 or 64);
+  * q, k, v of one dtype among float32, bfloat16 and float16. float32 matmuls
+    run at full IEEE precision (not TF32) so results match the dense reference;
+    cast to bfloat16 for tensor-core speed.
+
+cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) cannot express
+this mask except as a dense boolean mask or additive bias of shape
+[B, 1, Tq, Tk]: its structured masks are causal, sliding-window and
+padding/sequence-length masks. No token order turns the hierarchical mask into
+one of those (patches of a clip see each other both ways, `<diff>` tokens see
+only `<diff>` tokens of their clip, a noisy clip sees earlier clips' clean
+copies but not its own), so the cuDNN path would materialise and read an
+O(T^2) tensor per step and could not skip empty tiles. Hence this kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from vgpt_jax.attention.chunked import pad_ids, tile_map
+from vgpt_jax.attention.mask import visible
+from vgpt_jax.layout import TokenIds
+
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_FIELDS = ("frame", "block", "stream", "kind")  # the id fields the mask reads (positions are RoPE only)
+_NEG = -1e30  # masked score: finite so that a row with nothing visible yet never computes inf - inf
+_LOG2E = math.log2(math.e)
+
+
+# ----------------------------------------------------------------------------
+# Checks and planning (outside the kernels).
+
+
+def _is_pow2(x: int) -> bool:
+  return x > 0 and x & (x - 1) == 0
+
+
+def _check(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: TokenIds, k_ids: TokenIds, block_q: int, block_k: int):
+  """Every constraint of the Triton kernels, each with the fix in its message."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [B, T, H, D]; got shapes {q.shape}, {k.shape}, {v.shape}")
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have one shape; got {k.shape} and {v.shape}")
+  b, tq, h, d = q.shape
+  if (k.shape[0], k.shape[2], k.shape[3]) != (b, h, d):
+    raise ValueError(
+      f"q {q.shape} and k/v {k.shape} must share batch, heads and head dim; repeat k/v heads for grouped attention"
+    )
+  if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
+    raise ValueError(
+      f"q, k, v must share one dtype among float32, bfloat16, float16; got {q.dtype}, {k.dtype}, {v.dtype}: "
+      "cast them (e.g. .astype(jnp.bfloat16))"
+    )
+  if d < 16 or not _is_pow2(d):
+    raise ValueError(
+      f"head dim D={d} is not supported by the Triton kernel, which needs a power of two >= 16 "
+      "(16, 32, 64, 128, 256): pick num_heads so that hidden / num_heads is one, or use attention='chunked'"
+    )
+  for name, block in (("block_q", block_q), ("block_k", block_k)):
+    if not isinstance(block, int) or block < 16 or not _is_pow2(block):
+      raise ValueError(f"{name}={block!r} must be a power of two >= 16 for Triton tiles, e.g. {name}=64")
+  for name, ids, t in (("q_ids", q_ids, tq), ("k_ids", k_ids, k.shape[1])):
+    for field in _FIELDS:
+      shape = getattr(ids, field).shape
+      if shape != (b, t):
+        raise ValueError(f"{name}.{field} has shape {shape}, expected (B, T) = {(b, t)} to match the tokens")
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def _block(block: int, length: int) -> int:
+  """The tile size actually used: capped at the length rounded up to a power of two (never below 16)."""
+  return min(block, max(16, pl.next_power_of_2(length)))
+
+
+def _padded(q_ids: TokenIds, k_ids: TokenIds, tq: int, tk: int, block_q: int, block_k: int):
+  bq, bk = _block(block_q, tq), _block(block_k, tk)
+  return pad_ids(q_ids, _round_up(tq, bq)), pad_ids(k_ids, _round_up(tk, bk)), bq, bk
+
+
+def visible_tiles(q_ids: TokenIds, k_ids: TokenIds, block_q: int = 64, block_k: int = 64) -> jax.Array:
+  """bool [B, nq, nk]: the tiles the kernels run for these ids and blocks (after capping and padding)."""
+  tq, tk = q_ids.frame.shape[1], k_ids.frame.shape[1]
+  pq, pk, bq, bk = _padded(q_ids, k_ids, tq, tk, block_q, block_k)
+  return tile_map(pq, pk, bq, bk)
+
+
+def _visit_lists(kept: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """kept bool [B, n, m] -> int32 [B, n, m] each row's kept indices first (ascending), int32 [B, n] their count."""
+  order = jnp.argsort(~kept, axis=-1, stable=True).astype(jnp.int32)
+  return order, jnp.sum(kept, axis=-1, dtype=jnp.int32)
+
+
+def _pack(ids: TokenIds) -> jax.Array:
+  """int32 [B, 4, T]: the fields the mask reads, one row each, so a kernel loads a tile's ids from one ref."""
+  return jnp.stack([getattr(ids, f).astype(jnp.int32) for f in _FIELDS], axis=1)
+
+
+# ----------------------------------------------------------------------------
+# Kernel helpers (traced inside the kernels; plain jnp, so they also run in interpret mode).
+
+
+def _ids(ref, rows, axis: int) -> TokenIds:
+  """Ids of `rows` of a packed [4, T] ref, as TokenIds broadcastable along `axis` (1: queries, 0: keys)."""
+  f = [jnp.expand_dims(ref[i, rows], axis) for i in range(len(_FIELDS))]
+  return TokenIds(frame=f[0], block=f[1], stream=f[2], kind=f[3], position=f[0])  # position: unused by the mask
+
+
+def _mm(a: jax.Array, b: jax.Array, precision, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+  """a @ b (optionally transposed operands) accumulated in float32."""
+  return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+
+
+def _probs(q, k, q_ids: TokenIds, k_ids: TokenIds, lse, scale2: float, precision):
+  """Softmax probabilities [bq, bk] of a tile recomputed from the base-2 log-sum-exp; exact zeros where masked."""
+  s = _mm(q, k, precision, trans_b=True) * scale2
+  return jnp.where(visible(q_ids, k_ids), jnp.exp2(s - lse[:, None]), 0.0)
+
+
+# ----------------------------------------------------------------------------
+# Kernels. Grid (tile, batch, head); refs hold one batch element and head.
+
+
+def _forward_kernel(
+  qids_ref, kids_ref, order_ref, count_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k, scale2, precision
+):
+  """One query tile against its visible key tiles: online softmax, output and base-2 log-sum-exp."""
+  i = pl.program_id(0)
+  q = q_ref[...]  # [bq, D]
+  bq, d = q.shape
+  q_tok = _ids(qids_ref, slice(None), 1)
+
+  def step(t, carry):
+    m, l, acc = carry
+    start = pl.multiple_of(order_ref[t] * block_k, block_k)
+    rows = pl.ds(start, block_k)
+    mask = visible(q_tok, _ids(kids_ref, rows, 0))
+    s = jnp.where(mask, _mm(q, k_ref[rows, :], precision, trans_b=True) * scale2, _NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)  # explicit zeros: a fully masked row stays empty
+    fix = jnp.exp2(m - m_new)
+    v = v_ref[rows, :]
+    return m_new, l * fix + jnp.sum(p, axis=1), acc * fix[:, None] + _mm(p.astype(v.dtype), v, precision)
+
+  init = (jnp.full((bq,), _NEG, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, d), jnp.float32))
+  m, l, acc = jax.lax.fori_loop(0, count_ref[i], step, init)
+  seen = l > 0
+  o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)  # inf: every probability is 0
+
+
+def _dkdv_kernel(
+  qids_ref,
+  kids_ref,
+  order_ref,
+  count_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  dk_ref,
+  dv_ref,
+  *,
+  block_q,
+  scale,
+  scale2,
+  precision,
+):
+  """One key tile against the query tiles that see it: dv = P^T dO, dk = scale * dS^T Q."""
+  j = pl.program_id(0)
+  k, v = k_ref[...], v_ref[...]  # [bk, D]
+  k_tok = _ids(kids_ref, slice(None), 0)
+
+  def step(t, carry):
+    dk, dv = carry
+    start = pl.multiple_of(order_ref[t] * block_q, block_q)
+    rows = pl.ds(start, block_q)
+    q, do = q_ref[rows, :], do_ref[rows, :]
+    p = _probs(q, k, _ids(qids_ref, rows, 1), k_tok, lse_ref[rows], scale2, precision)  # [bq, bk]
+    dv = dv + _mm(p.astype(do.dtype), do, precision, trans_a=True)
+    ds = p * (_mm(do, v, precision, trans_b=True) - delta_ref[rows][:, None])
+    return dk + _mm(ds.astype(q.dtype), q, precision, trans_a=True), dv
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = jax.lax.fori_loop(0, count_ref[j], step, (zeros, zeros))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(
+  qids_ref,
+  kids_ref,
+  order_ref,
+  count_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  dq_ref,
+  *,
+  block_k,
+  scale,
+  scale2,
+  precision,
+):
+  """One query tile against its visible key tiles: dq = scale * dS K."""
+  i = pl.program_id(0)
+  q, do = q_ref[...], do_ref[...]  # [bq, D]
+  lse, delta = lse_ref[...], delta_ref[...]
+  q_tok = _ids(qids_ref, slice(None), 1)
+
+  def step(t, dq):
+    start = pl.multiple_of(order_ref[t] * block_k, block_k)
+    rows = pl.ds(start, block_k)
+    k, v = k_ref[rows, :], v_ref[rows, :]
+    p = _probs(q, k, q_tok, _ids(kids_ref, rows, 0), lse, scale2, precision)
+    ds = p * (_mm(do, v, precision, trans_b=True) - delta[:, None])
+    return dq + _mm(ds.astype(k.dtype), k, precision)
+
+  dq = jax.lax.fori_loop(0, count_ref[i], step, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+# ----------------------------------------------------------------------------
+# pallas_call wrappers on padded arrays: q [B, Lq, H, D], k/v [B, Lk, H, D], packed ids [B, 4, L].
+
+
+def _params(d: int):
+  return plgpu.CompilerParams(num_warps=4 if d <= 64 else 8, num_stages=2)
+
+
+def _precision(dtype):
+  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def _specs(b_tile: int, other: int, n_other: int, d: int, n_tiles: int):
+  """BlockSpecs shared by the kernels, for grid (tile, batch, head): the tiled side's [tile] blocks and the
+  other side's whole rows, which the kernel slices at the tiles its list names."""
+  tile = lambda: pl.BlockSpec((None, b_tile, None, d), lambda t, b, h: (b, t, h, 0))  # noqa: E731
+  whole = lambda: pl.BlockSpec((None, other, None, d), lambda t, b, h: (b, 0, h, 0))  # noqa: E731
+  return dict(
+    ids_tile=pl.BlockSpec((None, len(_FIELDS), b_tile), lambda t, b, h: (b, 0, t)),
+    ids_whole=pl.BlockSpec((None, len(_FIELDS), other), lambda t, b, h: (b, 0, 0)),
+    order=pl.BlockSpec((None, None, n_other), lambda t, b, h: (b, t, 0)),
+    count=pl.BlockSpec((None, n_tiles), lambda t, b, h: (b, 0)),
+    tile=tile,
+    whole=whole,
+    stat_tile=pl.BlockSpec((None, None, b_tile), lambda t, b, h: (b, h, t)),
+    stat_whole=pl.BlockSpec((None, None, other), lambda t, b, h: (b, h, 0)),
+  )
+
+
+def _forward(q, k, v, qids, kids, q_order, q_count, block_q, block_k, interpret):
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  nq, nk = lq // block_q, lk // block_k
+  s = _specs(block_q, lk, nk, d, nq)
+  kernel = functools.partial(_forward_kernel, block_k=block_k, scale2=d**-0.5 * _LOG2E, precision=_precision(q.dtype))
+  return pl.pallas_call(
+    kernel,
+    grid=(nq, b, h),
+    in_specs=[s["ids_tile"], s["ids_whole"], s["order"], s["count"], s["tile"](), s["whole"](), s["whole"]()],
+    out_specs=[s["tile"](), s["stat_tile"]],
+    out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, lq), jnp.float32)],
+    compiler_params=_params(d),
+    interpret=interpret,
+    name="vgpt_flash_forward",
+  )(qids, kids, q_order, q_count, q, k, v)
+
+
+def _backward(q, k, v, qids, kids, q_order, q_count, k_order, k_count, out, lse, do, block_q, block_k, interpret):
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  nq, nk = lq // block_q, lk // block_k
+  scale = d**-0.5
+  common = dict(scale=scale, scale2=scale * _LOG2E, precision=_precision(q.dtype))
+  # delta_i = sum_d dO_id O_id: the softmax-Jacobian term of every query row, float32 [B, H, Lq].
+  delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
+
+  kv = _specs(block_k, lq, nq, d, nk)  # tiles over keys, whole query rows
+  dk, dv = pl.pallas_call(
+    functools.partial(_dkdv_kernel, block_q=block_q, **common),
+    grid=(nk, b, h),
+    in_specs=[
+      kv["ids_whole"],
+      kv["ids_tile"],
+      kv["order"],
+      kv["count"],
+      kv["whole"](),
+      kv["tile"](),
+      kv["tile"](),
+      kv["whole"](),
+      kv["stat_whole"],
+      kv["stat_whole"],
+    ],
+    out_specs=[kv["tile"](), kv["tile"]()],
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=_params(d),
+    interpret=interpret,
+    name="vgpt_flash_dkdv",
+  )(qids, kids, k_order, k_count, q, k, v, do, lse, delta)
+
+  qs = _specs(block_q, lk, nk, d, nq)  # tiles over queries, whole key rows
+  dq = pl.pallas_call(
+    functools.partial(_dq_kernel, block_k=block_k, **common),
+    grid=(nq, b, h),
+    in_specs=[
+      qs["ids_tile"],
+      qs["ids_whole"],
+      qs["order"],
+      qs["count"],
+      qs["tile"](),
+      qs["whole"](),
+      qs["whole"](),
+      qs["tile"](),
+      qs["stat_tile"],
+      qs["stat_tile"],
+    ],
+    out_specs=qs["tile"](),
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    compiler_params=_params(d),
+    interpret=interpret,
+    name="vgpt_flash_dq",
+  )(qids, kids, q_order, q_count, q, k, v, do, lse, delta)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
+def _flash(q, k, v, qids, kids, q_order, q_count, k_order, k_count, block_q, block_k, interpret):
+  return _forward(q, k, v, qids, kids, q_order, q_count, block_q, block_k, interpret)[0]
+
+
+def _flash_fwd(q, k, v, qids, kids, q_order, q_count, k_order, k_count, block_q, block_k, interpret):
+  out, lse = _forward(q, k, v, qids, kids, q_order, q_count, block_q, block_k, interpret)
+  return out, (q, k, v, qids, kids, q_order, q_count, k_order, k_count, out, lse)
+
+
+def _flash_bwd(block_q, block_k, interpret, res, do):
+  q, k, v, qids, kids, q_order, q_count, k_order, k_count, out, lse = res
+  dq, dk, dv = _backward(
+    q, k, v, qids, kids, q_order, q_count, k_order, k_count, out, lse, do, block_q, block_k, interpret
+  )
+  return dq, dk, dv, None, None, None, None, None, None  # integer inputs: no cotangent
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret"))
+def pallas_gpu_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_ids: TokenIds,
+  k_ids: TokenIds,
+  *,
+  block_q: int = 64,
+  block_k: int = 64,
+  interpret: bool = False,
+) -> jax.Array:
+  """Masked softmax attention equal to `dense_attention`, as Pallas GPU kernels; differentiable (custom VJP).
+
+  Args:
+    q: [B, Tq, H, D]; k, v: [B, Tk, H, D] (any lengths: padded to the blocks inside).
+    q_ids, k_ids: token ids with fields [B, Tq] and [B, Tk]; a new split needs no recompile.
+    block_q, block_k: tile sizes, powers of two >= 16 (capped at the padded lengths).
+    interpret: run the kernels in Pallas interpret mode (any backend: how the CPU tests run them).
+  Returns:
+    [B, Tq, H, D] in q's dtype; a query that sees no key gives 0.
+  Raises:
+    ValueError: shapes, dtypes or blocks the Triton kernels cannot take (see the module docstring).
+  """
+  _check(q, k, v, q_ids, k_ids, block_q, block_k)
+  tq, tk = q.shape[1], k.shape[1]
+  pq_ids, pk_ids, bq, bk = _padded(q_ids, k_ids, tq, tk, block_q, block_k)
+  lq, lk = pq_ids.frame.shape[1], pk_ids.frame.shape[1]
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
+  kept = tile_map(pq_ids, pk_ids, bq, bk)  # [B, nq, nk], per batch element
+  q_order, q_count = _visit_lists(kept)
+  k_order, k_count = _visit_lists(jnp.swapaxes(kept, 1, 2))
+  out = _flash(
+    pad(q, lq), pad(k, lk), pad(v, lk), _pack(pq_ids), _pack(pk_ids), q_order, q_count, k_order, k_count,
+    bq, bk, interpret,
+  )  # fmt: skip
+  return out[:, :tq]
