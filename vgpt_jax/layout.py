@@ -32,6 +32,7 @@ import numpy as np
 # Stream ids.
 CLEAN = 0
 NOISY = 1
+PAD = -1  # padding tokens (to divide a sequence evenly): no token sees them and they see none
 
 # Token kinds. The order matters: inside one attention unit (a clean frame or
 # a noisy clip) a query sees exactly the keys whose kind is <= its own kind,
@@ -141,6 +142,28 @@ def sampling_layout(num_frames: int, tokens_per_frame: int) -> Layout:
   for f in range(n):
     rows += _noisy_segment(f, n, s)
   return _from_rows(n, s, rows)
+
+
+def pad_layout(layout: Layout, multiple: int) -> Layout:
+  """The layout with PAD tokens appended up to a multiple of `multiple` tokens (e.g. to split it over devices).
+
+  A PAD token embeds as the <img> special token; the mask hides it from every
+  query and every key from it, so it changes no other token's output.
+  """
+  extra = -layout.length % multiple
+  if extra == 0:
+    return layout
+  n, s = layout.num_frames, layout.tokens_per_frame
+  pad = lambda a, value: np.concatenate([a, np.full(extra, value, np.int32)])  # noqa: E731
+  return Layout(
+    n,
+    s,
+    frame=pad(layout.frame, 0),
+    stream=pad(layout.stream, PAD),
+    kind=pad(layout.kind, BOS),
+    position=pad(layout.position, 0),
+    source=pad(layout.source, 2 * n * s + n + SPECIAL_IMG),
+  )
 
 
 def segment_tokens(layout: Layout, stream: int, first: int, stop: int) -> np.ndarray:

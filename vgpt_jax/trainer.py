@@ -20,7 +20,7 @@ from vgpt_jax import diffusion, parallel
 from vgpt_jax.attention import context_parallel
 from vgpt_jax.data import latents as latents_lib
 from vgpt_jax.data.pipeline import input_key
-from vgpt_jax.layout import Layout, sample_splits, training_layout
+from vgpt_jax.layout import Layout, pad_layout, sample_splits, training_layout
 from vgpt_jax.model import VideoGPT
 from vgpt_jax.model import tokenizer as tokenizer_lib
 from vgpt_jax.model.tokenizer import Tokenizer
@@ -78,6 +78,7 @@ def model_layout(num_frames: int, tokens_per_frame: int, context: int = 1) -> La
   """The training layout; with context parallelism (mesh.context > 1) in an order that balances the devices."""
   layout = training_layout(num_frames, tokens_per_frame)
   if context > 1:
+    layout = pad_layout(layout, 2 * context)
     layout = context_parallel.reorder(layout, context_parallel.balanced_order(layout, context))
   return layout
 

@@ -23,10 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from vgpt_jax.attention.mask import dense_mask
-from vgpt_jax.layout import CLEAN, NOISY, TokenIds
+from vgpt_jax.layout import CLEAN, NOISY, PAD, TokenIds
 
 DEFAULT_BLOCK = 512
-_PAD_STREAM = -1  # padding tokens: neither clean nor noisy, so nothing sees them and they see nothing
 _BIG = jnp.iinfo(jnp.int32).max
 
 
@@ -35,7 +34,7 @@ def pad_ids(ids: TokenIds, length: int) -> TokenIds:
   pad = length - ids.frame.shape[1]
   if pad == 0:
     return ids
-  stream = jnp.pad(ids.stream, ((0, 0), (0, pad)), constant_values=_PAD_STREAM)
+  stream = jnp.pad(ids.stream, ((0, 0), (0, pad)), constant_values=PAD)
   rest = {f: jnp.pad(getattr(ids, f), ((0, 0), (0, pad))) for f in ("frame", "block", "kind", "position")}
   return TokenIds(stream=stream, **rest)
 

@@ -13,7 +13,8 @@ the most. `balanced_order` first interleaves clean and noisy segments frame by
 frame (the work then grows with the frame), then deals the sequence out in 2c
 chunks, device i taking chunk i and chunk 2c-1-i: a cheap early chunk with an
 expensive late one. The mask depends on ids only, so any token order gives the
-same model.
+same model. A length that 2c does not divide (the paper's stage 2 has
+95 x 222 tokens) is first padded with PAD tokens, which the mask hides.
 """
 
 from __future__ import annotations
@@ -36,14 +37,13 @@ def context_size() -> int:
 
 
 def balanced_order(layout: Layout, shards: int) -> np.ndarray:
-  """int [T]: a permutation of the layout's tokens whose `shards` contiguous slices carry equal attention work."""
+  """int [T]: a permutation of the layout's tokens whose `shards` contiguous slices carry equal attention work.
+
+  T must be a multiple of 2 * shards (`layout.pad_layout` makes it one).
+  """
   t = layout.length
   if t % (2 * shards):
-    raise ValueError(
-      f"a sequence of {t} tokens cannot be dealt in {2 * shards} equal chunks for mesh.context={shards}; "
-      "choose a frame size or frame count that makes (2 * num_frames - 1) * (tokens_per_frame + 2) divisible by "
-      f"{2 * shards}, or a smaller mesh.context"
-    )
+    raise ValueError(f"{t} tokens cannot be dealt in {2 * shards} equal chunks; pad the layout first (pad_layout)")
   by_frame = np.lexsort((np.arange(t), layout.stream, layout.frame))  # C0 N0 C1 N1 ...: work grows with the frame
   chunks = by_frame.reshape(2 * shards, t // (2 * shards))
   return np.concatenate([np.concatenate([chunks[i], chunks[2 * shards - 1 - i]]) for i in range(shards)])
@@ -62,21 +62,32 @@ def reorder(layout: Layout, order: np.ndarray) -> Layout:
   )
 
 
-def shard_over_context(inner):
-  """attention_fn -> the same function split over the `context` axis when the mesh in scope has one (> 1)."""
+def shard_attention(inner):
+  """attention_fn -> the same function run per device under the mesh in scope (shard_map).
+
+  Batch over data/fsdp and heads over tensor, as the activations are laid
+  out; with `context` > 1 the queries stay split along the sequence and K/V
+  are all-gathered. Custom kernels (Pallas) cannot be partitioned by XLA, so
+  every path runs this way whenever the mesh has more than one device.
+  """
 
   def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: TokenIds, k_ids: TokenIds) -> jax.Array:
-    if context_size() == 1:
-      return inner(q, k, v, q_ids, k_ids)
     mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+      return inner(q, k, v, q_ids, k_ids)
     batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
     if q.shape[0] % int(np.prod([mesh.shape[a] for a in batch])):
       batch = ()  # e.g. the one-sample init: replicate the batch, still split the sequence
     heads = "tensor" if "tensor" in mesh.axis_names and q.shape[2] % mesh.shape["tensor"] == 0 else None
-    x_spec, id_spec = P(batch or None, AXIS, heads, None), P(batch or None, AXIS)
+    c = mesh.shape[AXIS] if AXIS in mesh.axis_names else 1
+    context = c > 1 and q.shape[1] % c == 0 and k.shape[1] % c == 0  # else (short sampling calls) not split
+    sequence = AXIS if context else None
+    x_spec, id_spec = P(batch or None, sequence, heads, None), P(batch or None, sequence)
     ids_spec = jax.tree.map(lambda _: id_spec, q_ids)
 
     def local(q, k, v, q_ids, k_ids):
+      if not context:
+        return inner(q, k, v, q_ids, k_ids)
       gather = lambda x: jax.lax.all_gather(x, AXIS, axis=1, tiled=True)  # noqa: E731
       return inner(q, gather(k), gather(v), q_ids, jax.tree.map(gather, k_ids))
 

@@ -8,9 +8,9 @@
               score entries, chunked beyond
 
 Every path takes (q, k, v, q_ids, k_ids) and equals the dense reference
-(tests/test_attention.py and the kernels' own tests). Under a mesh whose
-`context` axis is > 1, every path runs split over the sequence
-(context_parallel.py).
+(tests/test_attention.py and the kernels' own tests). Under a mesh of more
+than one device every path runs per device in a shard_map, split over the
+sequence too when the `context` axis is > 1 (context_parallel.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import functools
 import jax
 
 from vgpt_jax.attention.chunked import chunked_attention
-from vgpt_jax.attention.context_parallel import shard_over_context
+from vgpt_jax.attention.context_parallel import shard_attention
 from vgpt_jax.attention.dense import dense_attention
 from vgpt_jax.layout import TokenIds
 
@@ -29,8 +29,10 @@ DENSE_LIMIT = 1 << 22  # Tq * Tk score entries under which the dense path is che
 
 
 def _pallas_tpu(q, k, v, q_ids, k_ids, *, block: int):
+  """Mosaic tiles are multiples of 128 tokens: block is rounded down to one (at least 128)."""
   from vgpt_jax.attention.pallas_tpu import pallas_tpu_attention
 
+  block = max(128, block // 128 * 128)
   return pallas_tpu_attention(q, k, v, q_ids, k_ids, block_q=block, block_k=block)
 
 
@@ -65,4 +67,4 @@ def attention_fn(name: str, block: int = 512):
   }
   if name not in paths:
     raise ValueError(f"unknown attention {name!r}; choose one of {list(ATTENTIONS)}")
-  return shard_over_context(paths[name])
+  return shard_attention(paths[name])
