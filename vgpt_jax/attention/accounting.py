@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vgpt_jax.attention.chunked import _round_up, pad_ids, tile_map
+from vgpt_jax.attention.chunked import pad_ids, round_up, tile_map
 from vgpt_jax.attention.mask import dense_mask
 from vgpt_jax.layout import TokenIds
 
@@ -24,7 +24,7 @@ def visible_count(q_ids: TokenIds, k_ids: TokenIds | None = None, block: int = 1
   attention path (mask.visible), evaluated one query block at a time.
   """
   k_ids = q_ids if k_ids is None else k_ids
-  length = _round_up(q_ids.frame.shape[1], block)
+  length = round_up(q_ids.frame.shape[1], block)
   q_ids = pad_ids(q_ids, length)  # padding queries see nothing
 
   def count(i: jax.Array) -> jax.Array:
@@ -41,7 +41,7 @@ def tile_fractions(q_ids: TokenIds, k_ids: TokenIds, block_q: int, block_k: int)
   inside the tiles it keeps.
   """
   tq, tk = q_ids.frame.shape[1], k_ids.frame.shape[1]
-  lq, lk = _round_up(tq, block_q), _round_up(tk, block_k)
+  lq, lk = round_up(tq, block_q), round_up(tk, block_k)
   kept = jnp.any(tile_map(pad_ids(q_ids, lq), pad_ids(k_ids, lk), block_q, block_k), axis=0)
   visible = visible_count(q_ids, k_ids)
   return {

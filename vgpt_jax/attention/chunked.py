@@ -127,8 +127,8 @@ def chunked_attention(
     [B, Tq, H, D] in q's dtype; softmax statistics in float32.
   """
   tq, tk = q.shape[1], k.shape[1]
-  block_q, block_k = min(block_q, _round_up(tq, 8)), min(block_k, _round_up(tk, 8))
-  lq, lk = _round_up(tq, block_q), _round_up(tk, block_k)
+  block_q, block_k = min(block_q, round_up(tq, 8)), min(block_k, round_up(tk, 8))
+  lq, lk = round_up(tq, block_q), round_up(tk, block_k)
   pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
   q, k, v = pad(q, lq), pad(k, lk), pad(v, lk)
   q_ids, k_ids = pad_ids(q_ids, lq), pad_ids(k_ids, lk)
@@ -144,5 +144,6 @@ def chunked_attention(
   return out[:, :tq]
 
 
-def _round_up(x: int, multiple: int) -> int:
+def round_up(x: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that is >= x (padded lengths of the tiled paths)."""
   return -(-x // multiple) * multiple

@@ -28,14 +28,6 @@ from vgpt_jax.layout import Layout, TokenIds
 AXIS = "context"
 
 
-def context_size() -> int:
-  """Size of the `context` axis of the mesh in scope (1 without one)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or AXIS not in mesh.axis_names:
-    return 1
-  return int(mesh.shape[AXIS])
-
-
 def balanced_order(layout: Layout, shards: int) -> np.ndarray:
   """int [T]: a permutation of the layout's tokens whose `shards` contiguous slices carry equal attention work.
 

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from vgpt_jax.attention.chunked import pad_ids, tile_map
+from vgpt_jax.attention.chunked import pad_ids, round_up, tile_map
 from vgpt_jax.attention.mask import visible
 from vgpt_jax.layout import TokenIds
 
@@ -101,10 +101,6 @@ def _check(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: TokenIds, k_ids: Tok
         raise ValueError(f"{name}.{field} has shape {shape}, expected (B, T) = {(b, t)} to match the tokens")
 
 
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
 def _block(block: int, length: int) -> int:
   """The tile size actually used: capped at the length rounded up to a power of two (never below 16)."""
   return min(block, max(16, pl.next_power_of_2(length)))
@@ -112,7 +108,7 @@ def _block(block: int, length: int) -> int:
 
 def _padded(q_ids: TokenIds, k_ids: TokenIds, tq: int, tk: int, block_q: int, block_k: int):
   bq, bk = _block(block_q, tq), _block(block_k, tk)
-  return pad_ids(q_ids, _round_up(tq, bq)), pad_ids(k_ids, _round_up(tk, bk)), bq, bk
+  return pad_ids(q_ids, round_up(tq, bq)), pad_ids(k_ids, round_up(tk, bk)), bq, bk
 
 
 def visible_tiles(q_ids: TokenIds, k_ids: TokenIds, block_q: int = 64, block_k: int = 64) -> jax.Array:

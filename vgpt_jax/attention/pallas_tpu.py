@@ -47,7 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from vgpt_jax.attention.chunked import pad_ids, tile_map
+from vgpt_jax.attention.chunked import pad_ids, round_up, tile_map
 from vgpt_jax.attention.mask import visible
 from vgpt_jax.layout import CLEAN, NOISY, TokenIds
 
@@ -498,7 +498,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def _check_block(name: str, block: int) -> None:
   if not isinstance(block, int) or block <= 0 or block % LANES:
-    fix = _round_up(block, LANES) if isinstance(block, int) and block > 0 else LANES
+    fix = round_up(block, LANES) if isinstance(block, int) and block > 0 else LANES
     raise ValueError(f"{name}={block!r}: TPU tiles need a positive multiple of {LANES} (the lane width); use {fix}")
 
 
@@ -552,8 +552,8 @@ def _pallas_tpu_attention(
 ) -> jax.Array:
   """The checked entry point's body, jitted on the static tiling."""
   tq, tk, d = q.shape[1], k.shape[1], q.shape[3]
-  block_q, block_k = min(block_q, _round_up(tq, LANES)), min(block_k, _round_up(tk, LANES))
-  lq, lk, dp = _round_up(tq, block_q), _round_up(tk, block_k), _round_up(d, LANES)
+  block_q, block_k = min(block_q, round_up(tq, LANES)), min(block_k, round_up(tk, LANES))
+  lq, lk, dp = round_up(tq, block_q), round_up(tk, block_k), round_up(d, LANES)
 
   def to_kernel(x: jax.Array, length: int) -> jax.Array:
     x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dp - d)))
@@ -570,7 +570,3 @@ def _pallas_tpu_attention(
   cfg = _Config(block_q, block_k, float(d) ** -0.5, interpret)
   out = _attention(cfg, to_kernel(q, lq), to_kernel(k, lk), to_kernel(v, lk), q_code, k_code, rows, cols)
   return jnp.transpose(out, (0, 2, 1, 3))[:, :tq, :, :d]
-
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
