@@ -30,6 +30,7 @@ over the rollout horizon), rollouts.gif (truth | model | copy_last | linear).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,14 @@ from absl import app, flags, logging
 from vgpt_jax import checkpoint, media
 from vgpt_jax.data.pipeline import to_uint8
 from vgpt_jax.metrics import physics_iq, video
-from vgpt_jax.sample import continue_videos, file_videos, held_out_videos
+from vgpt_jax.sample import (
+  continue_videos,
+  define_sampling_flags,
+  file_videos,
+  held_out_videos,
+  resolve_lengths,
+  sampling_from_flags,
+)
 from vgpt_jax.sampling import SamplingConfig
 
 METHODS = ("model", "copy_last", "linear")
@@ -119,10 +127,7 @@ def evaluate(
 ) -> dict[str, Any]:
   """The CLI's work; returns what metrics.json holds. 0 for context_frames/frames means the run's defaults."""
   setup, params, step = checkpoint.load_model(checkpoint_path, step, weights)
-  cfg = setup.config
-  m = context_frames or cfg.train.sample_context_frames
-  g = frames or cfg.data.num_frames - m
-  sampling = sampling or SamplingConfig(clip_frames=cfg.data.num_frames - m)
+  m, g, sampling = resolve_lengths(setup, context_frames, frames, sampling)
   if videos_dir:
     videos = file_videos(setup, videos_dir, num_videos, m + g)
   else:
@@ -194,42 +199,26 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def _define_flags() -> None:
-  flags.DEFINE_string("checkpoint", None, "A run's workdir (or its checkpoints directory).")
+  define_sampling_flags(num_videos=64, batch_size=16)
+  flags.adopt_module_key_flags(sys.modules[define_sampling_flags.__module__])  # listed by --helpshort too
   flags.DEFINE_string("videos", "", "A directory of held-out video files; empty: the run's held-out set.")
   flags.DEFINE_string("output", "", "Where to write; default CHECKPOINT/eval.")
-  flags.DEFINE_integer("num_videos", 64, "Videos to evaluate on.")
-  flags.DEFINE_integer("context_frames", 0, "Context frames; 0: train.sample_context_frames.")
-  flags.DEFINE_integer("frames", 0, "Frames to predict; 0: data.num_frames - context_frames.")
-  flags.DEFINE_integer("clip_frames", 0, "Frames per generated clip; 0: data.num_frames - context_frames.")
-  flags.DEFINE_integer("steps", 50, "Euler steps per clip.")
-  flags.DEFINE_float("shift", 1.0, "Timestep shift (1: none).")
-  flags.DEFINE_float("guidance", 1.0, "Classifier-free guidance scale (1: off).")
-  flags.DEFINE_integer("seed", 0, "Noise seed.")
-  flags.DEFINE_enum("weights", "auto", ["auto", "params", "ema"], "auto: the EMA when the run kept one.")
-  flags.DEFINE_integer("step", -1, "Checkpoint step; -1: the newest readable.")
   flags.DEFINE_bool("fvd", True, "Also compute FVD with I3D (slow on CPU).")
-  flags.DEFINE_integer("batch_size", 16, "Videos generated together.")
-  flags.mark_flags_as_required(["checkpoint"])
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  config = checkpoint.saved_config(f.checkpoint, f.step)
-  m = f.context_frames or config.train.sample_context_frames
-  sampling = SamplingConfig(
-    steps=f.steps, shift=f.shift, guidance=f.guidance, clip_frames=f.clip_frames or config.data.num_frames - m
-  )
   try:
     evaluate(
       f.checkpoint,
       f.output or str(Path(f.checkpoint) / "eval"),
       videos_dir=f.videos,
       num_videos=f.num_videos,
-      context_frames=m,
+      context_frames=f.context_frames,
       frames=f.frames,
-      sampling=sampling,
+      sampling=sampling_from_flags(),
       seed=f.seed,
       weights=f.weights,
       step=f.step,

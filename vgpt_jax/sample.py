@@ -19,6 +19,7 @@ WORKDIR/samples):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,20 @@ def continue_videos(
   return out
 
 
+def resolve_lengths(
+  setup: Setup, context_frames: int, frames: int, sampling: SamplingConfig | None
+) -> tuple[int, int, SamplingConfig]:
+  """(context frames, frames to generate, sampling) with 0 meaning the run's default, as the CLIs take them.
+
+  Context: train.sample_context_frames; frames and clip_frames: the rest of data.num_frames.
+  """
+  n = setup.config.data.num_frames
+  context_frames = context_frames or setup.config.train.sample_context_frames
+  sampling = sampling or SamplingConfig(clip_frames=0)
+  sampling = dataclasses.replace(sampling, clip_frames=sampling.clip_frames or n - context_frames)
+  return context_frames, frames or n - context_frames, sampling
+
+
 def run(
   checkpoint_path: str,
   output: str | Path,
@@ -165,13 +180,9 @@ def run(
   fps: int = 8,
   batch_size: int = 8,
 ) -> dict[str, Any]:
-  """The CLI's work; returns what samples.json holds. 0 for context_frames/frames means the run's defaults."""
+  """The CLI's work; returns what samples.json holds. 0 for lengths means the run's defaults (`resolve_lengths`)."""
   setup, params, step = checkpoint.load_model(checkpoint_path, step, weights)
-  cfg = setup.config
-  n = cfg.data.num_frames
-  context_frames = context_frames or cfg.train.sample_context_frames
-  frames = frames or n - context_frames
-  sampling = sampling or SamplingConfig(clip_frames=n - context_frames)
+  context_frames, frames, sampling = resolve_lengths(setup, context_frames, frames, sampling)
   wanted = context_frames + frames
   if context:
     videos = file_videos(setup, context, num_videos, wanted)
@@ -195,11 +206,10 @@ def run(
   return report
 
 
-def _define_flags() -> None:
+def define_sampling_flags(num_videos: int, batch_size: int) -> None:
+  """The flags `sample` and `evaluate` share: the checkpoint, the lengths and how clips are generated."""
   flags.DEFINE_string("checkpoint", None, "A run's workdir (or its checkpoints directory).")
-  flags.DEFINE_string("context", "", "A video file or a directory of videos; empty: the run's held-out videos.")
-  flags.DEFINE_string("output", "", "Where to write; default CHECKPOINT/samples.")
-  flags.DEFINE_integer("num_videos", 4, "Videos to continue.")
+  flags.DEFINE_integer("num_videos", num_videos, "Videos to roll out.")
   flags.DEFINE_integer("context_frames", 0, "Context frames; 0: train.sample_context_frames.")
   flags.DEFINE_integer("frames", 0, "Frames to generate; 0: up to data.num_frames in all.")
   flags.DEFINE_integer("clip_frames", 0, "Frames per generated clip; 0: data.num_frames - context_frames.")
@@ -210,25 +220,28 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Noise seed.")
   flags.DEFINE_enum("weights", "auto", ["auto", "params", "ema"], "auto: the EMA when the run kept one.")
   flags.DEFINE_integer("step", -1, "Checkpoint step; -1: the newest readable.")
+  flags.DEFINE_integer("batch_size", batch_size, "Videos generated together.")
+  flags.mark_flags_as_required(["checkpoint"])
+
+
+def sampling_from_flags() -> SamplingConfig:
+  """The SamplingConfig the shared flags ask for (clip_frames 0 is resolved by `resolve_lengths`)."""
+  f = flags.FLAGS
+  return SamplingConfig(steps=f.steps, shift=f.shift, guidance=f.guidance, clip_frames=f.clip_frames, window=f.window)
+
+
+def _define_flags() -> None:
+  define_sampling_flags(num_videos=4, batch_size=8)
+  flags.DEFINE_string("context", "", "A video file or a directory of videos; empty: the run's held-out videos.")
+  flags.DEFINE_string("output", "", "Where to write; default CHECKPOINT/samples.")
   flags.DEFINE_bool("cached", True, "KV-cached sampling; --nocached recomputes everything per step (reference).")
   flags.DEFINE_integer("fps", 8, "Frame rate of the written videos.")
-  flags.DEFINE_integer("batch_size", 8, "Videos generated together.")
-  flags.mark_flags_as_required(["checkpoint"])
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  config = checkpoint.saved_config(f.checkpoint, f.step)
-  context_frames = f.context_frames or config.train.sample_context_frames
-  sampling = SamplingConfig(
-    steps=f.steps,
-    shift=f.shift,
-    guidance=f.guidance,
-    clip_frames=f.clip_frames or config.data.num_frames - context_frames,
-    window=f.window,
-  )
   output = f.output or str(Path(f.checkpoint) / "samples")
   try:
     report = run(
@@ -236,9 +249,9 @@ def main(argv: list[str]) -> None:
       output,
       context=f.context,
       num_videos=f.num_videos,
-      context_frames=context_frames,
+      context_frames=f.context_frames,
       frames=f.frames,
-      sampling=sampling,
+      sampling=sampling_from_flags(),
       seed=f.seed,
       weights=f.weights,
       step=f.step,
