@@ -4,8 +4,15 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
+
+# XLA's persistent compilation cache, for this process and the runs it starts: the suite compiles the same
+# small programs in dozens of processes, and a cached executable is the same program (bit-identical results).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "vgpt_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import ml_collections
 import pytest
@@ -90,6 +97,7 @@ def train_steps(setup, mesh, state, videos) -> tuple:
   step = trainer.compile_train_step(setup, mesh)
   losses = []
   for video in videos:
-    state, metrics = step(state, jax.device_put(video, parallel.batch_sharding(mesh)))
+    skips = jax.device_put(trainer.no_skips(len(video)), parallel.batch_sharding(mesh))
+    state, metrics = step(state, jax.device_put(video, parallel.batch_sharding(mesh)), skips)
     losses.append(float(metrics["loss"]))
   return state, losses
