@@ -223,7 +223,7 @@ def test_train_batches_shape_range_and_content():
   cfg = small_config()
   batch = next(iter(train_dataset(cfg, batch_size=3, seed=0)))
   assert set(batch) == {"video", "skipped"}
-  assert batch["skipped"].shape == (len(SKIP_REASONS),) and not batch["skipped"].any()
+  assert batch["skipped"].shape == (3, len(SKIP_REASONS)) and not batch["skipped"].any()
   video = batch["video"]
   assert video.shape == (3, 4, 32, 32, 3) and video.dtype == np.float32
   assert video.min() >= -1.0 and video.max() <= 1.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -45,6 +46,19 @@ def encode(path: Path, frames: np.ndarray, codec: str = "libx264", gop: int = 8,
     stream.codec_context.gop_size = gop
     for frame in frames:
       container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode())
+  return path
+
+
+def audio_only(path: Path) -> Path:
+  """An mp4 holding one AAC audio stream and no pictures."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with av.open(str(path), "w") as container:
+    stream = container.add_stream("aac", rate=16000)
+    for i in range(8):
+      frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+      frame.sample_rate, frame.pts = 16000, i * 1024
+      container.mux(stream.encode(frame))
     container.mux(stream.encode())
   return path
 
@@ -120,6 +134,9 @@ def mixed_dir(tmp_path_factory, good_dir) -> Path:
   encode(train / "short.mp4", flat_video(5, frames=20))
   encode(train / "small.mp4", flat_video(6, height=24, width=32))
   encode(train / "wide.mp4", flat_video(7, height=48, width=240))
+  encode(train / "thin.mp4", flat_video(7, height=24, width=200))  # too small and too elongated: aspect first
+  encode(train / "small_short.mp4", flat_video(6, frames=20, height=24, width=32))  # size is met before length
+  audio_only(train / "audio.mp4")
   encode(root / "eval" / "held.mp4", flat_video(8))
   encode(root / "eval" / "held2.mp4", flat_video(7))
   return root
@@ -134,7 +151,11 @@ MIXED_KINDS = {
   "short.mp4": "too_short",
   "small.mp4": "too_small",
   "wide.mp4": "bad_aspect",
+  "thin.mp4": "bad_aspect",
+  "small_short.mp4": "too_small",
+  "audio.mp4": "no_video_stream",
 }
+BAD_COUNTS = Counter(kind for kind in MIXED_KINDS.values() if kind != "good")
 
 
 def mixed_config(mixed_dir, **overrides):
@@ -250,7 +271,7 @@ def test_pipeline_batches_shape_range_and_content(good_dir):
   batch = next(iter(train_dataset(cfg, batch_size=3, seed=0)))
   assert batch["video"].shape == (3, 4, 16, 16, 3) and batch["video"].dtype == np.float32
   assert -1.0 <= batch["video"].min() and batch["video"].max() <= 1.0
-  np.testing.assert_array_equal(batch["skipped"], np.zeros(len(SKIP_REASONS)))
+  np.testing.assert_array_equal(batch["skipped"], np.zeros((3, len(SKIP_REASONS))))
   source = make_source(cfg, "train")
   indices = [index for _, index in train_index_dataset(cfg, seed=0, batch_size=3)[:3]]
   for clip, index in zip(batch["video"], indices):
@@ -268,14 +289,17 @@ def test_shards_are_disjoint_and_cover_the_videos(good_dir):
   assert len(seen[0]) == len(seen[1]) == 3 and not seen[0] & seen[1] and seen[0] | seen[1] == set(range(6))
 
 
-def test_global_batches_do_not_depend_on_the_number_of_hosts(mixed_dir):
-  """With bad files in the mix: two hosts' slices, concatenated, equal the one-host batches, skips included."""
-  cfg = mixed_config(mixed_dir, frame_stride=3, frame_stride_max=10)
-  single = take(iter(train_dataset(cfg, batch_size=4, seed=7)), 4)
-  hosts = [take(iter(train_dataset(cfg, batch_size=2, seed=7, shard_index=k, shard_count=2)), 4) for k in range(2)]
+def test_global_batches_do_not_depend_on_the_number_of_hosts(mixed_dir, tmp_path):
+  """With files failing at run time: two hosts' slices, concatenated, equal the one-host batches, skips included."""
+  cfg, source = vanishing(mixed_dir, tmp_path, frame_stride=3, frame_stride_max=10)
+  single = take(iter(train_dataset(cfg, batch_size=4, seed=7, source=source)), 4)
+  hosts = [
+    take(iter(train_dataset(cfg, batch_size=2, seed=7, shard_index=k, shard_count=2, source=source)), 4)
+    for k in range(2)
+  ]
   for step in range(4):
-    np.testing.assert_array_equal(np.concatenate([h[step]["video"] for h in hosts]), single[step]["video"])
-    np.testing.assert_array_equal(hosts[0][step]["skipped"] + hosts[1][step]["skipped"], single[step]["skipped"])
+    for key in ("video", "skipped"):
+      np.testing.assert_array_equal(np.concatenate([h[step][key] for h in hosts]), single[step][key])
   assert sum(b["skipped"].sum() for b in single) > 0
 
 
@@ -287,13 +311,13 @@ def test_order_is_deterministic_per_seed(good_dir):
   assert any(not np.array_equal(x["video"], z["video"]) for x, z in zip(a, c))
 
 
-def test_iterator_state_restores_exactly(mixed_dir):
-  cfg = mixed_config(mixed_dir, frame_stride=3, frame_stride_max=10)
-  iterator = iter(train_dataset(cfg, batch_size=2, seed=3))
+def test_iterator_state_restores_exactly(mixed_dir, tmp_path):
+  cfg, source = vanishing(mixed_dir, tmp_path, frame_stride=3, frame_stride_max=10)
+  iterator = iter(train_dataset(cfg, batch_size=2, seed=3, source=source))
   take(iterator, 3)
   state = iterator.get_state()
   expected = take(iterator, 3)
-  fresh = iter(train_dataset(cfg, batch_size=2, seed=3))
+  fresh = iter(train_dataset(cfg, batch_size=2, seed=3, source=source))
   fresh.set_state(state)
   for x, y in zip(expected, take(fresh, 3)):
     np.testing.assert_array_equal(x["video"], y["video"])
@@ -323,16 +347,41 @@ def test_source_pickles_without_its_memo(good_dir):
 
 
 @pytest.mark.parametrize("name,kind", sorted(MIXED_KINDS.items()))
-def test_each_bad_file_is_rejected_with_its_reason(mixed_dir, name, kind):
+def test_each_bad_file_is_judged_with_its_reason_and_good_ones_decode(mixed_dir, name, kind):
   cfg = mixed_config(mixed_dir)
-  source = VideoFileSource(cfg)
-  index = [os.path.basename(source.path(i)) for i in range(len(source))].index(name)
+  path = str(mixed_dir / "train" / name)
+  bad = video_files.judge(video_files.inspect_file(path), path, cfg.num_frames * cfg.frame_stride, cfg.min_size, 4.0)
   if kind == "good":
+    assert bad is None
+    source = VideoFileSource(cfg)
+    index = [os.path.basename(source.path(i)) for i in range(len(source))].index(name)
     assert identify(source.clip(index, np.random.default_rng(0)))[0] == int(name[4])
     return
-  with pytest.raises(BadVideo) as err:
-    source.clip(index, np.random.default_rng(0))
-  assert err.value.reason == kind and name in str(err.value)
+  assert bad is not None and bad.reason == kind and name in str(bad)
+
+
+def test_source_excludes_bad_files_up_front_counting_each_reason(mixed_dir, caplog):
+  with caplog.at_level("WARNING"):
+    source = VideoFileSource(mixed_config(mixed_dir))
+  assert sorted(os.path.basename(source.path(i)) for i in range(len(source))) == [f"good{i}.mp4" for i in range(5)]
+  assert source.excluded == {reason: BAD_COUNTS[reason] for reason in SKIP_REASONS}
+  assert all(BAD_COUNTS[reason] for reason in SKIP_REASONS)  # every reason has a test file
+  assert f"{sum(BAD_COUNTS.values())} of {len(MIXED_KINDS)} videos are unusable" in caplog.text
+
+
+def test_probe_is_cached_and_redone_for_changed_files(mixed_dir, tmp_path, monkeypatch):
+  for name in ("good0.mp4", "good1.mp4", "short.mp4"):
+    os.link(mixed_dir / "train" / name, tmp_path / name)
+  cfg = mixed_config(mixed_dir, path=str(tmp_path))
+  assert len(VideoFileSource(cfg)) == 2 and (tmp_path / ".vgpt_file_facts.json").exists()
+  inspected = []
+  real = video_files.inspect_file
+  monkeypatch.setattr(video_files, "inspect_file", lambda p: inspected.append(os.path.basename(p)) or real(p))
+  assert len(VideoFileSource(cfg)) == 2 and inspected == []  # all from the cache
+  (tmp_path / "good1.mp4").unlink()
+  encode(tmp_path / "good1.mp4", flat_video(1, frames=20))  # replaced by a too-short video
+  source = VideoFileSource(cfg)
+  assert inspected == ["good1.mp4"] and len(source) == 1 and source.excluded["too_short"] == 2
 
 
 def test_half_of_an_mp4_with_its_index_at_the_end_is_unreadable(mixed_dir, tmp_path):
@@ -357,37 +406,60 @@ def replay(source, kinds: dict[str, str], seed: int, position: int, index: int, 
   raise AssertionError("no good candidate")
 
 
-def test_pipeline_yields_only_good_videos_and_counts_skips_by_reason(mixed_dir):
-  cfg = mixed_config(mixed_dir)
+def vanishing(mixed_dir, tmp_path, **overrides):
+  """(config, source) over the mixed files, where good3 and good4 vanish after the probe: the source lists them,
+  reading them fails at run time (a file deleted or unmounted mid-run), and the pipeline must replace them."""
+  for name in MIXED_KINDS:
+    os.link(mixed_dir / "train" / name, tmp_path / name)
+  cfg = mixed_config(mixed_dir, path=str(tmp_path), **overrides)
   source = make_source(cfg, "train")
-  assert len(source) == len(MIXED_KINDS)  # the eval folder is separate
-  batch_size, steps, seed = 4, 6, 11  # 24 samples: about two epochs of the 12 files
-  batches = take(iter(train_dataset(cfg, batch_size=batch_size, seed=seed)), steps)
-  elements = train_index_dataset(cfg, seed=seed, batch_size=batch_size)
-  expected: Counter = Counter()
+  (tmp_path / "good3.mp4").unlink()
+  (tmp_path / "good4.mp4").unlink()
+  return cfg, source
+
+
+VANISHED = {**{f"good{i}.mp4": "good" for i in range(3)}, "good3.mp4": "unreadable", "good4.mp4": "unreadable"}
+
+
+def test_files_failing_after_the_probe_are_replaced_and_counted_per_sample(mixed_dir, tmp_path):
+  cfg, source = vanishing(mixed_dir, tmp_path)
+  assert len(source) == 5  # only the good files are numbered
+  batch_size, steps, seed = 4, 6, 11  # 24 samples: about five epochs of the 5 files
+  batches = take(iter(train_dataset(cfg, batch_size=batch_size, seed=seed, source=source)), steps)
+  elements = train_index_dataset(cfg, seed=seed, batch_size=batch_size, num_videos=len(source))
+  total: Counter = Counter()
   for step, batch in enumerate(batches):
-    batch_skips: Counter = Counter()
+    assert batch["skipped"].shape == (batch_size, len(SKIP_REASONS))
     for j, clip in enumerate(batch["video"]):
       position, index = elements[step * batch_size + j]
-      good, skipped = replay(source, MIXED_KINDS, seed, position, index, int(cfg.max_skip_tries))
+      good, skipped = replay(source, VANISHED, seed, position, index, int(cfg.max_skip_tries))
       video, frames = identify(clip)
-      assert video == int(os.path.basename(source.path(good))[4])
+      assert video == int(os.path.basename(source.path(good))[4]) and video < 3
       np.testing.assert_array_equal(frames, [0, 10, 20, 30])
-      batch_skips += skipped
-    assert dict(zip(SKIP_REASONS, batch["skipped"].tolist())) == {r: batch_skips[r] for r in SKIP_REASONS}
-    expected += batch_skips
-  assert set(expected) == set(SKIP_REASONS)  # every kind of bad file was met and counted
+      assert dict(zip(SKIP_REASONS, batch["skipped"][j].tolist())) == {r: skipped[r] for r in SKIP_REASONS}
+      total += skipped
+  assert total["unreadable"] > 0
 
 
-def test_only_bad_files_raise_a_clear_error(mixed_dir, tmp_path):
-  for name in ["zero.mp4", "random.mp4", "short.mp4", "small.mp4"]:
+def test_only_bad_files_raise_a_clear_error_naming_each_reason(mixed_dir, tmp_path):
+  for name in ["zero.mp4", "random.mp4", "short.mp4", "small.mp4", "audio.mp4"]:
     os.link(mixed_dir / "train" / name, tmp_path / name)
-  cfg = mixed_config(mixed_dir, path=str(tmp_path), max_skip_tries=5)
+  cfg = mixed_config(mixed_dir, path=str(tmp_path))
   with pytest.raises(NoUsableVideo) as err:
-    next(iter(train_dataset(cfg, batch_size=2, seed=0)))
+    train_dataset(cfg, batch_size=2, seed=0)
   message = str(err.value)
-  assert str(tmp_path) in message and "all 5 videos tried" in message and "data.max_skip_tries" in message
-  assert any(f"{reason}=" in message for reason in ("unreadable", "too_short", "too_small"))
+  assert str(tmp_path) in message and "none of the 5 videos" in message
+  assert "unreadable=2, no_video_stream=1, too_small=1, too_short=1" in message
+
+
+def test_a_single_usable_file_among_many_bad_ones_is_enough(mixed_dir, tmp_path):
+  bad = [name for name, kind in MIXED_KINDS.items() if kind != "good"]
+  for name in bad + ["good2.mp4"]:
+    os.link(mixed_dir / "train" / name, tmp_path / name)
+  cfg = mixed_config(mixed_dir, path=str(tmp_path))
+  batches = take(iter(train_dataset(cfg, batch_size=4, seed=0)), 3)
+  assert all(identify(clip)[0] == 2 for batch in batches for clip in batch["video"])
+  assert not any(batch["skipped"].any() for batch in batches)
 
 
 def test_empty_directory_raises_a_clear_error(tmp_path):
@@ -448,7 +520,7 @@ def test_eval_holds_out_the_last_files_and_never_overlaps_train(good_dir):
     make_source(video_config(good_dir, num_eval_videos=8), "train")
 
 
-def test_eval_path_is_excluded_from_train_and_bad_eval_videos_are_skipped(mixed_dir, good_dir):
+def test_eval_path_is_excluded_from_train_and_bad_eval_videos_are_left_out(mixed_dir, good_dir):
   cfg = mixed_config(mixed_dir)
   assert identify(eval_videos(cfg, 1)[0])[0] == 8
   inside = video_config(mixed_dir / "train", eval_path=str(mixed_dir / "train"))  # eval set = the train folder
@@ -457,27 +529,96 @@ def test_eval_path_is_excluded_from_train_and_bad_eval_videos_are_skipped(mixed_
   first_good = mixed_config(mixed_dir, eval_path=str(mixed_dir / "train"), path=str(good_dir))
   videos = eval_videos(first_good, 5)  # the held-out folder sorted: good0..good4 come first anyway
   assert [identify(v)[0] for v in videos] == [0, 1, 2, 3, 4]
-  with pytest.raises(NoUsableVideo, match="only 5 of the 6 held-out videos"):
+  assert len(make_source(first_good, "eval")) == 5  # the bad files of the held-out folder are not numbered
+  with pytest.raises(ValueError, match=r"count must lie in \[0, 5\]"):
     eval_videos(first_good, 6)
 
 
 # ----------------------------------------------------------------- the train job
 
 
-def test_train_job_reports_skipped_videos(mixed_dir, tmp_path, caplog):
-  """Two steps of the main job on the mixed folder: skip totals reach metrics.jsonl and summary.json."""
+def video_run_config(mixed_dir, train_dir, **overrides):
+  """The test config on the videos of `train_dir` (eval: the mixed folder's eval set), window 0, 8, ..., 32."""
   from tests.conftest import small_config
-  from vgpt_jax.train import train
 
-  data = mixed_config(mixed_dir, num_frames=5, frame_stride=8)  # 40 frames: window 0, 8, ..., 32
-  cfg = small_config(**{"train.steps": 2, "train.log_every": 1, "train.tensorboard": False})
+  data = mixed_config(mixed_dir, path=str(train_dir), num_frames=5, frame_stride=8)
+  cfg = small_config(**{"train.steps": 3, "train.log_every": 1, "train.tensorboard": False, **overrides})
   for key in ("source", "path", "eval_path", "num_frames", "frame_stride", "frame_stride_max", "min_size"):
     cfg.data[key] = data[key]
+  return cfg
+
+
+def test_one_good_file_among_15_bad_ones_trains_to_the_end_and_reports_exclusions(mixed_dir, tmp_path, caplog):
+  from vgpt_jax.train import train
+
+  bad = [name for name, kind in MIXED_KINDS.items() if kind != "good"]
+  names = bad + [f"copy_{name}" for name in bad[: 15 - len(bad)]]
+  for name in names:
+    os.link(mixed_dir / "train" / name.removeprefix("copy_"), tmp_path / name)
+  os.link(mixed_dir / "train" / "good3.mp4", tmp_path / "good3.mp4")
   with caplog.at_level("INFO"):
-    summary = train(cfg, tmp_path)
-  assert "skipped" in caplog.text and "videos so far: unreadable=" in caplog.text
-  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert all(f"skipped_{reason}" in records[-1] for reason in SKIP_REASONS)
-  on_disk = json.loads((tmp_path / "summary.json").read_text())["skipped_videos"]
-  assert on_disk == summary["skipped_videos"] and set(on_disk) == set(SKIP_REASONS)
-  assert sum(on_disk.values()) == sum(records[-1][f"skipped_{r}"] for r in SKIP_REASONS) > 0
+    summary = train(video_run_config(mixed_dir, tmp_path, **{"train.steps": 4}), tmp_path / "run")
+  assert summary["end_step"] == 4 and not summary["preempted"]
+  assert "15 of 16 videos are unusable and never drawn" in caplog.text
+  expected = Counter(MIXED_KINDS[name.removeprefix("copy_")] for name in names)
+  on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+  assert on_disk["excluded_videos"] == summary["excluded_videos"] == {r: expected[r] for r in SKIP_REASONS}
+  assert on_disk["skipped_videos"] == dict.fromkeys(SKIP_REASONS, 0)
+  records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert all(records[-1][f"skipped_{reason}"] == 0 for reason in SKIP_REASONS)
+
+
+def test_files_vanishing_mid_run_are_replaced_and_their_count_survives_a_resume(mixed_dir, tmp_path):
+  """A real run loses two of its three videos while it trains, is preempted, and resumes: the replacements
+  are counted in the train state, so the totals carry over the restart."""
+  import signal
+  import subprocess
+  import time
+
+  from tests.conftest import cpu_env
+
+  videos = tmp_path / "videos"
+  videos.mkdir()
+  for i in range(3):
+    os.link(mixed_dir / "train" / f"good{i}.mp4", videos / f"good{i}.mp4")
+  cfg = video_run_config(mixed_dir, videos)
+  overrides = [f"--config.data.{key}={cfg.data[key]}" for key in ("source", "path", "eval_path", "num_frames")]
+  overrides += [f"--config.data.{key}={cfg.data[key]}" for key in ("frame_stride", "min_size")]
+  overrides += ["--config.train.log_every=1", "--config.checkpoint.every_steps=5", "--config.train.num_samples=1"]
+  overrides += ["--config.train.tensorboard=false"]
+  command = [sys.executable, "-m", "vgpt_jax.train", "--config=tests/small_config.py", f"--workdir={tmp_path / 'run'}"]
+  command += overrides
+  metrics = tmp_path / "run" / "metrics.jsonl"
+
+  def records():
+    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+  proc = subprocess.Popen(
+    command + ["--config.train.steps=100000"], env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
+  try:
+    deadline = time.time() + 240
+    while len(records()) < 2:
+      assert proc.poll() is None and time.time() < deadline
+      time.sleep(0.02)
+    (videos / "good1.mp4").unlink()
+    (videos / "good2.mp4").unlink()
+    while not records() or records()[-1]["skipped_unreadable"] < 3:
+      assert proc.poll() is None and time.time() < deadline
+      time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+  finally:
+    proc.kill()
+  stopped = records()[-1]
+  assert stopped["skipped_unreadable"] >= 3 and stopped["skipped_unreadable"] == sum(
+    stopped[f"skipped_{r}"] for r in SKIP_REASONS
+  )
+
+  steps = int(stopped["step"]) + 3
+  done = subprocess.run(command + [f"--config.train.steps={steps}"], env=cpu_env(), capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  assert summary["start_step"] == stopped["step"] and summary["end_step"] == steps
+  assert summary["skipped_videos"] == {r: int(stopped[f"skipped_{r}"]) for r in SKIP_REASONS}  # carried, not reset
+  assert summary["excluded_videos"] == dict.fromkeys(SKIP_REASONS, 0)  # the restart lists only the file left

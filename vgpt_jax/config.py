@@ -1,13 +1,22 @@
-"""Config validation: refuse a bad config with every problem named, before anything compiles."""
+"""Config validation: refuse a bad config with every problem named, before anything compiles.
+
+`validate` checks the config on its own (cheap, no devices, no data listing);
+`preflight` adds what needs the machine and the data (device count, file
+counts, usable files), for the main job to call before it restores or compiles.
+"""
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+import jax
 import ml_collections
 
 from vgpt_jax import diffusion
 from vgpt_jax.attention.select import ATTENTIONS
 from vgpt_jax.data import latents
-from vgpt_jax.data.pipeline import validate_data_config
+from vgpt_jax.data.pipeline import make_source, validate_data_config
 from vgpt_jax.layout import SPLITS
 from vgpt_jax.model.tokenizer import TOKENIZERS
 from vgpt_jax.model.transformer import REMAT_POLICIES
@@ -25,6 +34,69 @@ def _choice(problems: list[str], name: str, value, options) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raise ConfigError listing every problem found in `config` (no-op when it is sound)."""
+  problems = _problems(config)
+  if problems:
+    raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def preflight(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`validate`, then the checks that need this machine and the data; raise ConfigError naming every problem.
+
+  Builds the train and eval sources (for video files: lists and probes every
+  file once, see video_files.py) to learn how many usable videos there are, and
+  returns them ({"train": ..., "eval": ...}) so the caller need not build them again.
+  """
+  problems = _problems(config)
+  sources: dict[str, Any] = {}
+  if not problems:
+    problems = _machine_problems(config) + _data_problems(config, sources)
+  if problems:
+    raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+  return sources
+
+
+def _machine_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """The mesh against the devices and processes there are, and the batch against the mesh."""
+  from vgpt_jax import parallel  # jax device queries: only here, not in the static checks
+
+  try:
+    shape = dict(zip(parallel.MESH_AXES, parallel.mesh_shape(config.mesh, jax.device_count())))
+  except ValueError as e:
+    fields = " ".join(f"--config.mesh.{axis}=..." for axis in parallel.MESH_AXES)
+    return [f"{e}: set the mesh to fit the {jax.device_count()} devices ({fields}; one of them may be -1)"]
+  shards, processes, batch = shape["data"] * shape["fsdp"], jax.process_count(), config.train.batch_size
+  problems = []
+  if batch % shards or batch % processes:
+    problems.append(
+      f"train.batch_size={batch} must divide evenly over the {shards} data*fsdp shards of the mesh {shape} "
+      f"and the {processes} processes"
+    )
+  elif batch // processes < config.train.grad_accum_steps:
+    problems.append(
+      f"train.grad_accum_steps={config.train.grad_accum_steps} leaves no sample per micro-batch on a process"
+    )
+  return problems
+
+
+def _data_problems(config: ml_collections.ConfigDict, sources: dict[str, Any]) -> list[str]:
+  """Whether the train and eval sources can be built and hold enough usable videos; fills `sources`."""
+  problems = []
+  for split in ("train", "eval"):
+    try:
+      source = sources[split] = make_source(config.data, split)
+    except Exception as e:  # noqa: BLE001 - whatever stops the source is a problem to name
+      problems.append(f"{split} data: {e}")
+      continue
+    if split == "eval" and len(source) < config.train.num_samples:
+      problems.append(
+        f"train.num_samples={config.train.num_samples} held-out samples asked for, but {source.describe()} has "
+        f"{len(source)} usable videos: lower train.num_samples or hold out more (data.num_eval_videos, data.eval_path)"
+      )
+  return problems
+
+
+def _problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Every problem `validate` finds, as one line each."""
   problems: list[str] = []
   m, d, tok, lay, dif, opt, tr = (
     config.model,
@@ -128,6 +200,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
   if not 1 <= tr.sample_context_frames < n:
     problems.append(f"train.sample_context_frames={tr.sample_context_frames} must be in [1, data.num_frames-1={n - 1}]")
+  held_out = d.get("num_eval_videos", 0)
+  separate_eval = d.get("eval_path", "") or d.get("eval_manifest", "") or d.get("source") in ("tfds", "latents")
+  if tr.num_samples < 1:
+    problems.append(f"train.num_samples={tr.num_samples} must be >= 1 (held-out videos continued at the end)")
+  elif not separate_eval and tr.num_samples > held_out:
+    problems.append(
+      f"train.num_samples={tr.num_samples} is more than the data.num_eval_videos={held_out} held out: lower "
+      "train.num_samples or raise data.num_eval_videos"
+    )
+  if tok.kind == "vae":
+    problems.extend(_vae_problems(tok.get("vae_path", "")))
+  return problems
 
-  if problems:
-    raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+def _vae_problems(path: str) -> list[str]:
+  from vgpt_jax.model import vae
+
+  if not path:
+    return ["tokenizer.kind='vae' needs tokenizer.vae_path: a diffusers-format AutoencoderKL directory"]
+  missing = [name for name in (vae.CONFIG_NAME, vae.WEIGHTS_NAME) if not os.path.isfile(os.path.join(path, name))]
+  if missing:
+    return [f"tokenizer.vae_path={path!r} lacks {missing}: give a diffusers-format AutoencoderKL directory"]
+  return []

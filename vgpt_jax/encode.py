@@ -160,7 +160,7 @@ def _finished_splits(directory: Path, stored: dict[str, Any]) -> dict[str, Any] 
       "shards": names,
       "videos": sum(s["videos"] for s in shards),
       "frames": sum(s["frames"] for s in shards),
-      "skipped": {r: sum(s["skipped"][r] for s in shards) for r in SKIP_REASONS},
+      "skipped": {r: info.get("excluded", {}).get(r, 0) + sum(s["skipped"][r] for s in shards) for r in SKIP_REASONS},
     }
   return out
 
@@ -208,6 +208,7 @@ def encode(
       raise ValueError(f"{source.describe()} cannot give whole videos (no leading_frames); it cannot be encoded")
     num_shards = -(-len(source) // shard_size)
     info = {"num_shards": num_shards, "videos_in_source": len(source), "source": source.describe()}
+    info["excluded"] = dict(getattr(source, "excluded", {}))  # bad files the source left out before numbering
     known = stored["splits"].get(split)
     if known is not None and known["num_shards"] != num_shards:
       raise ValueError(

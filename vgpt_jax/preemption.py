@@ -1,39 +1,73 @@
-"""Knowing when to stop for a preemption, on one host or many.
+"""Knowing when to stop for a preemption, on one host or many, from the first line of the job.
 
-Cloud schedulers send SIGTERM some time before they kill a job. Single
-process: a SIGTERM handler raises a flag that the loop reads after each step.
+Cloud schedulers send SIGTERM some time before they kill a job; it may come at
+any moment, while Python imports JAX or while XLA compiles. Single process: a
+handler installed before anything heavy (`catch_sigterm`, first thing in the
+main job) only raises a flag; the job reads it at every phase boundary of its
+start-up (`requested`) and after every step, and stops cleanly: saving the
+current step once training has started, exiting with nothing to save before.
 Multi-process: JAX's preemption sync service (started by
 jax.distributed.initialize) spreads the notice to every host and picks one
 step at which all of them save, so nobody waits on a host that already left.
+
+This module imports no JAX at load time, so it can run before the heavy imports.
 """
 
 from __future__ import annotations
 
 import signal
 
-import jax
-from jax.experimental import multihost_utils
+_received = False
+_previous = None
+
+
+def _on_sigterm(signum, frame) -> None:
+  del signum, frame
+  global _received
+  _received = True
+
+
+def catch_sigterm() -> None:
+  """From now on SIGTERM raises the flag instead of killing the process (idempotent)."""
+  global _previous
+  if _previous is None:
+    _previous = signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def release_sigterm() -> None:
+  """Give SIGTERM back to whoever had it before `catch_sigterm`."""
+  global _previous
+  if _previous is not None:
+    signal.signal(signal.SIGTERM, _previous)
+    _previous = None
+
+
+def requested() -> bool:
+  """Whether this process got SIGTERM since `catch_sigterm` (start-up phases: no step to agree on yet)."""
+  return _received
 
 
 class PreemptionWatch:
-  def __init__(self) -> None:
-    self._received = False
-    self._previous = None
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+  """Per-step check: the step at which every host should save and stop."""
 
-  def _on_sigterm(self, signum, frame) -> None:
-    del signum, frame
-    self._received = True
+  def __init__(self) -> None:
+    import jax
+
+    self._multi = jax.process_count() > 1
+    self._owned = not self._multi and _previous is None
+    if self._owned:
+      catch_sigterm()
 
   def reached(self, step: int) -> bool:
     """True at the step where every host should save and stop. Call it after every step."""
-    if jax.process_count() > 1:
+    if self._multi:
+      from jax.experimental import multihost_utils
+
       return multihost_utils.reached_preemption_sync_point(step)
-    return self._received
+    return _received
 
   def close(self) -> None:
-    """Give SIGTERM back to whoever had it before."""
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    """Give SIGTERM back if this watch took it."""
+    if self._owned:
+      release_sigterm()
+      self._owned = False

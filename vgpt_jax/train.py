@@ -13,15 +13,27 @@ Writes to WORKDIR (a filesystem path; mount buckets with gcsfuse):
   tensorboard/        the same scalars as TensorBoard event files
   summary.json, loss.png, sample.png, sample.gif   at the end of a finished run
 Only process 0 writes logs and media. SIGTERM (preemption) saves a checkpoint
-of the current step and exits cleanly.
+of the current step and exits cleanly (status 0); before the first step, it
+exits cleanly with nothing to save.
+
+Before anything compiles, the job checks the config against the machine and
+the data (config.preflight: every problem named at once) and restores the
+newest checkpoint that verifies (checkpoint.py), so a bad config, unusable
+data or unreadable checkpoints stop it in seconds with one clear message.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # before the heavy imports below: a preemption notice may come while they run
+  from vgpt_jax import preemption as _preemption
+
+  _preemption.catch_sigterm()
 
 import dataclasses
 import json
 import logging as logging_std
 import os
+import re
 import time
 from pathlib import Path
 
@@ -34,11 +46,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from vgpt_jax import checkpoint, media, parallel, trainer
+from vgpt_jax import checkpoint, media, parallel, preemption, trainer
 from vgpt_jax import config as config_lib
 from vgpt_jax.data.pipeline import eval_videos, to_uint8, train_dataset
-from vgpt_jax.data.sources import SKIP_REASONS
-from vgpt_jax.preemption import PreemptionWatch
+from vgpt_jax.data.sources import SKIP_REASONS, NoUsableVideo
 from vgpt_jax.sampling import Sampler, SamplingConfig
 
 
@@ -110,20 +121,8 @@ def write_sample(truth: np.ndarray, prediction: np.ndarray, context_frames: int,
   return {"sample_mse": mse, "sample_context_frames": context_frames}
 
 
-def _check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh) -> None:
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  per_process = config.train.batch_size // jax.process_count()
-  if config.train.batch_size % shards or config.train.batch_size % jax.process_count():
-    raise config_lib.ConfigError(
-      f"train.batch_size={config.train.batch_size} must divide evenly over the {shards} data*fsdp shards "
-      f"of the mesh {dict(mesh.shape)} and the {jax.process_count()} processes"
-    )
-  if (per_process // config.train.grad_accum_steps) < 1:
-    raise config_lib.ConfigError("train.grad_accum_steps leaves no sample per micro-batch on a process")
-
-
-def _data_iterator(config: ml_collections.ConfigDict, seed: int):
-  """This process's Grain iterator of {"video" or "latents": [B/processes, F, ...], "skipped": [len(SKIP_REASONS)]}."""
+def _data_iterator(config: ml_collections.ConfigDict, seed: int, source=None):
+  """This process's Grain iterator of {"video" or "latents": [B/processes, F, ...], "skipped": [B/processes, R]}."""
   return iter(
     train_dataset(
       config.data,
@@ -131,36 +130,9 @@ def _data_iterator(config: ml_collections.ConfigDict, seed: int):
       seed=seed,
       shard_index=jax.process_index(),
       shard_count=jax.process_count(),
+      source=source,
     )
   )
-
-
-class SkipCounter:
-  """Bad videos the data pipeline replaced, per reason, as this process saw them (host numpy, no device sync).
-
-  Counts start at 0 in every session (a resumed run does not restore them).
-  The metrics record and summary.json carry process 0's counts: each process
-  reads its own slice of every global batch, so that is about 1/process_count
-  of all skips.
-  """
-
-  def __init__(self):
-    self.total = np.zeros(len(SKIP_REASONS), dtype=np.int64)
-    self._reported = 0
-
-  def add(self, skipped: np.ndarray) -> None:
-    self.total += np.asarray(skipped, dtype=np.int64)
-
-  def as_dict(self) -> dict[str, int]:
-    return {reason: int(n) for reason, n in zip(SKIP_REASONS, self.total)}
-
-  def report(self) -> None:
-    """Logs one line if anything was skipped since the last report."""
-    n = int(self.total.sum())
-    if n > self._reported:
-      self._reported = n
-      reasons = ", ".join(f"{reason}={count}" for reason, count in self.as_dict().items())
-      logging.info("skipped %d videos so far: %s", n, reasons)
 
 
 def _initial_state(setup: trainer.Setup, mesh, target: trainer.TrainState) -> trainer.TrainState:
@@ -175,37 +147,86 @@ def _initial_state(setup: trainer.Setup, mesh, target: trainer.TrainState) -> tr
   return dataclasses.replace(state, params=params, ema=ema)
 
 
+def _preempted_before_training(phase: str) -> bool:
+  """True (and says so) if a single-process job got SIGTERM before its first step: there is nothing to save.
+
+  Multi-process jobs learn of a preemption at the first step's sync point instead (preemption.py).
+  """
+  if jax.process_count() == 1 and preemption.requested():
+    logging.warning("SIGTERM during %s, before the first step: nothing new to save; stopping cleanly", phase)
+    return True
+  return False
+
+
+def _skip_counts(counts) -> dict[str, int]:
+  return {reason: int(n) for reason, n in zip(SKIP_REASONS, np.asarray(counts))}
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  """Run (or resume) the job; returns the summary (also in workdir/summary.json when finished)."""
-  config_lib.validate(config)
+  """Run (or resume) the job; returns the summary (also in workdir/summary.json when finished).
+
+  Raises config.ConfigError for a config that cannot run here (before anything
+  compiles) and checkpoint.CheckpointError when checkpoints exist but none
+  restores (before compiling, corrupt ones moved aside).
+  """
   if "://" in str(workdir):
     raise config_lib.ConfigError(
       f"--workdir={workdir} must be a filesystem path (mount a bucket with gcsfuse); checkpoints alone can go "
       "to a bucket with --config.checkpoint.directory=gs://..."
     )
+  sources = config_lib.preflight(config)
   workdir = Path(workdir)
   is_main = jax.process_index() == 0
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  excluded = {split: dict(getattr(source, "excluded", {})) for split, source in sources.items()}
+  stopped = {"start_step": None, "end_step": None, "preempted": True, "excluded_videos": excluded["train"]}
+  if _preempted_before_training("start-up"):
+    return stopped
 
   mesh = parallel.make_mesh(config.mesh)
-  _check_batch_fits_mesh(config, mesh)
   setup = trainer.make_setup(config)
-  step_fn = trainer.compile_train_step(setup, mesh)
-  memory = trainer.memory_summary(step_fn)
-  logging.info("compiled train step, per device: %s", {k: f"{v:.3f} GiB" for k, v in memory.items()})
-
   target = trainer.sharded_abstract_state(setup, mesh)
-  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-  batches = _data_iterator(config, config.seed)
-  restored = ckpt.restore(target, batches)
-  if restored is None:
-    state = _initial_state(setup, mesh, target)
-  else:
-    state, data_restored = restored
-    if not data_restored:  # e.g. another process count: new shuffle, never the same batches again
-      batches = _data_iterator(config, config.seed + int(state.step))
+  batches = _data_iterator(config, config.seed, sources["train"])
+  with checkpoint.Checkpointer(workdir, config.checkpoint) as ckpt:
+    restored = ckpt.restore(target, batches)
+    if restored is None:
+      state = _initial_state(setup, mesh, target)
+    else:
+      state, data_restored = restored
+      if not data_restored:  # e.g. another process count: new shuffle, never the same batches again
+        batches = _data_iterator(config, config.seed + int(state.step), sources["train"])
+    start_step = int(state.step)
+    if _preempted_before_training("the restore"):
+      return {**stopped, "start_step": start_step, "end_step": start_step}
+    logging.info("compiling the train step")
+    step_fn = trainer.compile_train_step(setup, mesh)
+    memory = trainer.memory_summary(step_fn)
+    logging.info("compiled train step, per device: %s", {k: f"{v:.3f} GiB" for k, v in memory.items()})
+    if _preempted_before_training("compilation"):
+      return {**stopped, "start_step": start_step, "end_step": start_step}
+    summary = _train_loop(config, workdir, setup, mesh, ckpt, step_fn, state, batches)
+  summary.update(compiled_memory_gib=memory, excluded_videos=excluded["train"], excluded_eval_videos=excluded["eval"])
+  state = summary.pop("state")
+  if summary["preempted"]:
+    logging.warning("preempted: saved a checkpoint at step %d and stopped", summary["end_step"])
+    return summary
+  truth, prediction = predict_held_out(setup, state.params, mesh, config.seed)
+  if is_main:
+    summary.update(write_sample(truth, prediction, config.train.sample_context_frames, workdir))
+    if "loss_first" in summary:
+      print(
+        f"done: loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} in {summary['wall_seconds']:.0f}s; "
+        f"wrote {workdir}/metrics.jsonl, loss.png, sample.png, sample.gif"
+      )
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  return summary
+
+
+def _train_loop(config, workdir: Path, setup, mesh, ckpt, step_fn, state, batches) -> dict:
+  """Steps from state.step to train.steps (or a preemption), saving checkpoints; the summary, with "state"."""
+  is_main = jax.process_index() == 0
   start_step = int(state.step)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info(
@@ -214,16 +235,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     n_params / 1e6,
     setup.layout.length,
     dict(mesh.shape),
-    "resuming" if restored else "starting",
+    "resuming" if start_step else "starting",
     start_step,
   )
-
   sharding = parallel.batch_sharding(mesh)
   log = MetricsLog(workdir, config.train.tensorboard)
-  watch = PreemptionWatch()
+  watch = preemption.PreemptionWatch()
   history: list[dict] = []  # the record of every step of this session
-  pending = None  # (step, device metrics, skip totals): read one step late so the host never waits
-  skips = SkipCounter()
+  pending = None  # (step, device metrics): read one step late so the host never waits
+  reported_skips = [int(np.sum(jax.device_get(state.skipped_videos)))]
   start = time.time()
   progress = tqdm(
     range(start_step, config.train.steps),
@@ -234,9 +254,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     dynamic_ncols=True,
   )
 
-  def flush(step: int, metrics: dict, skipped_videos: dict[str, int]) -> None:
+  def flush(step: int, metrics: dict) -> None:
     record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "time": time.time() - start}
-    record.update({f"skipped_{reason}": n for reason, n in skipped_videos.items()})
     history.append(record)
     if record["skipped_steps"] > config.train.max_skipped_steps:
       raise FloatingPointError(
@@ -246,51 +265,56 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     if step % config.train.log_every == 0 or step == config.train.steps:
       log.write(record)
       progress.set_postfix(loss=f"{record['loss']:.4f}")
+      skips = {reason: int(record[f"skipped_{reason}"]) for reason in SKIP_REASONS}
+      if sum(skips.values()) > reported_skips[0]:
+        reported_skips[0] = sum(skips.values())
+        reasons = ", ".join(f"{reason}={n}" for reason, n in skips.items())
+        logging.info("replaced %d bad videos so far (all processes): %s", reported_skips[0], reasons)
 
   profile_first = config.train.profile_start_step  # -1: no trace
   profile_last = profile_first + config.train.profile_steps - 1
   profile = is_main and profile_first >= 0
   preempted = False
-  step = start_step
-  for step in progress:
-    if profile and step == profile_first:
-      jax.profiler.start_trace(str(workdir / "profile"))
-    batch = next(batches)
-    skips.add(batch["skipped"])
-    inputs = jax.make_array_from_process_local_data(sharding, batch[setup.inputs])
-    state, metrics = step_fn(state, inputs)
+  try:
+    for step in progress:
+      if profile and step == profile_first:
+        jax.profiler.start_trace(str(workdir / "profile"))
+      batch = next(batches)
+      inputs = jax.make_array_from_process_local_data(sharding, batch[setup.inputs])
+      skipped = jax.make_array_from_process_local_data(sharding, batch["skipped"])
+      state, metrics = step_fn(state, inputs, skipped)
+      if pending is not None:
+        flush(*pending)
+      pending = (step + 1, metrics)
+      if profile and step == profile_last:
+        jax.profiler.stop_trace()
+      done = step + 1
+      preempted = watch.reached(done)
+      if preempted or done % config.checkpoint.every_steps == 0 or done == config.train.steps:
+        ckpt.save(done, state, batches, config)
+      if preempted:
+        break
     if pending is not None:
       flush(*pending)
-    pending = (step + 1, metrics, skips.as_dict())
-    if (step + 1) % config.train.log_every == 0:
-      skips.report()
-    if profile and step == profile_last:
-      jax.profiler.stop_trace()
-    done = step + 1
-    preempted = watch.reached(done)
-    if preempted or done % config.checkpoint.every_steps == 0 or done == config.train.steps:
-      ckpt.save(done, state, batches, config)
-    if preempted:
-      break
-  if pending is not None:
-    flush(*pending)
-  wall = time.time() - start
-  ckpt.wait()
-  ckpt.close()
-  log.close()
-  watch.close()
-  progress.close()
+  finally:
+    wall = time.time() - start
+    ckpt.wait()
+    log.close()
+    watch.close()
+    progress.close()
 
-  skips.report()
-  summary = {"start_step": start_step, "end_step": int(state.step), "preempted": preempted, "wall_seconds": wall}
-  summary["skipped_videos"] = skips.as_dict()  # process 0's counts in summary.json (see SkipCounter)
-  if preempted:
-    logging.warning("preempted: saved a checkpoint at step %d and stopped", int(state.step))
-    return summary
+  summary = {
+    "start_step": start_step,
+    "end_step": int(state.step),
+    "preempted": preempted,
+    "wall_seconds": wall,
+    "skipped_videos": _skip_counts(jax.device_get(state.skipped_videos)),  # all processes, whole run
+    "state": state,
+  }
   if history:
     losses = np.array([r["loss"] for r in history])
     head = max(1, min(20, len(losses) // 4))
-    first_step_seconds = history[0]["time"]  # compilation + one step
+    first_step_seconds = history[0]["time"]  # one step (compiled before the loop)
     summary.update(
       steps=config.train.steps,
       first_step_seconds=first_step_seconds,
@@ -299,19 +323,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
       loss_last=float(np.mean(losses[-head:])),
       skipped_steps=int(history[-1]["skipped_steps"]),
       parameters=int(n_params),
-      compiled_memory_gib=memory,
     )
-  truth, prediction = predict_held_out(setup, state.params, mesh, config.seed)
-  if is_main:
-    summary.update(write_sample(truth, prediction, config.train.sample_context_frames, workdir))
-    if history:
+    if is_main and not preempted:
       steps = np.array([r["step"] for r in history])
       media.save_curve(workdir / "loss.png", steps, losses, "step", "loss", f"{config.model.preset}: training loss")
-      print(
-        f"done: loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} (mean of first/last {head} steps) "
-        f"in {wall:.0f}s; wrote {workdir}/metrics.jsonl, loss.png, sample.png, sample.gif"
-      )
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
 
 
@@ -343,10 +358,26 @@ def main(argv: list[str]) -> None:
   parallel.initialize_distributed(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
   try:
     train(f.config, f.workdir)
-  except config_lib.ConfigError as e:
-    raise SystemExit(str(e)) from None
+  except (config_lib.ConfigError, checkpoint.CheckpointError, NoUsableVideo) as e:
+    raise SystemExit(f"{type(e).__name__}: {e}") from None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a config-key typo (--config.train.stepz=5) reported in one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    text = str(e)
+    hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+    key = re.search(r"(\w+)", text)
+    name = hint.group(2) if hint else key.group(1) if key else "?"
+    culprit = next((a.split("=")[0] for a in argv if re.search(rf"\.{re.escape(name)}(\.|=|$)", a.split("=")[0])), name)
+    suggestion = f"; did you mean {hint.group(1)!r}?" if hint else "; see the config file for the fields there are"
+    raise SystemExit(f"{culprit}: the config has no field {name!r}{suggestion}") from None
+  except flags.Error as e:
+    raise SystemExit(f"{e}\nTry --help.") from None
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -20,6 +20,7 @@ from vgpt_jax import diffusion, parallel
 from vgpt_jax.attention import context_parallel
 from vgpt_jax.data import latents as latents_lib
 from vgpt_jax.data.pipeline import input_key
+from vgpt_jax.data.sources import SKIP_REASONS
 from vgpt_jax.layout import Layout, pad_layout, sample_splits, training_layout
 from vgpt_jax.model import VideoGPT
 from vgpt_jax.model import tokenizer as tokenizer_lib
@@ -35,6 +36,7 @@ class TrainState:
   rng: jax.Array  # uint32 [2] raw key data (checkpointable); see `step_key`
   ema: Any  # exponential moving average of params, or None when train.ema_decay = 0
   skipped: jax.Array  # int32 []: steps whose loss or gradient was not finite (update skipped)
+  skipped_videos: jax.Array  # int32 [len(SKIP_REASONS)]: bad videos the pipeline replaced, all processes, by reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +122,7 @@ def _boxed_state(setup: Setup, seed: int) -> TrainState:
     rng=jax.random.key_data(run_key),
     ema=jax.tree.map(jnp.copy, params) if setup.config.train.ema_decay > 0 else None,
     skipped=jnp.zeros((), jnp.int32),
+    skipped_videos=jnp.zeros(len(SKIP_REASONS), jnp.int32),
   )
 
 
@@ -220,11 +223,20 @@ def loss_and_grads(setup: Setup, params: Any, inputs: jax.Array, key: jax.Array)
   return loss / k, jax.tree.map(lambda g: g / k, grads)
 
 
-def train_step(setup: Setup, state: TrainState, inputs: jax.Array) -> tuple[TrainState, dict]:
+def no_skips(batch_size: int) -> jax.Array:
+  """int32 [batch_size, len(SKIP_REASONS)] zeros: the skip counts of a batch with no bad video."""
+  return jnp.zeros((batch_size, len(SKIP_REASONS)), jnp.int32)
+
+
+def train_step(
+  setup: Setup, state: TrainState, inputs: jax.Array, skipped_videos: jax.Array
+) -> tuple[TrainState, dict]:
   """One optimiser step on a batch of `setup.input_shape`; pure, so it can be jit-compiled with shardings.
 
-  A step whose loss or gradient is not finite leaves params, optimiser state and
-  EMA untouched and is counted in `skipped`.
+  skipped_videos: int32 [B, len(SKIP_REASONS)], the bad videos the pipeline
+  replaced for each sample; summed into the state, so the totals cover every
+  process and survive a resume. A step whose loss or gradient is not finite
+  leaves params, optimiser state and EMA untouched and is counted in `skipped`.
   """
   loss, grads = loss_and_grads(setup, state.params, inputs, step_key(state))
   grad_norm = optax.tree.norm(grads)
@@ -247,12 +259,14 @@ def train_step(setup: Setup, state: TrainState, inputs: jax.Array) -> tuple[Trai
     rng=state.rng,
     ema=ema,
     skipped=state.skipped + (~finite).astype(jnp.int32),
+    skipped_videos=state.skipped_videos + jnp.sum(skipped_videos, axis=0, dtype=jnp.int32),
   )
   metrics = {
     "loss": loss,
     "grad_norm": grad_norm,
     "lr": make_schedule(setup.config.optim)(state.step),
     "skipped_steps": new_state.skipped,
+    **{f"skipped_{reason}": new_state.skipped_videos[i] for i, reason in enumerate(SKIP_REASONS)},
   }
   return new_state, metrics
 
@@ -261,22 +275,26 @@ def compile_train_step(setup: Setup, mesh: Mesh) -> jax.stages.Compiled:
   """Ahead-of-time compiled train step with explicit in/out shardings and the state donated.
 
   Compiled from shapes alone, so its memory use can be reported before the
-  first step (`.memory_analysis()`). Call it as `state, metrics = step(state, inputs)`, inputs
-  of `setup.input_shape(train.batch_size)` (frames or pre-encoded latents).
+  first step (`.memory_analysis()`). Call it as `state, metrics = step(state, inputs, skipped_videos)`,
+  inputs of `setup.input_shape(train.batch_size)` (frames or pre-encoded latents), skipped_videos
+  int32 [train.batch_size, len(SKIP_REASONS)] (`no_skips` for none).
   """
   abstract = sharded_abstract_state(setup, mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   inputs = jax.ShapeDtypeStruct(
     setup.input_shape(setup.config.train.batch_size), jnp.float32, sharding=parallel.batch_sharding(mesh)
   )
+  skips = jax.ShapeDtypeStruct(
+    (setup.config.train.batch_size, len(SKIP_REASONS)), jnp.int32, sharding=parallel.batch_sharding(mesh)
+  )
   step = jax.jit(
     functools.partial(train_step, setup),
-    in_shardings=(shardings, parallel.batch_sharding(mesh)),
+    in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.batch_sharding(mesh)),
     out_shardings=(shardings, parallel.replicated(mesh)),
     donate_argnums=0,
   )
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
-    return step.lower(abstract, inputs).compile()
+    return step.lower(abstract, inputs, skips).compile()
 
 
 def memory_summary(compiled: jax.stages.Compiled) -> dict[str, float]:

@@ -65,12 +65,13 @@ def run(preset: str, args: argparse.Namespace) -> dict:
     jax.random.uniform(jax.random.key(0), (args.batch_size, args.frames, args.size, args.size, 3), minval=-1),
     parallel.batch_sharding(mesh),
   )
-  state, metrics = step(state, video)  # warm-up
+  skips = jax.device_put(trainer.no_skips(args.batch_size), parallel.batch_sharding(mesh))
+  state, metrics = step(state, video, skips)  # warm-up
   jax.block_until_ready(metrics)
   times = []
   for _ in range(args.steps):
     t0 = time.perf_counter()
-    state, metrics = step(state, video)
+    state, metrics = step(state, video, skips)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))

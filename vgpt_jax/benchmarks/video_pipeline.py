@@ -25,13 +25,15 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import tempfile
 import time
 
 import av
 import numpy as np
 
+from vgpt_jax.data import file_facts
 from vgpt_jax.data.pipeline import default_data_config, train_dataset, train_index_dataset
-from vgpt_jax.data.video_files import VideoFileSource, find_videos
+from vgpt_jax.data.video_files import INSPECT_VERSION, VideoFileSource, find_videos, inspect_file
 
 
 def texture_frames(seed: int, frames: int, width: int, height: int) -> np.ndarray:
@@ -150,6 +152,22 @@ def pipeline_rate(cfg, args: argparse.Namespace) -> float:
       close()
 
 
+def probe_rate(files: list[str]) -> str:
+  """How fast the up-front probe of every file runs (VideoFileSource does it once per collection), cold and cached."""
+  with tempfile.TemporaryDirectory() as tmp:
+    cache = os.path.join(tmp, "facts.json")
+    start = time.perf_counter()
+    file_facts.collect(files, inspect_file, cache, INSPECT_VERSION)
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    file_facts.collect(files, inspect_file, cache, INSPECT_VERSION)
+    warm = time.perf_counter() - start
+  return (
+    f"probe: {len(files)} files in {cold:.2f} s ({len(files) / cold:.1f} files/s, "
+    f"{4 * (os.cpu_count() or 1)} threads); from the cache: {warm * 1000:.1f} ms"
+  )
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--dir", default="", help="existing video directory (default: generate into --cache)")
@@ -186,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     f"out {args.height}x{args.width}, {args.clips} clips per measurement, batch {args.batch_size}, "
     f"{args.read_threads} read threads\n"
   )
+  print(probe_rate(files) + "\n")
   cores = os.cpu_count() or 1
   header = f"| decode threads | what | clips/s | frames/s | vs raw, 1 process | vs raw, {cores} processes |"
   rows = [header, "|---|---|---|---|---|---|"]

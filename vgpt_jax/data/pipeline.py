@@ -12,14 +12,16 @@ Train pipeline (per host):
   range(len(source)).seed(seed).shuffle().repeat()   one global stream, new order per epoch
   -> this host's slice of every global batch          (global position, video index)
   -> map(_ClipOrSkip)                                  clip drawn from (seed, position), [-1, 1]
-  -> batch(batch_size, drop_remainder=True)            skip counts summed over the batch
+  -> batch(batch_size, drop_remainder=True)            skip counts stacked per sample
   -> to_iter_dataset(ReadOptions)                      thread prefetch
   -> mp_prefetch (only if worker_count > 0)            process prefetch
 
-Each element is {"video": float32 [B, F, H, W, 3], "skipped": int32 [len(SKIP_REASONS)]},
+Each element is {"video": float32 [B, F, H, W, 3], "skipped": int32 [B, len(SKIP_REASONS)]},
 or {"latents": float32 [B, F, h, w, C], "skipped": ...} for data.source="latents".
 
-Bad videos: when the video at global position p raises BadVideo, attempt a =
+Bad videos: a source may exclude files it knows to be bad before numbering its
+videos (video_files probes every file once), so those are never drawn. When the
+video at global position p still raises BadVideo, attempt a =
 1, 2, ... takes video rng_a.integers(len(source)) with rng_a =
 default_rng([seed, p, a]) and cuts its clip with rng_a, up to
 data.max_skip_tries attempts in all. Every candidate depends only on (seed,
@@ -325,12 +327,9 @@ class _ClipOrSkip:
 
 
 def _stack(elements: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Batch: clips stacked [B, F, ...]; skip counts summed [len(SKIP_REASONS)]."""
+  """Batch: clips stacked [B, F, ...]; skip counts stacked [B, len(SKIP_REASONS)] (the step sums them globally)."""
   (key,) = set(elements[0]) - {"skipped"}
-  return {
-    key: np.stack([e[key] for e in elements]),
-    "skipped": np.sum([e["skipped"] for e in elements], axis=0, dtype=np.int32),
-  }
+  return {key: np.stack([e[key] for e in elements]), "skipped": np.stack([e["skipped"] for e in elements])}
 
 
 def train_index_dataset(
@@ -374,20 +373,21 @@ def train_dataset(
   seed: int,
   shard_index: int = 0,
   shard_count: int = 1,
+  source: VideoSource | None = None,
 ) -> grain.IterDataset:
-  """This host's infinite, shuffled train stream of {"video": float32 [B, F, H, W, 3], "skipped": int32 [R]}
+  """This host's infinite, shuffled train stream of {"video": float32 [B, F, H, W, 3], "skipped": int32 [B, R]}
   ({"latents": float32 [B, F, h, w, C], ...} when data.source="latents").
 
   B = batch_size is this host's part of the global batch (see
   `train_index_dataset`). F = data_cfg.num_frames frames taken every k frames
   from a random start, k drawn from [frame_stride, frame_stride_max] (stages
-  3-4). R = len(SKIP_REASONS): bad videos replaced in this batch, by reason.
+  3-4). R = len(SKIP_REASONS): bad videos replaced for each sample, by reason.
   Deterministic given `seed`; the iterator's get_state()/set_state() resume
-  exactly.
+  exactly. `source`: the train source when the caller has built it already.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-  source = make_source(data_cfg, "train")
+  source = make_source(data_cfg, "train") if source is None else source
   clip = _ClipOrSkip(source, seed, int(_get(data_cfg, "max_skip_tries", 16)), clip_shape(source, data_cfg))
   ds = train_index_dataset(
     data_cfg,

@@ -17,13 +17,15 @@ from typing import Protocol
 
 import numpy as np
 
-# Why a video was skipped; the pipeline counts each.
+# Why a video was skipped; the pipeline counts each. In the order the checks meet them: a file with
+# two faults is counted under the first.
 SKIP_REASONS = (
-  "unreadable",  # missing, zero-byte, not a video, no video stream, decoder error
-  "truncated",  # decoding stopped before the frames the clip needs
-  "too_short",  # fewer frames than num_frames * stride
-  "too_small",  # shorter side under data.min_size
+  "unreadable",  # missing, zero-byte, not a container FFmpeg knows, decoder error, no frame
+  "no_video_stream",  # a container without moving pictures (audio only, cover art only)
   "bad_aspect",  # long side / short side over data.max_aspect
+  "too_small",  # shorter side under data.min_size
+  "too_short",  # fewer frames than num_frames * stride
+  "truncated",  # decoding stops before the frames the header promises (a file cut short)
 )
 
 

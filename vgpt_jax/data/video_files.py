@@ -31,10 +31,18 @@ How a clip is cut (SPEC section 6, made fixed-shape for a jitted step):
     The reference instead kept each video's own size (longest side <= 320,
     cropped to multiples of 16); one fixed shape avoids recompiling.
 
-Every PyAV error becomes `BadVideo` with one of `SKIP_REASONS`; the pipeline
-skips and counts it. Not handled: rotation metadata (phone videos play
-rotated), non-square sample aspect ratios, videos with several video streams
-(the first that is not cover art is used).
+Bad files: a source first inspects every listed file once, in parallel
+(`inspect_file`: container, video stream, size, frame count, and whether the
+last frame decodes), caches what it found beside the data (file_facts.py), and
+numbers only the files that can give clips under the config (`judge`); the
+others are counted by reason in `VideoFileSource.excluded` and never drawn.
+A file that fails later anyway (deleted mid-run, damaged in the middle) raises
+`BadVideo`: every PyAV error becomes one with a reason of `SKIP_REASONS`, and
+the pipeline replaces and counts it.
+
+Not handled: rotation metadata (phone videos play rotated), non-square sample
+aspect ratios, videos with several video streams (the first that is not cover
+art is used).
 """
 
 from __future__ import annotations
@@ -45,9 +53,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import av
 import numpy as np
+from absl import logging
 from av.video.reformatter import Interpolation, VideoReformatter
 
-from vgpt_jax.data.sources import BadVideo
+from vgpt_jax.data import file_facts
+from vgpt_jax.data.sources import SKIP_REASONS, BadVideo, NoUsableVideo
 
 VIDEO_EXTENSIONS: tuple[str, ...] = ("mp4", "mov", "mkv", "webm", "avi", "m4v")
 
@@ -214,7 +224,7 @@ def _video_stream(container: av.container.InputContainer, path: str) -> av.video
   for stream in container.streams.video:
     if not stream.disposition & _STILLS:
       return stream
-  raise BadVideo("unreadable", f"{path}: no video stream")
+  raise BadVideo("no_video_stream", f"{path}: no video stream")
 
 
 def _fps(stream: av.video.stream.VideoStream, path: str) -> Fraction:
@@ -246,16 +256,61 @@ def probe(path: str, frames_hint: int = 0) -> VideoInfo:
 
 
 def check_shape(info: VideoInfo, path: str, min_size: int, max_aspect: float) -> None:
-  """Rejects frames too small or too elongated to crop a useful view from (SPEC section 6)."""
+  """Rejects frames too elongated or too small to crop a useful view from (SPEC section 6), in that order."""
   short, long = sorted((info.width, info.height))
   if short <= 0:
     raise BadVideo("unreadable", f"{path}: frame size {info.width}x{info.height}")
-  if short < min_size:
-    raise BadVideo("too_small", f"{path}: {info.width}x{info.height}, shorter side under data.min_size={min_size}")
   if long / short > max_aspect:
     raise BadVideo(
       "bad_aspect", f"{path}: {info.width}x{info.height}, aspect {long / short:.2f} over data.max_aspect={max_aspect}"
     )
+  if short < min_size:
+    raise BadVideo("too_small", f"{path}: {info.width}x{info.height}, shorter side under data.min_size={min_size}")
+
+
+# Names the logic of `inspect_file`; bump it when that changes so cached facts are found again.
+INSPECT_VERSION = "1"
+
+
+def inspect_file(path: str) -> dict:
+  """What a file is, independent of any config: {"fault", "detail", "width", "height", "frames"}.
+
+  fault: None, "unreadable" (cannot be opened, or nothing decodes), "no_video_stream",
+  or "truncated" (the last frame the header promises does not decode: a file cut
+  short). Decodes only the last frames (a seek to the final keyframe); a damaged
+  file may cost a decode from the start.
+  """
+  facts = {"fault": None, "detail": "", "width": 0, "height": 0, "frames": 0}
+  try:
+    info = probe(path)
+  except BadVideo as e:
+    return {**facts, "fault": e.reason, "detail": e.detail}
+  facts.update(width=info.width, height=info.height, frames=info.frames)
+  if info.frames <= 0 or min(info.width, info.height) <= 0:
+    return {**facts, "fault": "unreadable", "detail": f"{path}: {info.width}x{info.height}, {info.frames} frames"}
+  try:
+    read_clip(path, lambda n: (n - 1, 1), num_frames=1, height=1, width=1, frames_hint=info.frames)
+  except BadVideo as e:
+    return {**facts, "fault": e.reason, "detail": e.detail}
+  return facts
+
+
+def judge(facts: dict, path: str, min_frames: int, min_size: int, max_aspect: float) -> BadVideo | None:
+  """Why the inspected file cannot give clips under this config (None when it can), in SKIP_REASONS order."""
+  if facts["fault"] in ("unreadable", "no_video_stream"):
+    return BadVideo(facts["fault"], facts["detail"] or path)
+  info = VideoInfo(facts["width"], facts["height"], facts["frames"], Fraction(1))
+  try:
+    check_shape(info, path, min_size, max_aspect)
+  except BadVideo as e:
+    return e
+  if facts["frames"] < min_frames:
+    return BadVideo(
+      "too_short", f"{path}: {facts['frames']} frames < data.num_frames * data.frame_stride = {min_frames}"
+    )
+  if facts["fault"]:
+    return BadVideo(facts["fault"], facts["detail"] or path)
+  return None
 
 
 def cover_size(width: int, height: int, out_height: int, out_width: int) -> tuple[int, int]:
@@ -463,6 +518,15 @@ def split_files(data_cfg: Any, split: str) -> tuple[PathList, str]:
   return files.take(range(cut)), f"{where} (train split: the first {cut} of {len(files)} files)"
 
 
+def _cache_location(data_cfg: Any, split: str) -> str:
+  """The directory or manifest that lists `split`'s files (where their facts are cached)."""
+  if split == "eval":
+    eval_location = _get(data_cfg, "eval_path", "") or _get(data_cfg, "eval_manifest", "")
+    if eval_location:
+      return eval_location
+  return _get(data_cfg, "path", "") or _get(data_cfg, "manifest", "")
+
+
 class VideoFileSource:
   """`VideoSource` over video files: index -> uint8 clip [F, H, W, 3] decoded with PyAV.
 
@@ -472,7 +536,7 @@ class VideoFileSource:
   """
 
   def __init__(self, data_cfg: Any, split: str = "train"):
-    self.files, self._where = split_files(data_cfg, split)
+    listed, self._where = split_files(data_cfg, split)
     self.split = split
     self.num_frames = int(data_cfg.num_frames)
     self.height, self.width = int(data_cfg.height), int(data_cfg.width)
@@ -482,6 +546,49 @@ class VideoFileSource:
     self.max_aspect = float(_get(data_cfg, "max_aspect", 4.0))
     self.threads = int(_get(data_cfg, "decode_threads", 1))
     self._memo: dict[int, int | BadVideo] = {}
+    self.files, self.excluded = self._usable(listed, _cache_location(data_cfg, split))
+
+  def _usable(self, listed: PathList, location: str) -> tuple[PathList, dict[str, int]]:
+    """The listed files that can give clips under this config, and how many were excluded per reason.
+
+    Every file is inspected once (in parallel; cached beside the data, see
+    file_facts.py), so a bad file is never drawn and the counts are exact.
+    Raises NoUsableVideo when no file is usable.
+    """
+    facts = file_facts.collect(
+      list(listed), inspect_file, file_facts.default_cache(location), INSPECT_VERSION, what=f"{self.split} videos"
+    )
+    excluded = dict.fromkeys(SKIP_REASONS, 0)
+    examples: dict[str, str] = {}
+    keep, frames = [], []
+    for i, fact in enumerate(facts):
+      listed_count = int(listed.frames[i])  # a manifest's count bounds the frames used; a stale larger one is ignored
+      fact = {**fact, "frames": min(listed_count, fact["frames"]) if listed_count else fact["frames"]}
+      bad = judge(fact, listed[i], self.num_frames * self.strides[0], self.min_size, self.max_aspect)
+      if bad is None:
+        keep.append(i)
+        frames.append(fact["frames"])
+      else:
+        excluded[bad.reason] += 1
+        examples.setdefault(bad.reason, str(bad))
+    counts = ", ".join(f"{reason}={n}" for reason, n in excluded.items() if n)
+    if not keep:
+      raise NoUsableVideo(
+        f"none of the {len(listed)} videos of {self._where} is usable ({counts}); e.g. "
+        + "; ".join(examples.values())
+        + ". Check the files, data.min_size, data.max_aspect and data.num_frames * data.frame_stride"
+      )
+    if counts:
+      logging.warning(
+        "%s: %d of %d videos are unusable and never drawn (%s); e.g. %s",
+        self._where,
+        len(listed) - len(keep),
+        len(listed),
+        counts,
+        "; ".join(examples.values())[:2000],
+      )
+    usable = PathList([listed[i] for i in keep], frames)
+    return usable, excluded
 
   def __len__(self) -> int:
     return len(self.files)
