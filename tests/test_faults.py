@@ -150,6 +150,8 @@ def test_every_checkpoint_corrupt_stops_before_compiling_with_one_message(tmp_pa
   assert "CheckpointError: none of the 2 checkpoints" in result.stderr
   assert "compiling the train step" not in result.stderr and "Traceback" not in result.stderr
   assert sorted(p.name for p in (workdir / "checkpoints" / "corrupt").iterdir()) == ["4", "8"]
+  again = run(workdir, steps=2)  # a rerun starts from scratch, and says so
+  assert again.returncode == 0 and "no usable checkpoint: starting from scratch" in again.stderr
 
 
 def test_a_checkpoint_of_another_model_is_refused_and_left_in_place(tmp_path, stopped_at_8):

@@ -200,6 +200,9 @@ class Checkpointer:
     """
     _drop_event_loop_noise()
     steps = sorted(self.all_steps(), reverse=True)
+    set_aside = self.directory / CORRUPT_DIR
+    if not steps and set_aside.exists():
+      logging.warning("no usable checkpoint: starting from scratch (the corrupt ones are in %s)", set_aside)
     errors = []
     for step in steps:
       try:
@@ -285,8 +288,14 @@ class Checkpointer:
       while destination.exists():
         n += 1
         destination = self.directory / CORRUPT_DIR / f"{step}.{n}"
-      destination.parent.mkdir(parents=True, exist_ok=True)
-      source.rename(destination)
+      try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(destination)
+      except Exception as e:  # noqa: BLE001 - left in place, saving this step again would fail later
+        raise CheckpointError(
+          f"checkpoint {source} is corrupt ({problem.splitlines()[0][:300]}) and could not be moved to "
+          f"{destination} ({e}); move it away by hand and run again"
+        ) from None
       (destination / "WHY_CORRUPT.txt").write_text(problem + "\n")
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"vgpt_jax checkpoint {step} set aside")

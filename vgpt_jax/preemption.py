@@ -9,6 +9,9 @@ current step once training has started, exiting with nothing to save before.
 Multi-process: JAX's preemption sync service (started by
 jax.distributed.initialize) spreads the notice to every host and picks one
 step at which all of them save, so nobody waits on a host that already left.
+Its notifier takes SIGTERM over from `catch_sigterm` at initialisation; a
+notice that came before is noted here but not acted on (the scheduler's
+SIGKILL follows).
 
 This module imports no JAX at load time, so it can run before the heavy imports.
 """
