@@ -622,3 +622,17 @@ def test_files_vanishing_mid_run_are_replaced_and_their_count_survives_a_resume(
   assert summary["start_step"] == stopped["step"] and summary["end_step"] == steps
   assert summary["skipped_videos"] == {r: int(stopped[f"skipped_{r}"]) for r in SKIP_REASONS}  # carried, not reset
   assert summary["excluded_videos"] == dict.fromkeys(SKIP_REASONS, 0)  # the restart lists only the file left
+
+
+def test_facts_cache_goes_to_the_user_cache_when_the_data_directory_is_read_only(tmp_path, monkeypatch):
+  from vgpt_jax.data import file_facts
+
+  (tmp_path / "videos").mkdir()
+  assert file_facts.default_cache(str(tmp_path / "videos")) == str(tmp_path / "videos" / ".vgpt_file_facts.json")
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a read-only mount answers (root ignores modes)
+  cache = file_facts.default_cache(str(tmp_path / "videos"))
+  assert cache.startswith(str(tmp_path / "home" / ".cache" / "vgpt_jax" / "file_facts" / ""))
+  (tmp_path / "videos" / "x.mp4").write_text("not a video")
+  facts = file_facts.collect([str(tmp_path / "videos" / "x.mp4")], video_files.inspect_file, cache, "1")
+  assert facts[0]["fault"] == "unreadable" and str(tmp_path / "videos" / "x.mp4") in Path(cache).read_text()
