@@ -253,3 +253,35 @@ def test_reading_another_runs_params_verifies_them_and_moves_nothing(tmp_path, c
   with pytest.raises(checkpoint.CheckpointError, match="could not read 'params'"):
     checkpoint.load_params(tmp_path, target.params, step=4)
   assert checkpoint.saved_config(tmp_path).train.steps == cfg.train.steps
+
+
+def test_checkpoints_from_before_integrity_records_still_resume_and_are_never_moved(tmp_path, caplog):
+  """A run saved by the previous version (no integrity item, no video skip counts) resumes; one that cannot be read
+  is passed over but left in place, since nothing proves it damaged rather than another version's layout."""
+  import grain
+  import orbax.checkpoint as ocp
+
+  cfg = small_config()
+  mesh = parallel.make_mesh(cfg.mesh)
+  setup = trainer.make_setup(cfg)
+  state = trainer.create_state(setup, mesh)
+  data = iter(train_dataset(cfg.data, batch_size=cfg.train.batch_size, seed=0))
+  old_train = {k: v for k, v in checkpoint._train_part(state).items() if k != "skipped_videos"}  # noqa: SLF001
+  with checkpoint.Checkpointer(tmp_path, cfg.checkpoint) as ckpt:
+    for step in (3, 5):
+      items = dict(
+        params=ocp.args.StandardSave(state.params),
+        train=ocp.args.StandardSave(old_train),
+        data=grain.checkpoint.CheckpointSave(data),
+        config=ocp.args.JsonSave(cfg.to_dict()),
+      )
+      ckpt.manager.save(step, args=ocp.args.Composite(**items), force=True)
+  (tmp_path / "checkpoints" / "5" / "params" / "manifest.ocdbt").unlink()
+  target = trainer.sharded_abstract_state(setup, mesh)
+  with caplog.at_level("WARNING"), checkpoint.Checkpointer(tmp_path, cfg.checkpoint) as ckpt:
+    restored, data_ok = ckpt.restore(target, data)
+  assert data_ok and "no integrity record (older format)" in caplog.text
+  assert "checkpoint 5 (older format) could not be read" in caplog.text
+  assert (tmp_path / "checkpoints" / "5").is_dir() and not (tmp_path / "checkpoints" / "corrupt").exists()
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), jax.device_get(state.params))
+  assert restored.skipped_videos.shape == (len(SKIP_REASONS),) and not np.any(jax.device_get(restored.skipped_videos))

@@ -214,7 +214,10 @@ class Checkpointer:
       if not _all_hosts_agree(problem is None):
         problem = problem or "another process could not read its part"
         errors.append(f"step {step}: {problem.splitlines()[0][:300]}")
-        self._set_aside(step, problem)
+        if _has_record(self.directory, step):
+          self._set_aside(step, problem)
+        else:  # older format: no proof of damage (it may be another version's layout), so it stays
+          logging.error("checkpoint %d (older format) could not be read (%s); trying the previous one", step, problem)
         continue
       _assert_same_on_all_hosts(step)
       return restored
@@ -233,7 +236,7 @@ class Checkpointer:
     record = _integrity_record(self.manager, self.directory, step)
     if record is not None:
       _check_compatible(record, _array_items(target), self.directory / str(step))
-    state = self._restore_state(step, target)
+    state = self._restore_state(step, target, legacy=record is None)
     if record is not None:
       _verify(record, _array_items(state))
       config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -241,10 +244,16 @@ class Checkpointer:
         raise CorruptCheckpoint("the saved config does not match its hash")
     return state, self._restore_data(step, data_iter, record)
 
-  def _restore_state(self, step: int, target: TrainState) -> TrainState:
+  def _restore_state(self, step: int, target: TrainState, legacy: bool = False) -> TrainState:
+    """legacy: a checkpoint from before integrity records, which also had no video skip counts (they start at 0)."""
     items = {name: ocp.args.StandardRestore(tree) for name, tree in _array_items(target).items()}
+    if legacy:
+      items["train"] = ocp.args.StandardRestore({k: v for k, v in _train_part(target).items() if k != "skipped_videos"})
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     train = restored["train"]
+    if legacy:
+      zeros = np.zeros(target.skipped_videos.shape, target.skipped_videos.dtype)
+      train["skipped_videos"] = jax.device_put(zeros, target.skipped_videos.sharding)
     return dataclasses.replace(
       target,
       params=restored["params"],
@@ -321,9 +330,13 @@ class Checkpointer:
     self.close()
 
 
+def _has_record(directory: epath.Path, step: int) -> bool:
+  return (directory / str(step) / "integrity").exists()
+
+
 def _integrity_record(manager: ocp.CheckpointManager, directory: epath.Path, step: int) -> dict | None:
   """The step's integrity record; None for a checkpoint written before records existed (read unverified)."""
-  if not (directory / str(step) / "integrity").exists():
+  if not _has_record(directory, step):
     logging.warning(
       "checkpoint %s/%d has no integrity record (older format): it is read without verification", directory, step
     )
