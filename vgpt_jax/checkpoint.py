@@ -28,7 +28,7 @@ import logging as logging_std
 import sys
 import threading
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -174,10 +174,11 @@ class Checkpointer:
     arrays = _array_items(state)
     record = {name: integrity.fingerprint(tree) for name, tree in arrays.items()}
     record["data"] = _process_digests(data_iter.get_state())
-    record["config"] = integrity.digest(config.to_dict())
+    settings = config.to_dict()
+    record["config"] = integrity.digest(settings)
     items = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
     items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    items["config"] = ocp.args.JsonSave(config.to_dict())
+    items["config"] = ocp.args.JsonSave(settings)
     items["integrity"] = ocp.args.JsonSave(record)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
@@ -239,9 +240,7 @@ class Checkpointer:
     state = self._restore_state(step, target, legacy=record is None)
     if record is not None:
       _verify(record, _array_items(state))
-      config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-      if integrity.digest(config) != record["config"]:
-        raise CorruptCheckpoint("the saved config does not match its hash")
+      _read_config(self.manager, step, record)
     return state, self._restore_data(step, data_iter, record)
 
   def _restore_state(self, step: int, target: TrainState, legacy: bool = False) -> TrainState:
@@ -379,6 +378,38 @@ def _assert_same_on_all_hosts(step: int) -> None:
     multihost_utils.assert_equal(step, f"hosts restored different checkpoint steps (this host: {step})")
 
 
+def _read_newest(path: str | epath.PathLike, step: int, what: str, read: Callable[..., Any]) -> tuple[Any, int]:
+  """(read(manager, directory, s), s) for the given step, or for the newest s that reads back when step < 0.
+
+  A step that fails is reported and passed over (and left where it is: this reads
+  another run); a checkpoint of another model stops the search.
+  """
+  _drop_event_loop_noise()
+  directory = checkpoint_dir(path)
+  errors = []
+  with contextlib.closing(ocp.CheckpointManager(directory)) as manager:
+    steps = sorted(manager.all_steps(), reverse=True) if step < 0 else [step]
+    if not steps:
+      raise CheckpointError(f"no checkpoints in {directory}: check the path (a workdir or its checkpoints directory)")
+    for s in steps:
+      try:
+        return read(manager, directory, s), s
+      except IncompatibleCheckpoint:
+        raise
+      except Exception as e:  # noqa: BLE001
+        errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+        logging.error("could not read %s of %s/%d: %s", what, directory, s, errors[-1])
+  raise CheckpointError(f"could not read {what} from {directory}:\n" + "\n".join(errors))
+
+
+def _read_config(manager: ocp.CheckpointManager, step: int, record: dict | None) -> dict:
+  """The step's saved config, checked against its hash in `record` (when the checkpoint has one)."""
+  config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  if record is not None and integrity.digest(config) != record["config"]:
+    raise CorruptCheckpoint("the saved config does not match its hash")
+  return config
+
+
 def load_params(path: str | epath.PathLike, target: Any, step: int = -1, ema: bool = False) -> tuple[Any, int]:
   """Parameters only (or their EMA) from another run, for stage-to-stage init, export and sampling.
 
@@ -394,29 +425,18 @@ def load_params(path: str | epath.PathLike, target: Any, step: int = -1, ema: bo
   Returns:
     (params, step).
   """
-  _drop_event_loop_noise()
-  directory = checkpoint_dir(path)
   item = "ema" if ema else "params"
-  errors = []
-  with contextlib.closing(ocp.CheckpointManager(directory)) as manager:
-    steps = sorted(manager.all_steps(), reverse=True) if step < 0 else [step]
-    if not steps:
-      raise CheckpointError(f"no checkpoints in {directory}: check the path (a workdir or its checkpoints directory)")
-    for s in steps:
-      try:
-        record = _integrity_record(manager, directory, s)
-        if record is not None:
-          _check_compatible(record, {item: target}, directory / str(s))
-        restored = manager.restore(s, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))[item]
-        if record is not None:
-          _verify(record, {item: restored})
-        return restored, s
-      except IncompatibleCheckpoint:
-        raise
-      except Exception as e:  # noqa: BLE001
-        errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
-        logging.error("could not read %s of %s/%d: %s", item, directory, s, errors[-1])
-  raise CheckpointError(f"could not read {item!r} from {directory}:\n" + "\n".join(errors))
+
+  def read(manager: ocp.CheckpointManager, directory: epath.Path, s: int) -> Any:
+    record = _integrity_record(manager, directory, s)
+    if record is not None:
+      _check_compatible(record, {item: target}, directory / str(s))
+    restored = manager.restore(s, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))[item]
+    if record is not None:
+      _verify(record, {item: restored})
+    return restored
+
+  return _read_newest(path, step, repr(item), read)
 
 
 def saved_config(path: str | epath.PathLike, step: int = -1) -> ml_collections.ConfigDict:
@@ -424,23 +444,13 @@ def saved_config(path: str | epath.PathLike, step: int = -1) -> ml_collections.C
 
   step=-1: the newest checkpoint whose config reads back (a corrupt newer one is reported and passed over).
   """
-  directory = checkpoint_dir(path)
-  errors = []
-  with contextlib.closing(ocp.CheckpointManager(directory)) as manager:
-    steps = sorted(manager.all_steps(), reverse=True) if step < 0 else [step]
-    if not steps:
-      raise CheckpointError(f"no checkpoints in {directory}")
-    for s in steps:
-      try:
-        record = _integrity_record(manager, directory, s)
-        config = manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        if record is not None and integrity.digest(config) != record["config"]:
-          raise CorruptCheckpoint("the saved config does not match its hash")
-        return ml_collections.ConfigDict(config)
-      except Exception as e:  # noqa: BLE001
-        errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
-        logging.error("could not read the config of %s/%d: %s", directory, s, errors[-1])
-  raise CheckpointError(f"could not read the config from {directory}:\n" + "\n".join(errors))
+  config, _ = _read_newest(
+    path,
+    step,
+    "the config",
+    lambda manager, directory, s: _read_config(manager, s, _integrity_record(manager, directory, s)),
+  )
+  return ml_collections.ConfigDict(config)
 
 
 def load_model(path: str | epath.PathLike, step: int = -1, weights: str = "auto") -> tuple[Any, Any, int]:

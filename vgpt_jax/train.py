@@ -81,16 +81,17 @@ class MetricsLog:
       self._tb.close()
 
 
-def predict_held_out(setup: trainer.Setup, params, mesh, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def predict_held_out(setup: trainer.Setup, params, mesh, seed: int, source=None) -> tuple[np.ndarray, np.ndarray]:
   """(truth, prediction) float32 [B, N, H, W, 3]: held-out clips continued from their first frames.
 
+  `source`: the eval source, when already built (the job's preflight built it).
   Every process runs it (the parameters may be sharded across hosts); the
   result is replicated so any host can read it. With pre-encoded latents the
   truth shown is their decoding.
   """
   cfg = setup.config
   m = cfg.train.sample_context_frames
-  held_out = eval_videos(cfg.data, cfg.train.num_samples)  # frames, or latents
+  held_out = eval_videos(cfg.data, cfg.train.num_samples, source)  # frames, or latents
   n = cfg.data.num_frames
   sampler = Sampler(setup, SamplingConfig(steps=cfg.train.sample_steps, clip_frames=n - m))  # one clip
 
@@ -212,7 +213,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   if summary["preempted"]:
     logging.warning("preempted: saved a checkpoint at step %d and stopped", summary["end_step"])
     return summary
-  truth, prediction = predict_held_out(setup, state.params, mesh, config.seed)
+  truth, prediction = predict_held_out(setup, state.params, mesh, config.seed, sources["eval"])
   if is_main:
     summary.update(write_sample(truth, prediction, config.train.sample_context_frames, workdir))
     if "loss_first" in summary:

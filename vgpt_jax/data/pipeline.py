@@ -411,14 +411,15 @@ def train_dataset(
   return it_ds
 
 
-def eval_videos(data_cfg: Any, count: int) -> np.ndarray:
+def eval_videos(data_cfg: Any, count: int, source: VideoSource | None = None) -> np.ndarray:
   """float32 [count, num_frames, H, W, 3] in [-1, 1]: the first `count` good held-out videos
   (their latents [count, num_frames, h, w, C] when data.source="latents").
 
   Frames 0, stride, 2*stride, ... (stride = data.frame_stride), so evaluation
-  always sees the same clips; bad held-out videos are skipped.
+  always sees the same clips; bad held-out videos are skipped. `source`: the
+  eval source when the caller has built it already.
   """
-  source = make_source(data_cfg, "eval")
+  source = make_source(data_cfg, "eval") if source is None else source
   if not 0 <= count <= len(source):
     raise ValueError(
       f"count must lie in [0, {len(source)}] (the held-out videos: {source.describe()}; "
