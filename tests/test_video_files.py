@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -575,7 +574,7 @@ def test_files_vanishing_mid_run_are_replaced_and_their_count_survives_a_resume(
   import subprocess
   import time
 
-  from tests.conftest import cpu_env
+  from tests.conftest import cpu_env, train_command
 
   videos = tmp_path / "videos"
   videos.mkdir()
@@ -586,8 +585,7 @@ def test_files_vanishing_mid_run_are_replaced_and_their_count_survives_a_resume(
   overrides += [f"--config.data.{key}={cfg.data[key]}" for key in ("frame_stride", "min_size")]
   overrides += ["--config.train.log_every=1", "--config.checkpoint.every_steps=5", "--config.train.num_samples=1"]
   overrides += ["--config.train.tensorboard=false"]
-  command = [sys.executable, "-m", "vgpt_jax.train", "--config=tests/small_config.py", f"--workdir={tmp_path / 'run'}"]
-  command += overrides
+  command = train_command(tmp_path / "run", *overrides)
   metrics = tmp_path / "run" / "metrics.jsonl"
 
   def records():
