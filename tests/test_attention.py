@@ -13,7 +13,7 @@ from vgpt_jax import layout as L
 from vgpt_jax import trainer
 from vgpt_jax.attention import accounting, select
 from vgpt_jax.attention.chunked import chunked_attention, pad_ids, tile_map
-from vgpt_jax.attention.dense import dense_attention
+from vgpt_jax.attention.dense import dense_attention, masked_attention
 from vgpt_jax.attention.mask import dense_mask
 
 RANDOM = ml_collections.ConfigDict(dict(split="random", min_clips=2, max_clips=-1))
@@ -124,4 +124,88 @@ def test_model_with_chunked_attention_equals_dense():
 
 def test_unknown_attention_is_refused():
   with pytest.raises(ValueError, match="unknown attention 'flash'"):
-    select.attention_fn("flash")
+    select.attention_path("flash", 8, 8)
+
+
+@pytest.mark.parametrize("path", ["dense", "chunked"])
+def test_model_paths_equal_the_reference_with_padding_queries(path):
+  """The model's dense path (mask planned once, flash-style backward) and the chunked path against the autodiff
+  reference on fresh inputs; padding tokens (which see nothing) give 0 and pass no gradient."""
+  for seed in range(2):
+    ids = pad_ids(random_ids(seed, 2, 5, 4), 60)  # 54 real tokens + 6 padding
+    q, k, v = qkv(seed + 30, 2, 60)
+    weights = jax.random.normal(jax.random.key(seed + 40), q.shape)
+    run = select.attention_path(path, 60, 60, block=16)
+
+    def loss(fn):
+      return lambda q, k, v: jnp.sum(fn(q, k, v, ids, ids) * weights)
+
+    out = run(q, k, v, ids, ids)
+    assert rel(out, dense_attention(q, k, v, ids, ids)) < 1e-5
+    np.testing.assert_array_equal(out[:, 54:], 0.0)
+    grads = jax.grad(loss(run), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(dense_attention), argnums=(0, 1, 2))(q, k, v)
+    for got, ref in zip(grads, want):
+      assert rel(got, ref) < 1e-5
+      np.testing.assert_array_equal(got[:, 54:], 0.0)
+
+
+def test_masked_attention_takes_any_mask_and_matches_autodiff():
+  """The flash-style backward against autodiff of the plain softmax, on a random (not hierarchical) mask."""
+  q, k, v = qkv(7, 2, 24, kv_length=40)
+  mask = jax.random.bernoulli(jax.random.key(8), 0.3, (2, 24, 40)).at[:, :, 0].set(True)
+
+  def plain(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(jnp.where(mask[:, None], s, -jnp.inf), axis=-1), v)
+
+  weights = jax.random.normal(jax.random.key(9), q.shape)
+  assert rel(masked_attention(q, k, v, mask), plain(q, k, v)) < 1e-5
+  got = jax.grad(lambda *a: jnp.sum(masked_attention(*a, mask) * weights), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(lambda *a: jnp.sum(plain(*a) * weights), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    assert rel(g, w) < 1e-5
+
+
+def _subjaxprs(eqn):
+  for value in eqn.params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(item, jax.extend.core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jax.extend.core.Jaxpr):
+        yield item
+
+
+def _eqns(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in it."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in _subjaxprs(eqn):
+      yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("path", ["dense", "chunked"])
+def test_the_mask_is_planned_once_per_step_outside_the_layer_scan(path, remat):
+  """No layer, forward or backward, builds the [B, T, T] mask (dense) or the [B, nq, nk] tile map (chunked): the
+  plan is made once, before the scan over layers, and handed to every layer."""
+  layers, batch = 3, 2
+  overrides = {"model.attention": path, "model.num_layers": layers, "model.attention_block": 16, "model.remat": remat}
+  setup = trainer.make_setup(small_config(**overrides))
+  params = trainer.init_params(setup, jax.random.key(0))
+  x = jnp.zeros(setup.input_shape(batch))
+  keys = jax.random.split(jax.random.key(1), batch)
+  t = setup.layout.length
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: trainer.loss_fn(p, setup, x, keys)))(params).jaxpr
+
+  tiles = -(-t // 16)
+  planned_shape = (batch, tiles, tiles) if path == "chunked" else (batch, t, t)  # the tile map, or the mask
+
+  def plans(eqn) -> bool:
+    return any(o.aval.dtype == jnp.bool_ and o.aval.shape == planned_shape for o in eqn.outvars)
+
+  layer_scans = [e for e in _eqns(jaxpr) if e.primitive.name == "scan" and e.params["length"] == layers]
+  assert len(layer_scans) >= 2  # the forward scan over layers and its transpose
+  for scan in layer_scans:
+    assert not any(plans(e) for sub in _subjaxprs(scan) for e in _eqns(sub))
+  assert sum(plans(e) for e in _eqns(jaxpr)) >= 1  # ... and it is made, once, outside them

@@ -1,22 +1,28 @@
-"""Chunked attention: online softmax over key tiles, masks built per tile from ids, empty tiles skipped.
+"""Chunked attention: flash attention in pure JAX, tiles of tokens, masks from ids, empty tiles never visited.
 
-Pure JAX, so it runs on every backend (the CPU default). Never materialises an
-L x L tensor:
-  * queries are cut into tiles of `block_q`, keys into tiles of `block_k`;
-  * `tile_map` decides from per-tile id ranges (O(1) per tile) which tiles may
-    hold a visible entry; the others are skipped at run time with `lax.cond`
-    (about three quarters of a training sequence's tiles, see
-    `attention.accounting`);
-  * inside a kept tile the exact mask is evaluated from the ids with the same
-    predicate as the dense reference, and an online softmax accumulates the
-    output in float32.
-The backward pass rematerialises one query tile at a time (`jax.checkpoint`),
-so its memory is O(L * block) too. Shapes are static: any clip split runs
-without recompiling (only the ids change).
+Pure JAX, so it runs on every backend (the CPU default for long sequences).
+It never materialises an L x L tensor, and it is split in two like every path
+(`path.AttentionPath`):
+  * `tile_plan`, once per forward pass: the ids padded to the tiles, and per
+    sample and query tile the list of key tiles that may hold a visible entry
+    (`tile_map`, from per-tile id ranges, O(1) per tile; about a third of a
+    long training sequence's tiles, see `attention.accounting`);
+  * `tiled_attention`, in every layer: for each sample and query tile, a loop
+    over its listed key tiles only, evaluating the exact mask of the tile from
+    the ids (the predicate of the dense reference) and an online softmax in
+    float32.
+The backward pass is written out (`jax.custom_vjp`), as in flash attention:
+the forward keeps only its output and the log-sum-exp of each query; the
+backward walks the same lists, recomputes each tile's probabilities and
+accumulates dq per query tile and dk, dv in place. Memory is O(L * block),
+there is no per-tile residual for autodiff to stack, and the work is that of
+the kept tiles. Shapes are static: any clip split runs without recompiling
+(only the ids and the lists change).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -27,6 +33,8 @@ from vgpt_jax.layout import CLEAN, NOISY, PAD, TokenIds
 
 DEFAULT_BLOCK = 512
 _BIG = jnp.iinfo(jnp.int32).max
+_NEG = float(jnp.finfo(jnp.float32).min)  # masked score
+_FLOOR = -1e30  # running-max floor: a row with nothing visible keeps exp(_NEG - _FLOOR) = 0, never inf - inf
 
 
 def pad_ids(ids: TokenIds, length: int) -> TokenIds:
@@ -72,39 +80,167 @@ def tile_map(q_ids: TokenIds, k_ids: TokenIds, block_q: int, block_k: int) -> ja
   return clean_clean | noisy_clean | noisy_noisy
 
 
-def _slice(x: jax.Array, index: jax.Array, block: int) -> jax.Array:
-  """Tokens [index * block, (index + 1) * block) of x [B, T, ...]."""
-  return jax.lax.dynamic_slice_in_dim(x, index * block, block, axis=1)
+def visit_lists(kept: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """kept bool [B, n, m] -> int32 [B, n, m] each row's kept indices first (ascending), int32 [B, n] their count."""
+  order = jnp.argsort(~kept, axis=-1, stable=True).astype(jnp.int32)
+  return order, jnp.sum(kept, axis=-1, dtype=jnp.int32)
 
 
-def _query_tile(
-  q: jax.Array, k: jax.Array, v: jax.Array, q_ids: TokenIds, k_ids: TokenIds, keep: jax.Array, block_k: int
-) -> jax.Array:
-  """Attention of one query tile q [B, bq, H, D] over all key tiles; keep: bool [Tk / block_k] tiles to run."""
-  b, bq, h, d = q.shape
-  scale = d**-0.5
-  neg = jnp.finfo(jnp.float32).min
+def round_up(x: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that is >= x (padded lengths of the tiled paths)."""
+  return -(-x // multiple) * multiple
 
-  def visit(carry, j):
-    def run(carry):
-      m, l, acc = carry  # [B, H, bq], [B, H, bq], [B, H, bq, D]
-      k_j, v_j = _slice(k, j, block_k), _slice(v, j, block_k)
-      mask = dense_mask(q_ids, jax.tree.map(lambda x: _slice(x, j, block_k), k_ids))[:, None]
-      s = jnp.einsum("bqhd,bkhd->bhqk", q, k_j, preferred_element_type=jnp.float32) * scale
-      s = jnp.where(mask, s, neg)
-      m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-      p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)  # explicit zeros: fully masked rows stay empty
-      correction = jnp.exp(m - m_new)
-      l = l * correction + jnp.sum(p, axis=-1)
-      pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
-      return m_new, l, acc * correction[..., None] + pv
 
-    return jax.lax.cond(keep[j], run, lambda c: c, carry), None
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["q_ids", "k_ids", "visits", "counts"],
+                   meta_fields=["block_q", "block_k"])  # fmt: skip
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+  """What every layer's tiled attention needs from the ids, computed once per forward pass (`tile_plan`)."""
 
-  init = (jnp.full((b, h, bq), neg), jnp.zeros((b, h, bq)), jnp.zeros((b, h, bq, d)))
-  (_, l, acc), _ = jax.lax.scan(visit, init, jnp.arange(keep.shape[0]))
-  out = acc / jnp.where(l == 0, 1.0, l)[..., None]  # a query with no visible key (padding) gives 0
-  return jnp.einsum("bhqd->bqhd", out).astype(q.dtype)
+  q_ids: TokenIds  # fields [B, Lq]: padded to a multiple of block_q
+  k_ids: TokenIds  # fields [B, Lk]: padded to a multiple of block_k
+  visits: jax.Array  # int32 [B, Lq / block_q, Lk / block_k]: per query tile, its kept key tiles first (ascending)
+  counts: jax.Array  # int32 [B, Lq / block_q]: how many key tiles each query tile visits
+  block_q: int
+  block_k: int
+
+
+def tile_plan(q_ids: TokenIds, k_ids: TokenIds, block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK) -> TilePlan:
+  """The plan of `tiled_attention` for these ids: blocks capped at the (8-aligned) lengths, ids padded, visit lists."""
+  tq, tk = q_ids.frame.shape[1], k_ids.frame.shape[1]
+  block_q, block_k = min(block_q, round_up(tq, 8)), min(block_k, round_up(tk, 8))
+  q_ids, k_ids = pad_ids(q_ids, round_up(tq, block_q)), pad_ids(k_ids, round_up(tk, block_k))
+  visits, counts = visit_lists(tile_map(q_ids, k_ids, block_q, block_k))
+  return TilePlan(q_ids, k_ids, visits, counts, block_q, block_k)
+
+
+def _tile(x: jax.Array, index: jax.Array, block: int, axis: int) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(x, index * block, block, axis=axis)
+
+
+def _tile_ids(ids: TokenIds, index: jax.Array, block: int) -> TokenIds:
+  """The ids of one tile of one sample: fields [block] from fields [L]."""
+  return jax.tree.map(lambda x: _tile(x, index, block, 0), ids)
+
+
+def _scores(q_i: jax.Array, k_j: jax.Array, q_ids: TokenIds, k_ids: TokenIds) -> jax.Array:
+  """float32 [H, bq, bk] masked scores of one tile (q_i already scaled)."""
+  s = jnp.einsum("hqd,hkd->hqk", q_i, k_j, preferred_element_type=jnp.float32)
+  mask = dense_mask(jax.tree.map(lambda x: x[None], q_ids), jax.tree.map(lambda x: x[None], k_ids))  # [1, bq, bk]
+  return jnp.where(mask, s, _NEG)
+
+
+def _forward(q: jax.Array, k: jax.Array, v: jax.Array, plan: TilePlan) -> tuple[jax.Array, jax.Array]:
+  """q (scaled) [B, H, Lq, D], k, v [B, H, Lk, D] -> out [B, H, Lq, D] (q's dtype), lse float32 [B, H, Lq]."""
+  bq, bk = plan.block_q, plan.block_k
+
+  def sample(args):
+    q, k, v, q_ids, k_ids, visits, counts = args
+
+    def query_tile(i):
+      q_i, ids_i = _tile(q, i, bq, 1), _tile_ids(q_ids, i, bq)
+
+      def visit(t, carry):
+        m, l, acc = carry  # [H, bq], [H, bq], [H, bq, D]
+        j = visits[i, t]
+        s = _scores(q_i, _tile(k, j, bk, 1), ids_i, _tile_ids(k_ids, j, bk))
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        correction = jnp.exp(m - m_new)
+        pv = jnp.einsum("hqk,hkd->hqd", p.astype(v.dtype), _tile(v, j, bk, 1), preferred_element_type=jnp.float32)
+        return m_new, l * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv
+
+      h, d = q.shape[0], q.shape[2]
+      init = (jnp.full((h, bq), _FLOOR), jnp.zeros((h, bq)), jnp.zeros((h, bq, d)))
+      m, l, acc = jax.lax.fori_loop(0, counts[i], visit, init)
+      seen = l > 0  # a query with no visible key (padding) outputs 0 and gets no gradient
+      out = acc / jnp.where(seen, l, 1.0)[..., None]
+      return out.astype(q.dtype), jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+
+    out, lse = jax.lax.map(query_tile, jnp.arange(visits.shape[0]))  # [nq, H, bq, D], [nq, H, bq]
+    return _untile(out), _untile(lse)
+
+  return jax.lax.map(sample, (q, k, v, plan.q_ids, plan.k_ids, plan.visits, plan.counts))
+
+
+def _untile(x: jax.Array) -> jax.Array:
+  """[n, H, b, ...] -> [H, n * b, ...]."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _backward(q, k, v, out, lse, do, plan: TilePlan):
+  """Gradients of `_forward` w.r.t. scaled q, k, v (each float32, their shapes), from the saved out and lse."""
+  bq, bk = plan.block_q, plan.block_k
+  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, H, Lq]
+
+  def sample(args):
+    q, k, v, do, lse, delta, q_ids, k_ids, visits, counts = args
+
+    def query_tile(carry, i):
+      q_i, do_i, ids_i = _tile(q, i, bq, 1), _tile(do, i, bq, 1), _tile_ids(q_ids, i, bq)
+      lse_i, delta_i = _tile(lse, i, bq, 1), _tile(delta, i, bq, 1)
+
+      def visit(t, inner):
+        dq_i, dk, dv = inner
+        j = visits[i, t]
+        k_j, v_j = _tile(k, j, bk, 1), _tile(v, j, bk, 1)
+        p = jnp.exp(_scores(q_i, k_j, ids_i, _tile_ids(k_ids, j, bk)) - lse_i[..., None])  # [H, bq, bk]
+        dp = jnp.einsum("hqd,hkd->hqk", do_i, v_j, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_i[..., None])
+        dq_i = dq_i + jnp.einsum("hqk,hkd->hqd", ds.astype(k.dtype), k_j, preferred_element_type=jnp.float32)
+        dv_j = jnp.einsum("hqk,hqd->hkd", p.astype(do.dtype), do_i, preferred_element_type=jnp.float32)
+        dk_j = jnp.einsum("hqk,hqd->hkd", ds.astype(q.dtype), q_i, preferred_element_type=jnp.float32)
+        add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(acc, _tile(acc, j, bk, 1) + x, j * bk, 1)  # noqa: E731
+        return dq_i, add(dk, dk_j), add(dv, dv_j)
+
+      dq_i, dk, dv = jax.lax.fori_loop(0, counts[i], visit, (jnp.zeros(q_i.shape, jnp.float32), *carry))
+      return (dk, dv), dq_i
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    (dk, dv), dq = jax.lax.scan(query_tile, (zeros, zeros), jnp.arange(visits.shape[0]))
+    return _untile(dq), dk, dv
+
+  return jax.lax.map(sample, (q, k, v, do, lse, delta, plan.q_ids, plan.k_ids, plan.visits, plan.counts))
+
+
+@jax.custom_vjp
+def _flash(q: jax.Array, k: jax.Array, v: jax.Array, plan: TilePlan) -> jax.Array:
+  return _forward(q, k, v, plan)[0]
+
+
+def _flash_fwd(q, k, v, plan):
+  out, lse = _forward(q, k, v, plan)
+  return out, (q, k, v, out, lse, plan)
+
+
+def _flash_bwd(residuals, do):
+  q, k, v, out, lse, plan = residuals
+  dq, dk, dv = _backward(q, k, v, out, lse, do, plan)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None  # the plan is integers: no cotangent
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def tiled_attention(q: jax.Array, k: jax.Array, v: jax.Array, plan: TilePlan) -> jax.Array:
+  """Masked softmax attention over the tiles of `plan`; equal to `dense_attention`.
+
+  Args:
+    q: [B, Tq, H, D]; k, v: [B, Tk, H, D] (any lengths: padded to the plan's tiles here).
+    plan: `tile_plan` of the ids of these queries and keys.
+  Returns:
+    [B, Tq, H, D] in q's dtype; softmax statistics in float32. A query that sees no key gives 0.
+  """
+  tq = q.shape[1]
+  lq, lk = plan.q_ids.frame.shape[1], plan.k_ids.frame.shape[1]
+
+  def heads_first(x: jax.Array, length: int) -> jax.Array:  # [B, T, H, D] -> [B, H, L, D], padded
+    return jnp.swapaxes(jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0))), 1, 2)
+
+  scale = q.shape[-1] ** -0.5
+  out = _flash(heads_first(q * jnp.asarray(scale, q.dtype), lq), heads_first(k, lk), heads_first(v, lk), plan)
+  return jnp.swapaxes(out, 1, 2)[:, :tq]
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k"))
@@ -117,33 +253,5 @@ def chunked_attention(
   block_q: int = DEFAULT_BLOCK,
   block_k: int = DEFAULT_BLOCK,
 ) -> jax.Array:
-  """Masked softmax attention, equal to `dense_attention` without its [B, Tq, Tk] mask.
-
-  Args:
-    q: [B, Tq, H, D]; k, v: [B, Tk, H, D] (any lengths: padded to the blocks inside).
-    q_ids, k_ids: token ids with fields [B, Tq] and [B, Tk].
-    block_q, block_k: tile sizes (capped at the padded lengths).
-  Returns:
-    [B, Tq, H, D] in q's dtype; softmax statistics in float32.
-  """
-  tq, tk = q.shape[1], k.shape[1]
-  block_q, block_k = min(block_q, round_up(tq, 8)), min(block_k, round_up(tk, 8))
-  lq, lk = round_up(tq, block_q), round_up(tk, block_k)
-  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
-  q, k, v = pad(q, lq), pad(k, lk), pad(v, lk)
-  q_ids, k_ids = pad_ids(q_ids, lq), pad_ids(k_ids, lk)
-  keep = jnp.any(tile_map(q_ids, k_ids, block_q, block_k), axis=0)  # [nq, nk]: a tile runs if any sample needs it
-
-  @jax.checkpoint  # the backward pass recomputes one query tile at a time: O(L * block) memory
-  def one_tile(i: jax.Array) -> jax.Array:
-    ids_i = jax.tree.map(lambda x: _slice(x, i, block_q), q_ids)
-    return _query_tile(_slice(q, i, block_q), k, v, ids_i, k_ids, keep[i], block_k)
-
-  out = jax.lax.map(one_tile, jnp.arange(lq // block_q))  # [nq, B, bq, H, D]
-  out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], lq, *q.shape[2:])
-  return out[:, :tq]
-
-
-def round_up(x: int, multiple: int) -> int:
-  """The smallest multiple of `multiple` that is >= x (padded lengths of the tiled paths)."""
-  return -(-x // multiple) * multiple
+  """`tiled_attention` with its plan built here: one call for tests and one-off uses (the model plans once)."""
+  return tiled_attention(q, k, v, tile_plan(q_ids, k_ids, block_q, block_k))

@@ -2,7 +2,8 @@
 
 Each device keeps its slice of the queries and gathers every key and value
 (all-gather over `context`; the backward pass reduce-scatters their
-gradients), then runs any attention path on (local queries, all keys). The
+gradients), then runs any attention path on (local queries, all keys), with
+a plan made once per forward pass for its own queries. The
 activations between layers stay split along the sequence (logical axis
 `length` -> `context` in parallel.LOGICAL_RULES), so a device holds 1/c of
 every activation but one layer's K/V.
@@ -23,6 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from vgpt_jax.attention.path import AttentionPath
 from vgpt_jax.layout import Layout, TokenIds
 
 AXIS = "context"
@@ -54,37 +56,73 @@ def reorder(layout: Layout, order: np.ndarray) -> Layout:
   )
 
 
-def shard_attention(inner):
-  """attention_fn -> the same function run per device under the mesh in scope (shard_map).
+def _split(mesh, batch: int, q_length: int, k_length: int) -> tuple[tuple[str, ...], bool]:
+  """How a call is split over `mesh`: the batch axes used (none when they do not divide the batch, e.g. the
+  one-sample init) and whether the sequence is split over `context` (not when it does not divide the lengths,
+  e.g. short sampling calls)."""
+  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+  if batch % int(np.prod([mesh.shape[a] for a in axes])):
+    axes = ()
+  c = mesh.shape[AXIS] if AXIS in mesh.axis_names else 1
+  return axes, c > 1 and q_length % c == 0 and k_length % c == 0
+
+
+def _gather(x: jax.Array) -> jax.Array:
+  return jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
+
+
+def shard_path(path: AttentionPath) -> AttentionPath:
+  """An AttentionPath -> the same path run per device under the mesh in scope (shard_map).
 
   Batch over data/fsdp and heads over tensor, as the activations are laid
-  out; with `context` > 1 the queries stay split along the sequence and K/V
-  are all-gathered. Custom kernels (Pallas) cannot be partitioned by XLA, so
-  every path runs this way whenever the mesh has more than one device.
+  out; with `context` > 1 the queries stay split along the sequence and the
+  keys' ids, K and V are all-gathered. Each device plans for its own queries:
+  the plan's arrays get a leading axis of one entry per device, so it stays
+  where it was made and `attend` reads it there. Custom kernels (Pallas)
+  cannot be partitioned by XLA, so every path runs this way whenever the
+  mesh has more than one device.
   """
 
-  def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: TokenIds, k_ids: TokenIds) -> jax.Array:
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-      return inner(q, k, v, q_ids, k_ids)
-    batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-    if q.shape[0] % int(np.prod([mesh.shape[a] for a in batch])):
-      batch = ()  # e.g. the one-sample init: replicate the batch, still split the sequence
-    heads = "tensor" if "tensor" in mesh.axis_names and q.shape[2] % mesh.shape["tensor"] == 0 else None
-    c = mesh.shape[AXIS] if AXIS in mesh.axis_names else 1
-    context = c > 1 and q.shape[1] % c == 0 and k.shape[1] % c == 0  # else (short sampling calls) not split
-    sequence = AXIS if context else None
-    x_spec, id_spec = P(batch or None, sequence, heads, None), P(batch or None, sequence)
-    ids_spec = jax.tree.map(lambda _: id_spec, q_ids)
+  def single(mesh) -> bool:
+    return mesh.empty or mesh.size == 1
 
-    def local(q, k, v, q_ids, k_ids):
-      if not context:
-        return inner(q, k, v, q_ids, k_ids)
-      gather = lambda x: jax.lax.all_gather(x, AXIS, axis=1, tiled=True)  # noqa: E731
-      return inner(q, gather(k), gather(v), q_ids, jax.tree.map(gather, k_ids))
+  def plan(q_ids: TokenIds, k_ids: TokenIds):
+    mesh = jax.sharding.get_abstract_mesh()
+    if single(mesh):
+      return path.plan(q_ids, k_ids)
+    axes, context = _split(mesh, q_ids.frame.shape[0], q_ids.frame.shape[1], k_ids.frame.shape[1])
+    id_spec = P(axes or None, AXIS if context else None)
+
+    def local(q_ids, k_ids):
+      made = path.plan(q_ids, jax.tree.map(_gather, k_ids) if context else k_ids)
+      return jax.tree.map(lambda x: x[None], made)
 
     return jax.shard_map(
-      local, in_specs=(x_spec, x_spec, x_spec, ids_spec, ids_spec), out_specs=x_spec, check_vma=False
-    )(q, k, v, q_ids, k_ids)
+      local,
+      in_specs=(jax.tree.map(lambda _: id_spec, q_ids), jax.tree.map(lambda _: id_spec, k_ids)),
+      out_specs=P(mesh.axis_names),
+      check_vma=False,
+    )(q_ids, k_ids)
 
-  return attention
+  def attend(q: jax.Array, k: jax.Array, v: jax.Array, made) -> jax.Array:
+    mesh = jax.sharding.get_abstract_mesh()
+    if single(mesh):
+      return path.attend(q, k, v, made)
+    axes, context = _split(mesh, q.shape[0], q.shape[1], k.shape[1])
+    heads = "tensor" if "tensor" in mesh.axis_names and q.shape[2] % mesh.shape["tensor"] == 0 else None
+    x_spec = P(axes or None, AXIS if context else None, heads, None)
+
+    def local(q, k, v, made):
+      made = jax.tree.map(lambda x: x[0], made)
+      if context:
+        k, v = _gather(k), _gather(v)
+      return path.attend(q, k, v, made)
+
+    return jax.shard_map(
+      local,
+      in_specs=(x_spec, x_spec, x_spec, jax.tree.map(lambda _: P(mesh.axis_names), made)),
+      out_specs=x_spec,
+      check_vma=False,
+    )(q, k, v, made)
+
+  return AttentionPath(path.name, plan, attend)

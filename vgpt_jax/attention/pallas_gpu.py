@@ -6,7 +6,8 @@ Forward and backward are Pallas kernels tied together with `jax.custom_vjp`:
     on the broadcast [block_q, block_k] tile, the same predicate the dense
     reference uses;
   * tiles with no visible entry are never visited: `chunked.tile_map` (per
-    batch element) becomes, outside the kernels, a list of the visible key tiles
+    batch element) becomes, outside the kernels and once per forward pass
+    (`gpu_plan`, the path's plan), a list of the visible key tiles
     of every query tile and its length (and, for the dk/dv kernel, the visible
     query tiles of every key tile). Each kernel's loop runs over its list only,
     so the work is proportional to the kept tiles (about a quarter of a training
@@ -20,8 +21,8 @@ Forward and backward are Pallas kernels tied together with `jax.custom_vjp`:
 Any lengths work: sequences are padded to the blocks with invisible padding
 tokens (`chunked.pad_ids`); a query that sees no key outputs 0.
 
-Constraints (checked by `pallas_gpu_attention`, which raises a ValueError that
-names the fix):
+Constraints (checked by `gpu_plan` and `gpu_attend`, which raise a ValueError
+that names the fix):
   * q [B, Tq, H, D], k and v [B, Tk, H, D]: same B, H and D (no grouped heads);
   * D a power of two >= 16 (Triton's tensor shapes are powers of two and its
     `dot` needs every dimension >= 16): 16, 32, 64, 128 or 256;
@@ -44,6 +45,7 @@ O(T^2) tensor per step and could not skip empty tiles. Hence this kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -52,7 +54,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from vgpt_jax.attention.chunked import pad_ids, round_up, tile_map
+from vgpt_jax.attention.chunked import pad_ids, round_up, tile_map, visit_lists
 from vgpt_jax.attention.mask import visible
 from vgpt_jax.layout import TokenIds
 
@@ -70,8 +72,8 @@ def _is_pow2(x: int) -> bool:
   return x > 0 and x & (x - 1) == 0
 
 
-def _check(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: TokenIds, k_ids: TokenIds, block_q: int, block_k: int):
-  """Every constraint of the Triton kernels, each with the fix in its message."""
+def _check(q: jax.Array, k: jax.Array, v: jax.Array, plan: "GpuPlan"):
+  """Every constraint of the Triton kernels on q, k, v (and their match with the plan), each with the fix."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be [B, T, H, D]; got shapes {q.shape}, {k.shape}, {v.shape}")
   if k.shape != v.shape:
@@ -91,14 +93,9 @@ def _check(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: TokenIds, k_ids: Tok
       f"head dim D={d} is not supported by the Triton kernel, which needs a power of two >= 16 "
       "(16, 32, 64, 128, 256): pick num_heads so that hidden / num_heads is one, or use attention='chunked'"
     )
-  for name, block in (("block_q", block_q), ("block_k", block_k)):
-    if not isinstance(block, int) or block < 16 or not _is_pow2(block):
-      raise ValueError(f"{name}={block!r} must be a power of two >= 16 for Triton tiles, e.g. {name}=64")
-  for name, ids, t in (("q_ids", q_ids, tq), ("k_ids", k_ids, k.shape[1])):
-    for field in _FIELDS:
-      shape = getattr(ids, field).shape
-      if shape != (b, t):
-        raise ValueError(f"{name}.{field} has shape {shape}, expected (B, T) = {(b, t)} to match the tokens")
+  planned = (plan.q_ids.shape[0], plan.q_length, plan.k_length)
+  if (b, tq, k.shape[1]) != planned:
+    raise ValueError(f"q {q.shape} and k {k.shape} do not match the plan's (B, Tq, Tk) = {planned}: plan their ids")
 
 
 def _block(block: int, length: int) -> int:
@@ -116,12 +113,6 @@ def visible_tiles(q_ids: TokenIds, k_ids: TokenIds, block_q: int = 64, block_k: 
   tq, tk = q_ids.frame.shape[1], k_ids.frame.shape[1]
   pq, pk, bq, bk = _padded(q_ids, k_ids, tq, tk, block_q, block_k)
   return tile_map(pq, pk, bq, bk)
-
-
-def _visit_lists(kept: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """kept bool [B, n, m] -> int32 [B, n, m] each row's kept indices first (ascending), int32 [B, n] their count."""
-  order = jnp.argsort(~kept, axis=-1, stable=True).astype(jnp.int32)
-  return order, jnp.sum(kept, axis=-1, dtype=jnp.int32)
 
 
 def _pack(ids: TokenIds) -> jax.Array:
@@ -383,7 +374,52 @@ def _flash_bwd(block_q, block_k, interpret, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret"))
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["q_ids", "k_ids", "q_order", "q_count", "k_order",
+                   "k_count"], meta_fields=["q_length", "k_length", "block_q", "block_k"])  # fmt: skip
+@dataclasses.dataclass(frozen=True)
+class GpuPlan:
+  """What the kernels read besides q, k, v; made once per forward pass (`gpu_plan`), used by every layer."""
+
+  q_ids: jax.Array  # int32 [B, 4, Lq]: packed id fields of the queries, padded to block_q
+  k_ids: jax.Array  # int32 [B, 4, Lk]
+  q_order: jax.Array  # int32 [B, nq, nk]: per query tile, its kept key tiles first
+  q_count: jax.Array  # int32 [B, nq]
+  k_order: jax.Array  # int32 [B, nk, nq]: per key tile, the query tiles that see it first
+  k_count: jax.Array  # int32 [B, nk]
+  q_length: int  # Tq, Tk before padding
+  k_length: int
+  block_q: int
+  block_k: int
+
+
+def gpu_plan(q_ids: TokenIds, k_ids: TokenIds, *, block_q: int = 64, block_k: int = 64) -> GpuPlan:
+  """The tiles to visit and the packed ids for queries and keys with these ids (blocks: powers of two >= 16)."""
+  for name, block in (("block_q", block_q), ("block_k", block_k)):
+    if not isinstance(block, int) or block < 16 or not _is_pow2(block):
+      raise ValueError(f"{name}={block!r} must be a power of two >= 16 for Triton tiles, e.g. {name}=64")
+  if q_ids.frame.shape[0] != k_ids.frame.shape[0]:
+    raise ValueError(f"q_ids and k_ids must share the batch; got {q_ids.frame.shape} and {k_ids.frame.shape}")
+  tq, tk = q_ids.frame.shape[1], k_ids.frame.shape[1]
+  pq_ids, pk_ids, bq, bk = _padded(q_ids, k_ids, tq, tk, block_q, block_k)
+  kept = tile_map(pq_ids, pk_ids, bq, bk)  # [B, nq, nk], per batch element
+  q_order, q_count = visit_lists(kept)
+  k_order, k_count = visit_lists(jnp.swapaxes(kept, 1, 2))
+  return GpuPlan(_pack(pq_ids), _pack(pk_ids), q_order, q_count, k_order, k_count, tq, tk, bq, bk)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def gpu_attend(q: jax.Array, k: jax.Array, v: jax.Array, plan: GpuPlan, interpret: bool = False) -> jax.Array:
+  """Masked softmax attention of q [B, Tq, H, D] over k, v [B, Tk, H, D] as `plan` says; differentiable."""
+  _check(q, k, v, plan)
+  lq, lk = plan.q_ids.shape[2], plan.k_ids.shape[2]
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
+  out = _flash(
+    pad(q, lq), pad(k, lk), pad(v, lk), plan.q_ids, plan.k_ids, plan.q_order, plan.q_count, plan.k_order,
+    plan.k_count, plan.block_q, plan.block_k, interpret,
+  )  # fmt: skip
+  return out[:, : plan.q_length]
+
+
 def pallas_gpu_attention(
   q: jax.Array,
   k: jax.Array,
@@ -397,6 +433,8 @@ def pallas_gpu_attention(
 ) -> jax.Array:
   """Masked softmax attention equal to `dense_attention`, as Pallas GPU kernels; differentiable (custom VJP).
 
+  `gpu_plan` then `gpu_attend` in one call (the model plans once per forward pass instead).
+
   Args:
     q: [B, Tq, H, D]; k, v: [B, Tk, H, D] (any lengths: padded to the blocks inside).
     q_ids, k_ids: token ids with fields [B, Tq] and [B, Tk]; a new split needs no recompile.
@@ -407,16 +445,9 @@ def pallas_gpu_attention(
   Raises:
     ValueError: shapes, dtypes or blocks the Triton kernels cannot take (see the module docstring).
   """
-  _check(q, k, v, q_ids, k_ids, block_q, block_k)
-  tq, tk = q.shape[1], k.shape[1]
-  pq_ids, pk_ids, bq, bk = _padded(q_ids, k_ids, tq, tk, block_q, block_k)
-  lq, lk = pq_ids.frame.shape[1], pk_ids.frame.shape[1]
-  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
-  kept = tile_map(pq_ids, pk_ids, bq, bk)  # [B, nq, nk], per batch element
-  q_order, q_count = _visit_lists(kept)
-  k_order, k_count = _visit_lists(jnp.swapaxes(kept, 1, 2))
-  out = _flash(
-    pad(q, lq), pad(k, lk), pad(v, lk), _pack(pq_ids), _pack(pk_ids), q_order, q_count, k_order, k_count,
-    bq, bk, interpret,
-  )  # fmt: skip
-  return out[:, :tq]
+  for name, ids, x in (("q_ids", q_ids, q), ("k_ids", k_ids, k)):
+    for field in _FIELDS:
+      shape = getattr(ids, field).shape
+      if shape != x.shape[:2]:
+        raise ValueError(f"{name}.{field} has shape {shape}, expected (B, T) = {x.shape[:2]} to match the tokens")
+  return gpu_attend(q, k, v, gpu_plan(q_ids, k_ids, block_q=block_q, block_k=block_k), interpret=interpret)

@@ -10,8 +10,9 @@ Same semantics as `dense_attention`, without any [Tq, Tk] mask in memory:
     (replicated over sublanes), the layouts Mosaic broadcasts cheaply. A kernel loads the codes of its tile's
     query and key rows, unpacks them and calls `mask.visible` on the broadcast blocks: one predicate for
     every path.
-  * Skipping: `chunked.tile_map` (per batch element) says which tiles may hold a visible entry, and
-    `_full_map` which tiles surely are entirely visible. Per (b, query tile) the kept key tiles are compacted to
+  * Skipping: once per forward pass (`tpu_plan`, the path's plan, shared by every layer), `chunked.tile_map`
+    (per batch element) says which tiles may hold a visible entry, and `_full_map` which tiles surely are
+    entirely visible. Per (b, query tile) the kept key tiles are compacted to
     the front of a list ([B * nq * nk] int32, entry = 2 * tile + full) with their count ([B * nq]); both go to
     SMEM by scalar prefetch (`PrefetchScalarGridSpec`). Grid step s of a row handles the s-th kept tile; the
     body runs under `pl.when(s < count)`, so a skipped tile costs one empty grid step and no compute. The K/V
@@ -502,17 +503,86 @@ def _check_block(name: str, block: int) -> None:
     raise ValueError(f"{name}={block!r}: TPU tiles need a positive multiple of {LANES} (the lane width); use {fix}")
 
 
-def _check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: TokenIds, k_ids: TokenIds) -> None:
+def _check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, plan: "TpuPlan") -> None:
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be [B, T, H, D]; got shapes {q.shape}, {k.shape}, {v.shape}")
   if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
     raise ValueError(f"q {q.shape} and k, v {k.shape}, {v.shape} must share batch, heads and head dim")
   if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.float32, jnp.bfloat16):
     raise ValueError(f"q, k, v must share one dtype, float32 or bfloat16; got {q.dtype}, {k.dtype}, {v.dtype}")
-  for name, ids, x in (("q_ids", q_ids, q), ("k_ids", k_ids, k)):
-    for field in ("frame", "block", "stream", "kind"):
-      if getattr(ids, field).shape != x.shape[:2]:
-        raise ValueError(f"{name}.{field} has shape {getattr(ids, field).shape}, expected {x.shape[:2]}")
+  planned = (plan.q_code.shape[0], plan.q_length, plan.k_length)
+  if (q.shape[0], q.shape[1], k.shape[1]) != planned:
+    raise ValueError(f"q {q.shape} and k {k.shape} do not match the plan's (B, Tq, Tk) = {planned}: plan their ids")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["q_code", "k_code", "rows", "cols"],
+                   meta_fields=["q_length", "k_length", "block_q", "block_k"])  # fmt: skip
+@dataclasses.dataclass(frozen=True)
+class TpuPlan:
+  """What the kernels read besides q, k, v; made once per forward pass (`tpu_plan`), used by every layer."""
+
+  q_code: jax.Array  # int32 [B, Lq, 128]: packed ids of the queries, replicated over lanes
+  k_code: jax.Array  # int32 [B, 8, Lk]: packed ids of the keys, replicated over sublanes
+  rows: tuple[jax.Array, jax.Array]  # per (b, query tile): kept key tiles (2 * tile + full) and their count
+  cols: tuple[jax.Array, jax.Array]  # per (b, key tile): the query tiles that see it, for the dK/dV kernel
+  q_length: int  # Tq, Tk before padding
+  k_length: int
+  block_q: int
+  block_k: int
+
+
+def tpu_plan(q_ids: TokenIds, k_ids: TokenIds, *, block_q: int = 512, block_k: int = 512) -> TpuPlan:
+  """Packed ids and tile lists for queries and keys with these ids; blocks positive multiples of 128."""
+  _check_block("block_q", block_q)
+  _check_block("block_k", block_k)
+  for name, ids in (("q_ids", q_ids), ("k_ids", k_ids)):
+    shapes = {getattr(ids, f).shape for f in ("frame", "block", "stream", "kind")}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+      raise ValueError(f"{name} fields must share one shape [B, T]; got {sorted(shapes)}")
+  if q_ids.frame.shape[0] != k_ids.frame.shape[0]:
+    raise ValueError(f"q_ids and k_ids must share the batch; got {q_ids.frame.shape} and {k_ids.frame.shape}")
+  _check_ranges(q_ids, "q_ids")
+  _check_ranges(k_ids, "k_ids")
+  return _tpu_plan(q_ids, k_ids, block_q=block_q, block_k=block_k)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k"))
+def _tpu_plan(q_ids: TokenIds, k_ids: TokenIds, *, block_q: int, block_k: int) -> TpuPlan:
+  tq, tk = q_ids.frame.shape[1], k_ids.frame.shape[1]
+  block_q, block_k = min(block_q, round_up(tq, LANES)), min(block_k, round_up(tk, LANES))
+  lq, lk = round_up(tq, block_q), round_up(tk, block_k)
+  q_ids, k_ids = pad_ids(q_ids, lq), pad_ids(k_ids, lk)
+  keep = tile_map(q_ids, k_ids, block_q, block_k)  # [B, nq, nk]
+  full = keep & _full_map(q_ids, k_ids, block_q, block_k)
+  b = q_ids.frame.shape[0]
+  return TpuPlan(
+    q_code=jnp.broadcast_to(_pack_ids(q_ids)[:, :, None], (b, lq, LANES)),
+    k_code=jnp.broadcast_to(_pack_ids(k_ids)[:, None, :], (b, SUBLANES, lk)),
+    rows=_compact(keep, full),
+    cols=_compact(jnp.swapaxes(keep, 1, 2), jnp.swapaxes(full, 1, 2)),
+    q_length=tq,
+    k_length=tk,
+    block_q=block_q,
+    block_k=block_k,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def tpu_attend(q: jax.Array, k: jax.Array, v: jax.Array, plan: TpuPlan, interpret: Interpret = False) -> jax.Array:
+  """Masked softmax attention of q [B, Tq, H, D] over k, v [B, Tk, H, D] as `plan` says; differentiable."""
+  _check_inputs(q, k, v, plan)
+  d = q.shape[3]
+  lq, lk, dp = plan.q_code.shape[1], plan.k_code.shape[2], round_up(d, LANES)
+
+  def to_kernel(x: jax.Array, length: int) -> jax.Array:
+    x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dp - d)))
+    return jnp.transpose(x, (0, 2, 1, 3))  # [B, H, L, Dp]
+
+  cfg = _Config(plan.block_q, plan.block_k, float(d) ** -0.5, interpret)
+  out = _attention(
+    cfg, to_kernel(q, lq), to_kernel(k, lk), to_kernel(v, lk), plan.q_code, plan.k_code, plan.rows, plan.cols
+  )
+  return jnp.transpose(out, (0, 2, 1, 3))[:, : plan.q_length, :, :d]
 
 
 def pallas_tpu_attention(
@@ -528,6 +598,8 @@ def pallas_tpu_attention(
 ) -> jax.Array:
   """Masked softmax attention as a Pallas TPU kernel; equal to `dense_attention`, differentiable (custom VJP).
 
+  `tpu_plan` then `tpu_attend` in one call (the model plans once per forward pass instead).
+
   Args:
     q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; one dtype, float32 or bfloat16. Any Tq, Tk and D (padded inside).
     q_ids, k_ids: token ids with fields int32 [B, Tq] and [B, Tk] (frames < 16384, clips < 8192).
@@ -538,35 +610,8 @@ def pallas_tpu_attention(
   Returns:
     [B, Tq, H, D] in q's dtype. A query that sees no key outputs 0.
   """
-  _check_block("block_q", block_q)
-  _check_block("block_k", block_k)
-  _check_inputs(q, k, v, q_ids, k_ids)
-  _check_ranges(q_ids, "q_ids")
-  _check_ranges(k_ids, "k_ids")
-  return _pallas_tpu_attention(q, k, v, q_ids, k_ids, block_q=block_q, block_k=block_k, interpret=interpret)
-
-
-@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret"))
-def _pallas_tpu_attention(
-  q: jax.Array, k: jax.Array, v: jax.Array, q_ids: TokenIds, k_ids: TokenIds, *, block_q: int, block_k: int, interpret
-) -> jax.Array:
-  """The checked entry point's body, jitted on the static tiling."""
-  tq, tk, d = q.shape[1], k.shape[1], q.shape[3]
-  block_q, block_k = min(block_q, round_up(tq, LANES)), min(block_k, round_up(tk, LANES))
-  lq, lk, dp = round_up(tq, block_q), round_up(tk, block_k), round_up(d, LANES)
-
-  def to_kernel(x: jax.Array, length: int) -> jax.Array:
-    x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dp - d)))
-    return jnp.transpose(x, (0, 2, 1, 3))  # [B, H, L, Dp]
-
-  q_ids, k_ids = pad_ids(q_ids, lq), pad_ids(k_ids, lk)
-  keep = tile_map(q_ids, k_ids, block_q, block_k)  # [B, nq, nk]
-  full = keep & _full_map(q_ids, k_ids, block_q, block_k)
-  rows = _compact(keep, full)
-  cols = _compact(jnp.swapaxes(keep, 1, 2), jnp.swapaxes(full, 1, 2))
-  b = q.shape[0]
-  q_code = jnp.broadcast_to(_pack_ids(q_ids)[:, :, None], (b, lq, LANES))
-  k_code = jnp.broadcast_to(_pack_ids(k_ids)[:, None, :], (b, SUBLANES, lk))
-  cfg = _Config(block_q, block_k, float(d) ** -0.5, interpret)
-  out = _attention(cfg, to_kernel(q, lq), to_kernel(k, lk), to_kernel(v, lk), q_code, k_code, rows, cols)
-  return jnp.transpose(out, (0, 2, 1, 3))[:, :tq, :, :d]
+  for name, ids, x in (("q_ids", q_ids, q), ("k_ids", k_ids, k)):
+    for field in ("frame", "block", "stream", "kind"):
+      if getattr(ids, field).shape != x.shape[:2]:
+        raise ValueError(f"{name}.{field} has shape {getattr(ids, field).shape}, expected {x.shape[:2]}")
+  return tpu_attend(q, k, v, tpu_plan(q_ids, k_ids, block_q=block_q, block_k=block_k), interpret=interpret)

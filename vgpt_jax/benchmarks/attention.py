@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from vgpt_jax.attention import accounting
-from vgpt_jax.attention.select import attention_fn
+from vgpt_jax.attention.select import attention_path
 from vgpt_jax.layout import sample_splits, token_ids, training_layout
 
 GIB = 1 << 30
@@ -35,7 +35,7 @@ def measure(frames: int, tokens: int, heads: int, head_dim: int, path: str, bloc
   ids = token_ids(layout, sample_splits(jax.random.key(0), 1, frames, split_cfg))
   t = layout.length
   q, k, v = (jax.random.normal(jax.random.key(i), (1, t, heads, head_dim)) for i in range(3))
-  fn = attention_fn(path, block)
+  fn = attention_path(path, t, t, block)
 
   def loss(q, k, v):
     return jnp.sum(fn(q, k, v, ids, ids).astype(jnp.float32) ** 2)

@@ -2,7 +2,9 @@
 
 Layers are stacked with `nn.scan` (one compiled layer body, parameters with a
 leading 'layers' axis) and optionally rematerialised with a named policy. Every
-parameter carries logical axis names so a single rules table can shard it.
+parameter carries logical axis names so a single rules table can shard it. The
+attention mask (or the kernels' tile lists) is planned once per forward pass
+from the token ids and handed to every layer (attention/select.py).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vgpt_jax.attention.path import Plan
+from vgpt_jax.attention.select import attention_path
 from vgpt_jax.layout import TokenIds
 
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, TokenIds, TokenIds], jax.Array]
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Plan], jax.Array]  # AttentionPath.attend
 # Keys and values of earlier tokens, per layer: (k, v) each [layers, B, Tc, H, Dh] (keys after RoPE).
 KVCache = tuple[jax.Array, jax.Array]
 
@@ -64,16 +68,16 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention; the mask comes from token ids via `attention_fn`.
+  """Multi-head self-attention through `attend`, on the plan the Decoder made from the token ids.
 
-  With `cached` (k, v [B, Tc, H, Dh]) and their `cached_ids`, the queries also
-  attend to those earlier tokens: the KV-cached sampler's path. Returns the
+  With `cached` (k, v [B, Tc, H, Dh]) the queries also attend to those earlier
+  tokens (the plan covers them): the KV-cached sampler's path. Returns the
   output and this call's own (k, v), so a caller can cache them.
   """
 
   num_heads: int
   head_dim: int
-  attention_fn: AttentionFn
+  attend: AttendFn
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -82,9 +86,8 @@ class Attention(nn.Module):
     self,
     x: jax.Array,
     rope: tuple[jax.Array, jax.Array],
-    ids: TokenIds,
+    plan: Plan,
     cached: tuple[jax.Array, jax.Array] | None = None,
-    cached_ids: TokenIds | None = None,
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     shape, axes = (x.shape[-1], self.num_heads, self.head_dim), ("embed", "heads", "kv")
 
@@ -98,11 +101,10 @@ class Attention(nn.Module):
     q, k, v = (jnp.einsum("btd,dhk->bthk", x, kernel(name, shape, axes)) for name in ("query", "key", "value"))
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     if cached is None:
-      out = self.attention_fn(q, k, v, ids, ids)
+      out = self.attend(q, k, v, plan)
     else:
-      all_ids = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), cached_ids, ids)
       k_all, v_all = (jnp.concatenate([c.astype(self.dtype), new], axis=1) for c, new in zip(cached, (k, v)))
-      out = self.attention_fn(q, k_all, v_all, ids, all_ids)
+      out = self.attend(q, k_all, v_all, plan)
     out = jnp.einsum("bthk,hkd->btd", out, kernel("out", shape[1:] + shape[:1], axes[1:] + axes[:1]))
     return out, (k, v)
 
@@ -142,7 +144,7 @@ class DecoderLayer(nn.Module):
   head_dim: int
   mlp_dim: int
   norm_eps: float
-  attention_fn: AttentionFn
+  attend: AttendFn
   return_kv: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -152,14 +154,13 @@ class DecoderLayer(nn.Module):
     self,
     x: jax.Array,
     rope: tuple[jax.Array, jax.Array],
-    ids: TokenIds,
-    cached_ids: TokenIds | None,
+    plan: Plan,
     cached: tuple[jax.Array, jax.Array] | None,
   ):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(self.norm_eps, name="attn_norm", **kw)(x)
-    attn = Attention(self.num_heads, self.head_dim, self.attention_fn, name="attn", **kw)
-    out, kv = attn(h, rope, ids, cached, cached_ids)
+    attn = Attention(self.num_heads, self.head_dim, self.attend, name="attn", **kw)
+    out, kv = attn(h, rope, plan, cached)
     x = x + out
     h = RMSNorm(self.norm_eps, name="mlp_norm", **kw)(x)
     x = x + SwiGLU(self.mlp_dim, name="mlp", **kw)(h)
@@ -176,7 +177,8 @@ class Decoder(nn.Module):
   mlp_dim: int
   norm_eps: float
   rope_theta: float
-  attention_fn: AttentionFn
+  attention: str = "dense"  # config.model.attention (attention/select.py)
+  attention_block: int = 512  # tile size of the tiled paths
   remat: str = "none"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -202,22 +204,26 @@ class Decoder(nn.Module):
       layer_cls,
       variable_axes={"params": 0},
       split_rngs={"params": True},
-      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+      in_axes=(nn.broadcast, nn.broadcast, 0),
       length=self.num_layers,
       metadata_params={nn.PARTITION_NAME: "layers"},
     )
     rope = rope_tables(ids.position, self.head_dim, self.rope_theta)
+    # The keys are the cached tokens (if any), then this call's own.
+    k_ids = ids if cache is None else jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), cache_ids, ids)
+    path = attention_path(self.attention, ids.frame.shape[1], k_ids.frame.shape[1], self.attention_block)
+    plan = path.plan(ids, k_ids)  # once for every layer, forward and backward
     layers = stack(
       self.num_heads,
       self.head_dim,
       self.mlp_dim,
       self.norm_eps,
-      self.attention_fn,
+      path.attend,
       return_kv,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name="layers",
     )
-    x, kv = layers(x.astype(self.dtype), rope, ids, cache_ids, cache)
+    x, kv = layers(x.astype(self.dtype), rope, plan, cache)
     x = RMSNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
     return (x, kv) if return_kv else x

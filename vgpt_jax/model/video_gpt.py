@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vgpt_jax.attention.select import attention_fn
 from vgpt_jax.layout import NUM_SPECIAL, Layout, token_ids
 from vgpt_jax.model.embeddings import FinalLayer, PatchEmbed, TimestepEmbedder, patchify, sincos_2d_table, unpatchify
 from vgpt_jax.model.transformer import Decoder, KVCache
@@ -143,7 +142,8 @@ class VideoGPT(nn.Module):
       self.mlp_dim,
       self.norm_eps,
       self.rope_theta,
-      attention_fn(self.attention, self.attention_block),
+      self.attention,
+      self.attention_block,
       self.remat,
       name="decoder",
       **kw,

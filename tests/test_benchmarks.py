@@ -1,0 +1,42 @@
+"""The benchmark scripts that compare against PyTorch and break a step down by op still run and report sanely."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from vgpt_jax.benchmarks import op_profile, reference_step
+from vgpt_jax.layout import interleaved_layout, training_layout
+
+TINY = ["--frames=4", "--size=16", "--layers=1", "--hidden=32", "--heads=2", "--mlp=64"]
+
+
+def test_reference_step_runs_both_steps_on_the_same_split_and_prints_the_ratio(monkeypatch, capsys):
+  """Needs torch and transformers (requirements-test.txt); both steps run, alternated, and the table names their
+  token counts: the project's fixed-length layout and the reference's interleaved one for the same clips."""
+  monkeypatch.setattr(sys, "argv", ["reference_step", *TINY, "--clips=1,3", "--repeats=2"])
+  reference_step.main()
+  row = capsys.readouterr().out.strip().splitlines()[-1]
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert cells[0] == "4" and cells[1] == "4"  # frames, tokens per frame (16x16 frames -> 4x4 latents -> 4 patches)
+  assert int(cells[2]) == training_layout(4, 4).length
+  assert int(cells[5]) == interleaved_layout([1, 3], 4).length
+  project_s, torch_s = float(cells[4]), float(cells[6])
+  assert project_s > 0 and torch_s > 0
+  assert float(cells[7].rstrip("x")) > 0  # pytorch / project (from the unrounded medians)
+  # The project's forward pass (s) and backward / forward: a number, of any sign at this size (timing noise).
+  assert float(cells[8]) > 0 and float(cells[9]) == float(cells[9])
+
+
+def test_op_profile_splits_a_step_into_forward_and_backward_ops(monkeypatch, capsys):
+  monkeypatch.setattr(sys, "argv", ["op_profile", "--preset=test", *TINY, "--top=3", "--repeats=1"])
+  op_profile.main()
+  out = capsys.readouterr().out
+  table = re.search(r"\| forward \| ([\d| .]+)\|\n\| backward \| ([\d| .]+)\|", out)
+  assert table, out
+  forward, backward = ([float(x) for x in g.split("|")] for g in table.groups())
+  assert forward[-1] > 0 and backward[-1] > 0
+  assert backward[1] > 0  # the backward pass has matmuls (weight and input gradients)
+  for p in ("forward", "backward"):
+    block = out.split(f"top 3 ops, {p}")[1]
+    assert len(re.findall(r"^\| [\d.]+ \| \S+ \|", block, flags=re.M)) >= 3
