@@ -177,8 +177,8 @@ class Decoder(nn.Module):
   mlp_dim: int
   norm_eps: float
   rope_theta: float
-  attention: str = "dense"  # config.model.attention (attention/select.py)
-  attention_block: int = 512  # tile size of the tiled paths
+  attention: str  # config.model.attention (attention/select.py)
+  attention_block: int  # tile size of the tiled paths
   remat: str = "none"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
