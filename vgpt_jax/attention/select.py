@@ -80,6 +80,7 @@ def resolve(name: str, q_length: int, k_length: int, backend: str | None = None)
 def attention_path(name: str, q_length: int, k_length: int, block: int = 512) -> AttentionPath:
   """The path for `config.model.attention` (one of ATTENTIONS) at these sequence lengths, tiles of `block` tokens.
 
-  Under a mesh of more than one device it runs per device (context_parallel.shard_path).
+  The lengths are the whole sequence's (the Decoder's queries and keys, before any split over `context`); `auto`
+  decides on them. Under a mesh of more than one device the path runs per device (context_parallel.shard_path).
   """
   return shard_path(_path(resolve(name, q_length, k_length), block))
