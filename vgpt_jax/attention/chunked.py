@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from vgpt_jax.attention.mask import dense_mask
+from vgpt_jax.attention.path import flash_vjp
 from vgpt_jax.layout import CLEAN, NOISY, PAD, TokenIds
 
 DEFAULT_BLOCK = 512
@@ -204,23 +205,7 @@ def _backward(q, k, v, out, lse, do, plan: TilePlan):
   return jax.lax.map(sample, (q, k, v, do, lse, delta, plan.q_ids, plan.k_ids, plan.visits, plan.counts))
 
 
-@jax.custom_vjp
-def _flash(q: jax.Array, k: jax.Array, v: jax.Array, plan: TilePlan) -> jax.Array:
-  return _forward(q, k, v, plan)[0]
-
-
-def _flash_fwd(q, k, v, plan):
-  out, lse = _forward(q, k, v, plan)
-  return out, (q, k, v, out, lse, plan)
-
-
-def _flash_bwd(residuals, do):
-  q, k, v, out, lse, plan = residuals
-  dq, dk, dv = _backward(q, k, v, out, lse, do, plan)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None  # the plan is integers: no cotangent
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = flash_vjp(_forward, _backward)
 
 
 def tiled_attention(q: jax.Array, k: jax.Array, v: jax.Array, plan: TilePlan) -> jax.Array:

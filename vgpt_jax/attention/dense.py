@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vgpt_jax.attention.mask import dense_mask
+from vgpt_jax.attention.path import flash_vjp
 from vgpt_jax.layout import TokenIds
 
 _NEG = float(jnp.finfo(jnp.float32).min)  # masked score
@@ -56,19 +57,8 @@ def _forward(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> tuple
   return out.astype(q.dtype), lse
 
 
-@jax.custom_vjp
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """`dense_attention` on a precomputed mask (bool [B, Tq, Tk], `dense_mask`), with a flash-style backward."""
-  return _forward(q, k, v, mask)[0]
-
-
-def _fwd(q, k, v, mask):
-  out, lse = _forward(q, k, v, mask)
-  return out, (q, k, v, mask, out, lse)
-
-
-def _bwd(residuals, do):
-  q, k, v, mask, out, lse = residuals
+def _backward(q, k, v, out, lse, do, mask):
+  """float32 gradients of `_forward` w.r.t. q, k, v, recomputing the probabilities from the saved lse."""
   scale = q.shape[-1] ** -0.5
   s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   p = jnp.exp(jnp.where(mask[:, None], s, _NEG) - lse[..., None])  # [B, H, Tq, Tk]
@@ -78,7 +68,12 @@ def _bwd(residuals, do):
   ds = p * (dp - delta[..., None]) * scale
   dq = jnp.einsum("bhqk,bkhd->bqhd", ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
   dk = jnp.einsum("bhqk,bqhd->bkhd", ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None  # the mask gets no cotangent
+  return dq, dk, dv
 
 
-masked_attention.defvjp(_fwd, _bwd)
+_masked = flash_vjp(_forward, _backward)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """`dense_attention` on a precomputed mask (bool [B, Tq, Tk], `dense_mask`), with a flash-style backward."""
+  return _masked(q, k, v, mask)

@@ -56,6 +56,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from vgpt_jax.attention.chunked import pad_ids, round_up, tile_map, visit_lists
 from vgpt_jax.attention.mask import visible
+from vgpt_jax.attention.path import check_ids_match
 from vgpt_jax.layout import TokenIds
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -445,9 +446,5 @@ def pallas_gpu_attention(
   Raises:
     ValueError: shapes, dtypes or blocks the Triton kernels cannot take (see the module docstring).
   """
-  for name, ids, x in (("q_ids", q_ids, q), ("k_ids", k_ids, k)):
-    for field in _FIELDS:
-      shape = getattr(ids, field).shape
-      if shape != x.shape[:2]:
-        raise ValueError(f"{name}.{field} has shape {shape}, expected (B, T) = {x.shape[:2]} to match the tokens")
+  check_ids_match(q, k, q_ids, k_ids)
   return gpu_attend(q, k, v, gpu_plan(q_ids, k_ids, block_q=block_q, block_k=block_k), interpret=interpret)

@@ -50,6 +50,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from vgpt_jax.attention.chunked import pad_ids, round_up, tile_map
 from vgpt_jax.attention.mask import visible
+from vgpt_jax.attention.path import check_ids_match
 from vgpt_jax.layout import CLEAN, NOISY, TokenIds
 
 LANES = 128
@@ -610,8 +611,5 @@ def pallas_tpu_attention(
   Returns:
     [B, Tq, H, D] in q's dtype. A query that sees no key outputs 0.
   """
-  for name, ids, x in (("q_ids", q_ids, q), ("k_ids", k_ids, k)):
-    for field in ("frame", "block", "stream", "kind"):
-      if getattr(ids, field).shape != x.shape[:2]:
-        raise ValueError(f"{name}.{field} has shape {getattr(ids, field).shape}, expected {x.shape[:2]}")
+  check_ids_match(q, k, q_ids, k_ids)
   return tpu_attend(q, k, v, tpu_plan(q_ids, k_ids, block_q=block_q, block_k=block_k), interpret=interpret)

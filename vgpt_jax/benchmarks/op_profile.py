@@ -28,27 +28,19 @@ import tempfile
 
 import jax
 
-from configs import tiny
 from vgpt_jax import parallel, trainer
-from vgpt_jax.model import model_config
+from vgpt_jax.benchmarks.train_step import step_config
 
 _OP = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\S+?)\(")
 _NAME = re.compile(r'op_name="([^"]*)"')
 
 
 def profile_config(args: argparse.Namespace):
-  c = tiny.get_config()
-  c.model = model_config(args.preset)
-  for field in ("layers", "hidden", "heads", "mlp"):
-    if getattr(args, field):
-      key = {"layers": "num_layers", "hidden": "hidden", "heads": "num_heads", "mlp": "mlp_dim"}[field]
-      c.model[key] = getattr(args, field)
-  c.model.attention, c.model.attention_block = args.attention, args.block
-  c.data.height = c.data.width = args.size
-  c.data.num_frames = args.frames
-  c.data.video_frames = max(c.data.video_frames, args.frames)
-  c.train.batch_size = args.batch_size
-  return c
+  dims = dict(num_layers=args.layers, hidden=args.hidden, num_heads=args.heads, mlp_dim=args.mlp)
+  dims = {key: value for key, value in dims.items() if value}  # unset: the preset's
+  return step_config(
+    args.preset, args.frames, args.size, args.batch_size, attention=args.attention, attention_block=args.block, **dims
+  )
 
 
 def hlo_ops(compiled: jax.stages.Compiled) -> dict[str, tuple[str, str]]:

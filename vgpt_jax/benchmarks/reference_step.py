@@ -30,27 +30,21 @@ import jax
 import ml_collections
 import numpy as np
 
-from configs import tiny
 from vgpt_jax import parallel, trainer
 from vgpt_jax.attention.mask import dense_mask
+from vgpt_jax.benchmarks.train_step import step_config
 from vgpt_jax.layout import NOISY, PATCH, fixed_split, interleaved_layout, token_ids
-from vgpt_jax.model import model_config
 from vgpt_jax.model.embeddings import sincos_2d_table
 
 
 def project_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   """The project's config at the benchmark's dims, with the benchmark's fixed clip split."""
-  c = tiny.get_config()
-  c.model = model_config("tiny")
-  c.model.num_layers, c.model.hidden = args.layers, args.hidden
-  c.model.num_heads, c.model.mlp_dim = args.heads, args.mlp
-  c.model.attention = args.attention
-  c.data.height = c.data.width = args.size
-  c.data.num_frames = args.frames
-  c.data.video_frames = max(c.data.video_frames, args.frames)
+  c = step_config(
+    "tiny", args.frames, args.size, args.batch_size, num_layers=args.layers, hidden=args.hidden,
+    num_heads=args.heads, mlp_dim=args.mlp, attention=args.attention,
+  )  # fmt: skip
   c.layout.split = "fixed"
   c.layout.fixed_clip_sizes = tuple(args.clip_sizes)
-  c.train.batch_size = args.batch_size
   c.train.ema_decay = 0.0  # the reference step keeps no EMA
   return c
 

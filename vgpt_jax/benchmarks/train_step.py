@@ -27,17 +27,21 @@ from vgpt_jax.model import model_config
 from vgpt_jax.model.transformer import REMAT_POLICIES
 
 
-def bench_config(args: argparse.Namespace, preset: str) -> ml_collections.ConfigDict:
+def step_config(preset: str, frames: int, size: int, batch_size: int, **model) -> ml_collections.ConfigDict:
+  """The tiny config with model `preset` (fields in `model` replacing its values), `frames` frames of
+  `size` x `size` pixels and `batch_size` samples per step: what the step benchmarks time."""
   c = tiny.get_config()
   c.model = model_config(preset)
-  c.model.dtype = args.dtype
-  c.model.remat = args.remat
-  batch_size, frames, size = args.batch_size, args.frames, args.size
+  c.model.update(model)
   c.data.height = c.data.width = size
   c.data.num_frames = frames
   c.data.video_frames = max(c.data.video_frames, frames)
   c.train.batch_size = batch_size
   return c
+
+
+def bench_config(args: argparse.Namespace, preset: str) -> ml_collections.ConfigDict:
+  return step_config(preset, args.frames, args.size, args.batch_size, dtype=args.dtype, remat=args.remat)
 
 
 def model_flops_per_step(setup: trainer.Setup, batch_size: int, samples: int = 32) -> float:
