@@ -44,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       context_noise=True,  # feed clean frames as t_in*x1 + (1-t_in)*eps
       context_t_min=0.9,
       context_t_max=1.0,
+      first_clip_weight=1.0,  # loss weight of the first (unconditional) clip's frames; 1 = plain mean
     )
   )
 
@@ -93,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_samples=4,
       sample_context_frames=4,
       sample_steps=25,
+      sample_clip_frames=0,  # frames generated per clip (0: all the rest in one clip); also sample/evaluate's default
     )
   )
   return c

@@ -89,3 +89,20 @@ def test_unknown_options_raise():
     diffusion.prediction_loss(jnp.zeros((1, 1, 1)), jnp.zeros((1, 1, 1)), jnp.zeros((1, 1, 1)), "eps")
   with pytest.raises(ValueError, match="timestep_sampling"):
     diffusion.sample_timesteps(jax.random.key(0), (2,), _cfg(timestep_sampling="cosine"))
+
+
+def test_first_clip_weight_scales_the_unconditional_frames_only():
+  k = jax.random.split(jax.random.key(0), 3)
+  x1, eps, out = (jax.random.normal(kk, (2, 4, 8)) for kk in k)
+  block = jnp.asarray([[0, 0, 1, 2], [0, 1, 1, 1]])
+  per_frame = jnp.mean((out - x1) ** 2, axis=-1)
+  weights = diffusion.first_clip_weights(block, 0.25)
+  np.testing.assert_array_equal(weights, [[0.25, 0.25, 1, 1], [0.25, 1, 1, 1]])
+  expected = jnp.sum(weights * per_frame) / jnp.sum(weights)
+  np.testing.assert_allclose(diffusion.prediction_loss(out, x1, eps, "x", weights), expected, rtol=1e-6)
+  # Weight 0: only the frames with history count.
+  only_history = diffusion.prediction_loss(out, x1, eps, "x", diffusion.first_clip_weights(block, 0.0))
+  np.testing.assert_allclose(only_history, per_frame[block > 0].mean(), rtol=1e-6)
+  # Weight 1 is the reference's plain mean.
+  ones = diffusion.first_clip_weights(block, 1.0)
+  np.testing.assert_allclose(diffusion.prediction_loss(out, x1, eps, "x", ones), per_frame.mean(), rtol=1e-6)

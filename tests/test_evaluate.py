@@ -62,3 +62,6 @@ def test_evaluate_cli_end_to_end(tmp_path):
   assert "| model |" in proc.stdout and (out / "table.md").exists()
   for name in ("per_frame_mse.png", "per_frame_psnr.png", "per_frame_ssim.png", "rollouts.gif"):
     assert (out / name).stat().st_size > 0
+  # Shorter than the run's clips (2 + 1 < data.num_frames = 5): the held-out videos are cut, not refused.
+  short = evaluate.evaluate(workdir, tmp_path / "short", num_videos=2, context_frames=2, frames=1, with_fvd=False)
+  assert short["videos"] == 2 and short["predicted_frames"] == 1 and len(short["per_frame"]["model"]["mse"]) == 1

@@ -174,6 +174,8 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
   _choice(problems, "diffusion.timestep_sampling", dif.timestep_sampling, diffusion.TIMESTEP_SAMPLINGS)
   if dif.timestep_shift <= 0:
     problems.append(f"diffusion.timestep_shift={dif.timestep_shift} must be > 0 (1 = no shift)")
+  if dif.first_clip_weight < 0:
+    problems.append(f"diffusion.first_clip_weight={dif.first_clip_weight} must be >= 0 (1 = plain mean)")
   if not 0.0 <= dif.context_t_min <= dif.context_t_max <= 1.0:
     problems.append(
       f"need 0 <= diffusion.context_t_min <= diffusion.context_t_max <= 1, got {dif.context_t_min}, {dif.context_t_max}"
@@ -200,6 +202,11 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     )
   if not 1 <= tr.sample_context_frames < n:
     problems.append(f"train.sample_context_frames={tr.sample_context_frames} must be in [1, data.num_frames-1={n - 1}]")
+  elif not 0 <= tr.sample_clip_frames <= n - tr.sample_context_frames:
+    problems.append(
+      f"train.sample_clip_frames={tr.sample_clip_frames} must be in [0, data.num_frames - "
+      f"train.sample_context_frames = {n - tr.sample_context_frames}] (0: all the predicted frames in one clip)"
+    )
   held_out = d.get("num_eval_videos", 0)
   separate_eval = d.get("eval_path", "") or d.get("eval_manifest", "") or d.get("source") in ("tfds", "latents")
   if tr.num_samples < 1:

@@ -53,8 +53,13 @@ def corrupt_context(key: jax.Array, x1: jax.Array, cfg: ml_collections.ConfigDic
   return interpolate(x1, jax.random.normal(eps_key, x1.shape, x1.dtype), t_in)
 
 
-def prediction_loss(output: jax.Array, x1: jax.Array, eps: jax.Array, prediction: str) -> jax.Array:
-  """Mean over frames of the per-frame MSE to the target. output, x1, eps: [B, N, ...]."""
+def prediction_loss(
+  output: jax.Array, x1: jax.Array, eps: jax.Array, prediction: str, frame_weight: jax.Array | None = None
+) -> jax.Array:
+  """Weighted mean over frames of the per-frame MSE to the target. output, x1, eps: [B, N, ...].
+
+  frame_weight: [B, N] (default: all ones, the reference's plain mean).
+  """
   if prediction == "x":
     target = x1
   elif prediction == "v":
@@ -62,7 +67,18 @@ def prediction_loss(output: jax.Array, x1: jax.Array, eps: jax.Array, prediction
   else:
     raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
   per_frame = jnp.mean(jnp.square(output.astype(jnp.float32) - target), axis=tuple(range(2, x1.ndim)))
-  return jnp.mean(per_frame)
+  if frame_weight is None:
+    return jnp.mean(per_frame)
+  return jnp.sum(frame_weight * per_frame) / jnp.maximum(jnp.sum(frame_weight), 1e-6)
+
+
+def first_clip_weights(block_of_frame: jax.Array, weight: float) -> jax.Array:
+  """float32 [B, N] loss weights: `weight` for the frames of each sample's first clip, 1 elsewhere.
+
+  The first clip is denoised with no history (an unconditional video); with a
+  weight below 1 the loss spends its signal on predicting from context.
+  """
+  return jnp.where(block_of_frame == 0, jnp.float32(weight), jnp.float32(1.0))
 
 
 def velocity(output: jax.Array, x_t: jax.Array, t: jax.Array, prediction: str) -> jax.Array:

@@ -54,7 +54,8 @@ def held_out_videos(setup: Setup, count: int, frames: int) -> Videos:
         latents = source.record(index)["latents"][:: source.strides[0]][:frames]
         video = np.clip(np.asarray(decode(jnp.asarray(latents, jnp.float32))), -1, 1)
       else:
-        video = to_float(source.leading_frames(index, int(data.frame_stride), frames))
+        # Sources refuse a read shorter than data.num_frames; read at least that many, keep `frames`.
+        video = to_float(source.leading_frames(index, int(data.frame_stride), max(frames, data.num_frames))[:frames])
     except BadVideo as e:
       logging.warning("skipped held-out video %d: %s", index, e)
       continue
@@ -155,12 +156,15 @@ def resolve_lengths(
 ) -> tuple[int, int, SamplingConfig]:
   """(context frames, frames to generate, sampling) with 0 meaning the run's default, as the CLIs take them.
 
-  Context: train.sample_context_frames; frames and clip_frames: the rest of data.num_frames.
+  Context: train.sample_context_frames; frames: the rest of data.num_frames; clip_frames:
+  train.sample_clip_frames, or all the frames in one clip.
   """
   n = setup.config.data.num_frames
-  context_frames = context_frames or setup.config.train.sample_context_frames
+  tr = setup.config.train
+  context_frames = context_frames or tr.sample_context_frames
   sampling = sampling or SamplingConfig(clip_frames=0)
-  sampling = dataclasses.replace(sampling, clip_frames=sampling.clip_frames or n - context_frames)
+  default_clip = tr.get("sample_clip_frames", 0) or n - context_frames  # runs saved before the field: one clip
+  sampling = dataclasses.replace(sampling, clip_frames=sampling.clip_frames or default_clip)
   return context_frames, frames or n - context_frames, sampling
 
 

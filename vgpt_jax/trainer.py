@@ -190,7 +190,9 @@ def loss_fn(params: Any, setup: Setup, inputs: jax.Array, keys: jax.Array) -> ja
   x1 = inputs if setup.inputs == "latents" else setup.tokenizer.encode(inputs)  # [B, N, h, w, C]
   clean, x_t, t, block_of_frame, eps = jax.vmap(functools.partial(_noised_sample, setup))(keys, x1)
   output = setup.model.apply({"params": params}, clean, x_t, t, block_of_frame, setup.layout)
-  return diffusion.prediction_loss(output, x1, eps, setup.config.diffusion.prediction)
+  dif = setup.config.diffusion
+  weight = None if dif.first_clip_weight == 1.0 else diffusion.first_clip_weights(block_of_frame, dif.first_clip_weight)
+  return diffusion.prediction_loss(output, x1, eps, dif.prediction, weight)
 
 
 def step_key(state: TrainState) -> jax.Array:
