@@ -50,6 +50,7 @@ from vgpt_jax import checkpoint, media, parallel, preemption, trainer
 from vgpt_jax import config as config_lib
 from vgpt_jax.data.pipeline import eval_videos, to_uint8, train_dataset
 from vgpt_jax.data.sources import SKIP_REASONS, NoUsableVideo
+from vgpt_jax.metrics import video as video_metrics
 from vgpt_jax.sampling import Sampler, SamplingConfig
 
 
@@ -121,11 +122,12 @@ def sample_errors(truth: np.ndarray, prediction: np.ndarray, context_frames: int
   truth, prediction: float [B, N, H, W, 3] in [-1, 1]; frames >= context_frames are predicted.
   """
   m = context_frames
-  mse = lambda a, b: float(np.mean(np.square((a - b) / 2)))  # noqa: E731  [-1, 1] -> [0, 1] units
+  per_frame = video_metrics.mse_per_frame(prediction / 2, truth / 2)  # [B, N]; halved: [-1, 1] -> [0, 1] units
+  copy_last = video_metrics.mse_per_frame(truth[:, m - 1 : m] / 2, truth[:, m : m + 1] / 2)
   return {
-    "sample_mse": mse(prediction[:, m:], truth[:, m:]),
-    "first_frame_mse": mse(prediction[:, m], truth[:, m]),
-    "copy_last_first_frame_mse": mse(truth[:, m - 1], truth[:, m]),
+    "sample_mse": float(per_frame[:, m:].mean()),
+    "first_frame_mse": float(per_frame[:, m].mean()),
+    "copy_last_first_frame_mse": float(copy_last.mean()),
   }
 
 

@@ -22,6 +22,7 @@ from absl import app, flags
 
 from vgpt_jax import checkpoint
 from vgpt_jax.layout import fixed_split, sample_splits, training_layout
+from vgpt_jax.metrics import video
 from vgpt_jax.sample import held_out_videos
 from vgpt_jax.trainer import Setup
 
@@ -30,7 +31,8 @@ CLIPS = (1, 4)
 
 
 def _mse(a: jax.Array, b: jax.Array) -> float:
-  return float(jnp.mean(jnp.square((a - b) / 2)))  # frames in [-1, 1] -> pixels in [0, 1]
+  """MSE in [0, 1] pixel units of frames in [-1, 1] (halved)."""
+  return float(video.mse_per_frame(np.asarray(a)[None] / 2, np.asarray(b)[None] / 2).mean())
 
 
 def first_frame_prediction(setup: Setup, params, context: jax.Array, clip: jax.Array, t: float) -> jax.Array:
