@@ -1,11 +1,13 @@
 """The model learns motion, not only copying: on a world with one ball at constant velocity, a thousand
 steps of training (about 30 s) predict the held-out next frame better than repeating the last context frame; the
-diagnosis script reads the same run and shows the prediction depends on the context."""
+diagnosis script reads the same run and shows the prediction depends on the context, and the learning
+curve scores each of its checkpoints against training time."""
 
 import pytest
 
 from tests.conftest import small_config
-from vgpt_jax.benchmarks import diagnose
+from vgpt_jax.benchmarks import diagnose, learning_curve
+from vgpt_jax.sampling import SamplingConfig
 from vgpt_jax.train import train
 
 
@@ -40,7 +42,7 @@ def one_ball_run(tmp_path_factory):
       "train.sample_context_frames": 4,
       "train.sample_clip_frames": 1,
       "train.sample_steps": 4,
-      "checkpoint.every_steps": 1000,
+      "checkpoint.every_steps": 500,  # two points on the learning curve
     }
   )
   return workdir, train(cfg, workdir)
@@ -64,3 +66,18 @@ def test_diagnose_shows_the_prediction_beats_copying_and_moves_with_the_context(
   assert 0 < report["splits"]["clip_starts_at_4"] <= 1 and report["splits"]["first_clip_frames"] > 0
   table = diagnose.format_rows(rows).splitlines()
   assert len(table) == 2 + len(rows) and table[2].startswith("| 1 | 0.0 |")
+
+
+def test_learning_curve_scores_every_checkpoint_against_training_time(one_ball_run, tmp_path):
+  workdir, _ = one_ball_run
+  sampling = SamplingConfig(steps=4, clip_frames=1)  # as the run's own end-of-run sample
+  curve = learning_curve.learning_curve(str(workdir), tmp_path, num_videos=8, context_frames=4, sampling=sampling)
+  rows = curve["rows"]
+  assert [r["step"] for r in rows] == [500, 1000]
+  assert 0 < rows[0]["train_seconds"] < rows[1]["train_seconds"]  # from the run's metrics.jsonl
+  assert rows[1]["first_frame_vs_copy"] < 1, rows  # the trained model beats copying on these videos too
+  for r in rows:
+    assert r["first_frame_vs_copy"] == r["first_frame_mse"] / curve["baselines"]["copy_last"]["first_frame_mse"]
+  for name in ("curve.json", "curve.md", "curve.png", "step_500/metrics.json", "step_1000/metrics.json"):
+    assert (tmp_path / name).exists(), name
+  assert len((tmp_path / "curve.md").read_text().splitlines()) == 2 + len(rows) + 2  # and the two baselines

@@ -19,7 +19,14 @@ from tests.test_video_files import encode as write_video
 from tests.test_video_files import flat_video
 from vgpt_jax import trainer
 from vgpt_jax.layout import fixed_split, training_layout
-from vgpt_jax.sampling import Sampler, SamplingConfig, cached_denoise, check_sampling, extend_cache
+from vgpt_jax.sampling import (
+  Sampler,
+  SamplingConfig,
+  cached_denoise,
+  check_sampling,
+  extend_cache,
+  with_run_defaults,
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +109,21 @@ def trained(tmp_path_factory):
 def frame_count(path) -> int:
   with av.open(str(path)) as container:
     return sum(1 for _ in container.decode(video=0))
+
+
+def test_unset_sampling_choices_default_to_the_runs_end_of_run_sample():
+  cfg = small_config(**{"train.sample_steps": 3, "train.sample_clip_frames": 0})  # 5 frames, 2 of context
+  assert with_run_defaults(cfg, 0, 0, None) == (2, 3, SamplingConfig(steps=3, clip_frames=3))
+  cfg.train.sample_clip_frames = 1
+  assert with_run_defaults(cfg, 0, 0, SamplingConfig(steps=0, clip_frames=0, shift=2.0)) == (
+    2,
+    3,
+    SamplingConfig(steps=3, clip_frames=1, shift=2.0),
+  )
+  asked = SamplingConfig(steps=7, clip_frames=2)
+  assert with_run_defaults(cfg, 3, 6, asked) == (3, 6, asked)  # what is given is kept
+  del cfg.train.sample_clip_frames  # a run saved before the field: the rest in one clip
+  assert with_run_defaults(cfg, 1, 0, None)[2].clip_frames == 4
 
 
 def test_sample_cli_writes_videos_frames_and_truth(trained, tmp_path):

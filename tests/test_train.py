@@ -12,8 +12,11 @@ from vgpt_jax.train import train
 
 
 def test_train_job_loss_decreases_and_writes_outputs(tmp_path):
-  cfg = small_config(**{"train.steps": 60, "train.log_every": 1, "optim.lr": 3e-3, "optim.warmup_steps": 5})
+  cfg = small_config(
+    **{"train.steps": 60, "train.log_every": 1, "optim.lr": 3e-3, "optim.warmup_steps": 5, "train.ema_decay": 0.9}
+  )
   summary = train(cfg, tmp_path)
+  assert summary["sample_weights"] == "ema"  # the end-of-run sample uses the weights sample/evaluate default to
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == list(range(1, 61))
   losses = np.array([r["loss"] for r in records])

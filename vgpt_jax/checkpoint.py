@@ -410,6 +410,15 @@ def _read_config(manager: ocp.CheckpointManager, step: int, record: dict | None)
   return config
 
 
+def saved_steps(path: str | epath.PathLike) -> list[int]:
+  """The steps saved under a workdir (or its checkpoints directory), oldest first; [] when there are none."""
+  directory = checkpoint_dir(path)
+  if not directory.exists():
+    return []
+  with contextlib.closing(ocp.CheckpointManager(directory)) as manager:
+    return sorted(manager.all_steps())
+
+
 def load_params(path: str | epath.PathLike, target: Any, step: int = -1, ema: bool = False) -> tuple[Any, int]:
   """Parameters only (or their EMA) from another run, for stage-to-stage init, export and sampling.
 

@@ -1,7 +1,7 @@
 """Roll a checkpoint out on held-out videos and score it against two baselines.
 
   python -m vgpt_jax.evaluate --checkpoint=WORKDIR [--videos=DIR] [--num_videos=64]
-      [--context_frames=4 --frames=4 --clip_frames=0 --steps=50 --guidance=1 --output=DIR --nofvd]
+      [--context_frames=4 --frames=4 --clip_frames=0 --steps=0 --guidance=1 --output=DIR --nofvd]
 
 Videos: the run's held-out set (the physics world's eval split by default) or
 the files of --videos, each cut to context_frames + frames frames at the run's
@@ -45,10 +45,9 @@ from vgpt_jax.sample import (
   define_sampling_flags,
   file_videos,
   held_out_videos,
-  resolve_lengths,
   sampling_from_flags,
 )
-from vgpt_jax.sampling import SamplingConfig
+from vgpt_jax.sampling import SamplingConfig, with_run_defaults
 
 METHODS = ("model", "copy_last", "linear")
 MASK_SIZE = 128  # frames are upscaled to at least this many pixels before motion masks
@@ -127,7 +126,7 @@ def evaluate(
 ) -> dict[str, Any]:
   """The CLI's work; returns what metrics.json holds. 0 for context_frames/frames means the run's defaults."""
   setup, params, step = checkpoint.load_model(checkpoint_path, step, weights)
-  m, g, sampling = resolve_lengths(setup, context_frames, frames, sampling)
+  m, g, sampling = with_run_defaults(setup.config, context_frames, frames, sampling)
   if videos_dir:
     videos = file_videos(setup, videos_dir, num_videos, m + g)
   else:

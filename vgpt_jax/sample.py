@@ -1,7 +1,7 @@
 """Generate video continuations from a checkpoint and write them as files people can open.
 
   python -m vgpt_jax.sample --checkpoint=WORKDIR [--context=VIDEO_OR_DIR] [--frames=16]
-      [--context_frames=4 --clip_frames=4 --steps=50 --shift=1 --guidance=1 --num_videos=4
+      [--context_frames=4 --clip_frames=4 --steps=0 --shift=1 --guidance=1 --num_videos=4
        --output=DIR --weights=auto|params|ema --nocached]
 
 Without --context, the run's held-out videos are continued (the synthetic
@@ -19,7 +19,6 @@ WORKDIR/samples):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from vgpt_jax import checkpoint, media
 from vgpt_jax.data import video_files
 from vgpt_jax.data.pipeline import make_source, to_float, to_uint8
 from vgpt_jax.data.sources import BadVideo
-from vgpt_jax.sampling import Sampler, SamplingConfig
+from vgpt_jax.sampling import Sampler, SamplingConfig, with_run_defaults
 from vgpt_jax.trainer import Setup
 
 Videos = list[tuple[str, np.ndarray]]  # (name, float32 frames [T, H, W, 3] in [-1, 1]), T may differ per video
@@ -151,23 +150,6 @@ def continue_videos(
   return out
 
 
-def resolve_lengths(
-  setup: Setup, context_frames: int, frames: int, sampling: SamplingConfig | None
-) -> tuple[int, int, SamplingConfig]:
-  """(context frames, frames to generate, sampling) with 0 meaning the run's default, as the CLIs take them.
-
-  Context: train.sample_context_frames; frames: the rest of data.num_frames; clip_frames:
-  train.sample_clip_frames, or all the frames in one clip.
-  """
-  n = setup.config.data.num_frames
-  tr = setup.config.train
-  context_frames = context_frames or tr.sample_context_frames
-  sampling = sampling or SamplingConfig(clip_frames=0)
-  default_clip = tr.get("sample_clip_frames", 0) or n - context_frames  # runs saved before the field: one clip
-  sampling = dataclasses.replace(sampling, clip_frames=sampling.clip_frames or default_clip)
-  return context_frames, frames or n - context_frames, sampling
-
-
 def run(
   checkpoint_path: str,
   output: str | Path,
@@ -184,9 +166,9 @@ def run(
   fps: int = 8,
   batch_size: int = 8,
 ) -> dict[str, Any]:
-  """The CLI's work; returns what samples.json holds. 0 for lengths means the run's defaults (`resolve_lengths`)."""
+  """The CLI's work; returns what samples.json holds. 0 for lengths means the run's defaults (`with_run_defaults`)."""
   setup, params, step = checkpoint.load_model(checkpoint_path, step, weights)
-  context_frames, frames, sampling = resolve_lengths(setup, context_frames, frames, sampling)
+  context_frames, frames, sampling = with_run_defaults(setup.config, context_frames, frames, sampling)
   wanted = context_frames + frames
   if context:
     videos = file_videos(setup, context, num_videos, wanted)
@@ -218,7 +200,7 @@ def define_sampling_flags(num_videos: int, batch_size: int) -> None:
   flags.DEFINE_integer("frames", 0, "Frames to generate; 0: up to data.num_frames in all.")
   flags.DEFINE_integer("clip_frames", 0, "Frames per generated clip; 0: data.num_frames - context_frames.")
   flags.DEFINE_integer("window", 0, "Frames the model sees at once; 0: data.num_frames.")
-  flags.DEFINE_integer("steps", 50, "Euler steps per clip.")
+  flags.DEFINE_integer("steps", 0, "Euler steps per clip; 0: train.sample_steps (the end-of-run sample's).")
   flags.DEFINE_float("shift", 1.0, "Timestep shift (1: none).")
   flags.DEFINE_float("guidance", 1.0, "Classifier-free guidance scale (1: off; the reference uses 1.5).")
   flags.DEFINE_integer("seed", 0, "Noise seed.")
@@ -229,7 +211,7 @@ def define_sampling_flags(num_videos: int, batch_size: int) -> None:
 
 
 def sampling_from_flags() -> SamplingConfig:
-  """The SamplingConfig the shared flags ask for (clip_frames 0 is resolved by `resolve_lengths`)."""
+  """The SamplingConfig the shared flags ask for (steps and clip_frames 0 are resolved by `with_run_defaults`)."""
   f = flags.FLAGS
   return SamplingConfig(steps=f.steps, shift=f.shift, guidance=f.guidance, clip_frames=f.clip_frames, window=f.window)
 

@@ -43,7 +43,7 @@ from vgpt_jax.trainer import Setup
 class SamplingConfig:
   """How clips are generated; `window` 0 means the trained length (data.num_frames)."""
 
-  steps: int = 50  # Euler steps per clip
+  steps: int = 50  # Euler steps per clip (0 in `with_run_defaults`: the run's train.sample_steps)
   shift: float = 1.0  # timestep shift (1 = none)
   guidance: float = 1.0  # classifier-free guidance scale (1 = off: one model call per step)
   clip_frames: int = 1  # g: frames generated per clip
@@ -51,6 +51,26 @@ class SamplingConfig:
 
   def window_for(self, setup: Setup) -> int:
     return self.window or setup.layout.num_frames
+
+
+def with_run_defaults(
+  config: Any, context_frames: int, frames: int, sampling: SamplingConfig | None
+) -> tuple[int, int, SamplingConfig]:
+  """(context frames, frames to generate, sampling) where 0 (or None) means the run's own choice.
+
+  The one place the end-of-run sample, `sample` and `evaluate` take their defaults
+  from: context train.sample_context_frames; frames the rest of data.num_frames;
+  steps train.sample_steps; clip_frames train.sample_clip_frames, or all the
+  generated frames in one clip.
+  """
+  n, tr = config.data.num_frames, config.train
+  context_frames = context_frames or tr.sample_context_frames
+  sampling = sampling or SamplingConfig(steps=0, clip_frames=0)
+  default_clip = tr.get("sample_clip_frames", 0) or n - context_frames  # runs saved before the field: one clip
+  sampling = dataclasses.replace(
+    sampling, steps=sampling.steps or tr.sample_steps, clip_frames=sampling.clip_frames or default_clip
+  )
+  return context_frames, frames or n - context_frames, sampling
 
 
 def check_sampling(setup: Setup, cfg: SamplingConfig, context_frames: int) -> None:

@@ -51,7 +51,7 @@ from vgpt_jax import config as config_lib
 from vgpt_jax.data.pipeline import eval_videos, to_uint8, train_dataset
 from vgpt_jax.data.sources import SKIP_REASONS, NoUsableVideo
 from vgpt_jax.metrics import video as video_metrics
-from vgpt_jax.sampling import Sampler, SamplingConfig
+from vgpt_jax.sampling import Sampler, with_run_defaults
 
 
 class MetricsLog:
@@ -94,9 +94,8 @@ def predict_held_out(setup: trainer.Setup, params, mesh, seed: int, source=None)
   m = cfg.train.sample_context_frames
   held_out = eval_videos(cfg.data, cfg.train.num_samples, source)  # frames, or latents
   n = cfg.data.num_frames
-  sampler = Sampler(
-    setup, SamplingConfig(steps=cfg.train.sample_steps, clip_frames=cfg.train.sample_clip_frames or n - m)
-  )
+  _, _, sampling = with_run_defaults(cfg, m, n - m, None)
+  sampler = Sampler(setup, sampling)
 
   def generate(p, inputs, key):
     if setup.inputs == "latents":
@@ -234,9 +233,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   if summary["preempted"]:
     logging.warning("preempted: saved a checkpoint at step %d and stopped", summary["end_step"])
     return summary
-  truth, prediction = predict_held_out(setup, state.params, mesh, config.seed, sources["eval"])
+  # The weights sample and evaluate take by default: the EMA when the run keeps one.
+  weights = "ema" if state.ema is not None else "params"
+  truth, prediction = predict_held_out(setup, getattr(state, weights), mesh, config.seed, sources["eval"])
   if is_main:
     summary.update(write_sample(truth, prediction, config.train.sample_context_frames, workdir))
+    summary["sample_weights"] = weights
     if "loss_first" in summary:
       print(
         f"done: loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} in {summary['wall_seconds']:.0f}s; "
