@@ -12,7 +12,9 @@ from vgpt_jax.config import ConfigError, validate
 
 
 @pytest.mark.parametrize(
-  "get", [base.get_config, tiny.get_config, tiny_learn.get_config] + [(lambda s=s: paper.get_config(f"stage={s}")) for s in (1, 2, 3, 4)]
+  "get",
+  [base.get_config, tiny.get_config, tiny_learn.get_config]
+  + [(lambda s=s: paper.get_config(f"stage={s}")) for s in (1, 2, 3, 4)],
 )
 def test_shipped_configs_are_valid(get):
   validate(get())

@@ -198,7 +198,9 @@ def define_sampling_flags(num_videos: int, batch_size: int) -> None:
   flags.DEFINE_integer("num_videos", num_videos, "Videos to roll out.")
   flags.DEFINE_integer("context_frames", 0, "Context frames; 0: train.sample_context_frames.")
   flags.DEFINE_integer("frames", 0, "Frames to generate; 0: up to data.num_frames in all.")
-  flags.DEFINE_integer("clip_frames", 0, "Frames per generated clip; 0: data.num_frames - context_frames.")
+  flags.DEFINE_integer(
+    "clip_frames", 0, "Frames per generated clip; 0: train.sample_clip_frames (0 there: all the frames in one clip)."
+  )
   flags.DEFINE_integer("window", 0, "Frames the model sees at once; 0: data.num_frames.")
   flags.DEFINE_integer("steps", 0, "Euler steps per clip; 0: train.sample_steps (the end-of-run sample's).")
   flags.DEFINE_float("shift", 1.0, "Timestep shift (1: none).")
