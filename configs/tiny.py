@@ -1,4 +1,4 @@
-"""Tiny Video-GPT on the built-in physics world: trains on 2 CPU cores in about 10 minutes.
+"""Tiny Video-GPT on the built-in physics world: trains on 2 CPU cores in about 8 minutes.
 
   python -m vgpt_jax.train --config=configs/tiny.py --workdir=/tmp/vgpt_tiny
 Any field can be overridden, e.g. --config.train.steps=50.

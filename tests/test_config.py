@@ -79,7 +79,10 @@ def three_videos(tmp_path_factory):
 
 
 BAD_CONFIGS = {
-  "clips": (["--config.layout.max_clips=20"], "layout.max_clips=20 is larger than data.num_frames=8"),
+  "clips": (
+    ["--config.layout.split=random", "--config.layout.max_clips=20"],
+    "layout.max_clips=20 is larger than data.num_frames=8",
+  ),
   "held_out_default": (
     ["--config.data.source=video_files", "--config.data.path={videos}"],
     "data.num_eval_videos=256 would hold out all 3 videos",

@@ -98,11 +98,15 @@ def test_first_clip_weight_scales_the_unconditional_frames_only():
   per_frame = jnp.mean((out - x1) ** 2, axis=-1)
   weights = diffusion.first_clip_weights(block, 0.25)
   np.testing.assert_array_equal(weights, [[0.25, 0.25, 1, 1], [0.25, 1, 1, 1]])
-  expected = jnp.sum(weights * per_frame) / jnp.sum(weights)
-  np.testing.assert_allclose(diffusion.prediction_loss(out, x1, eps, "x", weights), expected, rtol=1e-6)
+  expected = jnp.mean(jnp.sum(weights * per_frame, axis=1) / jnp.sum(weights, axis=1))  # each sample's own mean
+  loss = diffusion.prediction_loss(out, x1, eps, "x", weights)
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  # Micro-batches (gradient accumulation) average to the same loss, whatever each sample's split.
+  halves = [diffusion.prediction_loss(out[i : i + 1], x1[i : i + 1], eps, "x", weights[i : i + 1]) for i in (0, 1)]
+  np.testing.assert_allclose(np.mean(halves), loss, rtol=1e-6)
   # Weight 0: only the frames with history count.
   only_history = diffusion.prediction_loss(out, x1, eps, "x", diffusion.first_clip_weights(block, 0.0))
-  np.testing.assert_allclose(only_history, per_frame[block > 0].mean(), rtol=1e-6)
+  np.testing.assert_allclose(only_history, (per_frame[0, 2:].mean() + per_frame[1, 1:].mean()) / 2, rtol=1e-6)
   # Weight 1 is the reference's plain mean.
   ones = diffusion.first_clip_weights(block, 1.0)
   np.testing.assert_allclose(diffusion.prediction_loss(out, x1, eps, "x", ones), per_frame.mean(), rtol=1e-6)

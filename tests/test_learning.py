@@ -35,6 +35,7 @@ def one_ball_run(tmp_path_factory):
       "diffusion.first_clip_weight": 0.1,
       "diffusion.timestep_shift": 3.0,
       "optim.lr": 2e-3,
+      "optim.warmup_steps": 100,
       "train.steps": 1000,
       "train.tensorboard": False,
       "train.log_every": 50,

@@ -56,9 +56,11 @@ def corrupt_context(key: jax.Array, x1: jax.Array, cfg: ml_collections.ConfigDic
 def prediction_loss(
   output: jax.Array, x1: jax.Array, eps: jax.Array, prediction: str, frame_weight: jax.Array | None = None
 ) -> jax.Array:
-  """Weighted mean over frames of the per-frame MSE to the target. output, x1, eps: [B, N, ...].
+  """Mean over samples of each sample's weighted mean over frames of the per-frame MSE. output, x1, eps: [B, N, ...].
 
-  frame_weight: [B, N] (default: all ones, the reference's plain mean).
+  frame_weight: [B, N] (default: all ones, the reference's plain mean). Each
+  sample is normalised by its own weights, so splitting the batch into equal
+  micro-batches (gradient accumulation) gives the same loss.
   """
   if prediction == "x":
     target = x1
@@ -69,7 +71,8 @@ def prediction_loss(
   per_frame = jnp.mean(jnp.square(output.astype(jnp.float32) - target), axis=tuple(range(2, x1.ndim)))
   if frame_weight is None:
     return jnp.mean(per_frame)
-  return jnp.sum(frame_weight * per_frame) / jnp.maximum(jnp.sum(frame_weight), 1e-6)
+  per_sample = jnp.sum(frame_weight * per_frame, axis=1) / jnp.maximum(jnp.sum(frame_weight, axis=1), 1e-6)
+  return jnp.mean(per_sample)
 
 
 def first_clip_weights(block_of_frame: jax.Array, weight: float) -> jax.Array:
