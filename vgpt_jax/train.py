@@ -91,10 +91,8 @@ def predict_held_out(setup: trainer.Setup, params, mesh, seed: int, source=None)
   truth shown is their decoding.
   """
   cfg = setup.config
-  m = cfg.train.sample_context_frames
+  m, g, sampling = with_run_defaults(cfg, 0, 0, None)  # context frames, frames to generate: the rest
   held_out = eval_videos(cfg.data, cfg.train.num_samples, source)  # frames, or latents
-  n = cfg.data.num_frames
-  _, _, sampling = with_run_defaults(cfg, m, n - m, None)
   sampler = Sampler(setup, sampling)
 
   def generate(p, inputs, key):
@@ -103,7 +101,7 @@ def predict_held_out(setup: trainer.Setup, params, mesh, seed: int, source=None)
     else:
       latents, video = setup.tokenizer.encode(inputs), inputs
     keys = jax.random.split(key, latents.shape[0])
-    predicted = setup.tokenizer.decode(sampler.rollout(p, latents[:, :m], keys, n - m))
+    predicted = setup.tokenizer.decode(sampler.rollout(p, latents[:, :m], keys, g))
     return video, jnp.concatenate([video[:, :m], jnp.clip(predicted, -1, 1)], axis=1)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):

@@ -88,6 +88,7 @@ def learning_curve(
   frames: int = 0,
   sampling: SamplingConfig | None = None,
   weights: str = "auto",
+  seed: int = 0,
   batch_size: int = 16,
 ) -> dict[str, Any]:
   """Evaluates every checkpoint of `run`; returns what curve.json holds."""
@@ -96,7 +97,7 @@ def learning_curve(
     raise ValueError(f"no checkpoints in {run}: train first, keeping the steps to plot (checkpoint.keep_every)")
   directory = Path(output)
   times = train_seconds(run)
-  rows, baselines = [], {}
+  rows = []
   for step in steps:
     report = evaluate.evaluate(
       run,
@@ -106,13 +107,16 @@ def learning_curve(
       frames=frames,
       sampling=sampling,
       weights=weights,
+      seed=seed,
       step=step,
       with_fvd=False,
       batch_size=batch_size,
     )
     rows.append(curve_row(step, seconds_at(times, step), report))
-    for name in ("copy_last", "linear"):  # the same videos every step: any step's numbers will do
-      baselines[name] = {"first_frame_mse": report["per_frame"][name]["mse"][0], **report["metrics"][name]}
+  baselines = {  # the same videos at every step: the last report's numbers serve for all
+    name: {"first_frame_mse": report["per_frame"][name]["mse"][0], **report["metrics"][name]}
+    for name in ("copy_last", "linear")
+  }
   table = format_curve(rows, baselines)
   result = {"run": str(run), "videos": report["videos"], "sampling": report["sampling"], "rows": rows}
   result["baselines"] = baselines
@@ -137,6 +141,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  if f.step != -1:
+    raise app.UsageError("--step does not apply here: every saved checkpoint is evaluated")
   try:
     learning_curve(
       f.checkpoint,
@@ -146,6 +152,7 @@ def main(argv: list[str]) -> None:
       frames=f.frames,
       sampling=sampling_from_flags(),
       weights=f.weights,
+      seed=f.seed,
       batch_size=f.batch_size,
     )
   except (ValueError, checkpoint.CheckpointError) as e:
