@@ -6,8 +6,10 @@ Every other config starts from this one. Run it as it is with
 
 import ml_collections
 
+from vgpt_jax import parallel
 from vgpt_jax.data.pipeline import default_data_config
 from vgpt_jax.model import model_config
+from vgpt_jax.model.tokenizer import tokenizer_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -18,9 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The built-in synthetic physics world. For your own videos: --config.data.source=video_files
   # --config.data.path=DIR (or data.manifest=FILE); the fields are listed in default_data_config.
   c.data = default_data_config()
-  # pixel: frames folded into channels (tiny runs). vae: the SDXL AutoencoderKL from a
-  # diffusers-format directory (vae_path; downsample must be 8).
-  c.tokenizer = ml_collections.ConfigDict(dict(kind="pixel", downsample=4, vae_path="", frames_per_chunk=8))
+  c.tokenizer = tokenizer_config()  # pixel (frames folded into channels) or vae (the SDXL VAE: tokenizer.vae_path)
   c.model = model_config("tiny")
 
   # How frames are cut into clips (SPEC section 3).
@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
   )
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))  # -1: fill
+  c.mesh = parallel.mesh_config()  # data/fsdp/tensor/context sizes (-1: fill) and mesh.dcn (multi-slice)
 
   # Orbax checkpoints: train state + data iterator + config.
   c.checkpoint = ml_collections.ConfigDict(

@@ -86,20 +86,19 @@ def mesh_of(num_devices: int, data: int, fsdp: int, tensor: int):
 
   from vgpt_jax import parallel
 
-  cfg = ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, context=1))
-  return parallel.make_mesh(cfg, jax.devices()[:num_devices])
+  return parallel.make_mesh(parallel.mesh_config(data=data, fsdp=fsdp, tensor=tensor), jax.devices()[:num_devices])
 
 
 def train_steps(setup, mesh, state, videos) -> tuple:
   """Run the compiled train step on each video batch; return (state, losses)."""
   import jax
 
-  from vgpt_jax import parallel, trainer
+  from vgpt_jax import parallel, train_step
 
-  step = trainer.compile_train_step(setup, mesh)
+  step = train_step.compile_train_step(setup, mesh)
   losses = []
   for video in videos:
-    skips = jax.device_put(trainer.no_skips(len(video)), parallel.batch_sharding(mesh))
+    skips = jax.device_put(train_step.no_skips(len(video)), parallel.batch_sharding(mesh))
     state, metrics = step(state, jax.device_put(video, parallel.batch_sharding(mesh)), skips)
     losses.append(float(metrics["loss"]))
   return state, losses

@@ -10,11 +10,12 @@ import pytest
 
 from tests.conftest import small_config
 from vgpt_jax import layout as L
-from vgpt_jax import trainer
+from vgpt_jax import train_step
 from vgpt_jax.attention import accounting, select
 from vgpt_jax.attention.chunked import chunked_attention, pad_ids, tile_map
 from vgpt_jax.attention.dense import dense_attention, masked_attention
 from vgpt_jax.attention.mask import dense_mask
+from vgpt_jax.run import init_params, make_run
 
 RANDOM = ml_collections.ConfigDict(dict(split="random", min_clips=2, max_clips=-1))
 
@@ -96,7 +97,7 @@ def test_visible_count_is_exact_and_matches_the_dense_mask():
 
 def test_a_new_split_does_not_recompile():
   ids_a, ids_b = random_ids(0, 2, 6, 6), random_ids(1, 2, 6, 6)
-  assert not np.array_equal(ids_a.block, ids_b.block)
+  assert not np.array_equal(ids_a.clip, ids_b.clip)
   q, k, v = qkv(0, 2, ids_a.frame.shape[1])
   fn = jax.jit(lambda *a: chunked_attention(*a, block_q=32, block_k=32))
   fn(q, k, v, ids_a, ids_a)
@@ -107,13 +108,13 @@ def test_a_new_split_does_not_recompile():
 def test_model_with_chunked_attention_equals_dense():
   outs = {}
   for name in ("dense", "chunked", "auto"):
-    setup = trainer.make_setup(small_config(**{"model.attention": name, "model.attention_block": 16}))
+    setup = make_run(small_config(**{"model.attention": name, "model.attention_block": 16}))
     x = jax.random.normal(jax.random.key(2), (2, 5, *setup.latent_shape))
     split = jnp.asarray([[0, 0, 1, 1, 2], [0, 1, 1, 1, 1]])
 
     @jax.jit
     def forward(x, split, setup=setup):
-      params = trainer.init_params(setup, jax.random.key(0))
+      params = init_params(setup, jax.random.key(0))
       params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
       return setup.model.apply({"params": params}, x, x, jnp.full((2, 5), 0.3), split, setup.layout)
 
@@ -191,12 +192,12 @@ def test_the_mask_is_planned_once_per_step_outside_the_layer_scan(path, remat):
   plan is made once, before the scan over layers, and handed to every layer."""
   layers, batch = 3, 2
   overrides = {"model.attention": path, "model.num_layers": layers, "model.attention_block": 16, "model.remat": remat}
-  setup = trainer.make_setup(small_config(**overrides))
-  params = trainer.init_params(setup, jax.random.key(0))
+  setup = make_run(small_config(**overrides))
+  params = init_params(setup, jax.random.key(0))
   x = jnp.zeros(setup.input_shape(batch))
   keys = jax.random.split(jax.random.key(1), batch)
   t = setup.layout.length
-  jaxpr = jax.make_jaxpr(jax.grad(lambda p: trainer.loss_fn(p, setup, x, keys)))(params).jaxpr
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: train_step.loss_fn(p, setup, x, keys)))(params).jaxpr
 
   tiles = -(-t // 16)
   planned_shape = (batch, tiles, tiles) if path == "chunked" else (batch, t, t)  # the tile map, or the mask

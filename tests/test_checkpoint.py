@@ -10,27 +10,29 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_python, small_config
-from vgpt_jax import checkpoint, parallel, trainer
+from vgpt_jax import checkpoint, parallel, train_step
 from vgpt_jax.data.pipeline import train_dataset
 from vgpt_jax.data.sources import SKIP_REASONS
 from vgpt_jax.export import export, load_exported
 from vgpt_jax.layout import fixed_split
+from vgpt_jax.run import make_run
 
 RESHARD = """
 import jax, numpy as np
 from tests.conftest import mesh_of, small_config, train_steps
-from vgpt_jax import checkpoint, trainer
+from vgpt_jax import checkpoint, train_step
+from vgpt_jax.run import make_run
 from vgpt_jax.data.pipeline import train_dataset
 
 cfg = small_config(**{"train.batch_size": 8})
-setup = trainer.make_setup(cfg)
+setup = make_run(cfg)
 videos = [np.asarray(jax.random.uniform(jax.random.key(i), (8, 5, 16, 16, 3), minval=-1, maxval=1)) for i in range(3)]
 
 def steps(state, mesh, vs):
   return train_steps(setup, mesh, state, vs)
 
 big = mesh_of(8, 2, 2, 2)
-state, _ = steps(trainer.create_state(setup, big), big, videos[:2])
+state, _ = steps(train_step.create_state(setup, big), big, videos[:2])
 data = iter(train_dataset(cfg.data, batch_size=8, seed=0))
 with checkpoint.Checkpointer(WORKDIR, cfg.checkpoint) as ckpt:
   ckpt.save(2, state, data, cfg)
@@ -39,7 +41,7 @@ _, expected = steps(state, big, videos[2:])
 for n, shape in ((1, (1, 1, 1)), (4, (1, 2, 2)), (4, (4, 1, 1))):
   mesh = mesh_of(n, *shape)
   with checkpoint.Checkpointer(WORKDIR, cfg.checkpoint) as ckpt:
-    restored, data_ok = ckpt.restore(trainer.sharded_abstract_state(setup, mesh), data)
+    restored, data_ok = ckpt.restore(train_step.sharded_abstract_state(setup, mesh), data)
   assert data_ok and int(restored.step) == 2
   leaf = restored.params["decoder"]["layers"]["mlp"]["gate"]["kernel"]
   assert len(leaf.sharding.device_set) == n
@@ -55,9 +57,9 @@ def test_checkpoint_from_8_devices_restores_on_1_and_4_and_trains_on(tmp_path):
 
 def _save_steps(workdir: Path, cfg, steps: tuple[int, ...]):
   mesh = parallel.make_mesh(cfg.mesh)
-  setup = trainer.make_setup(cfg)
-  state = trainer.create_state(setup, mesh)
-  step_fn = trainer.compile_train_step(setup, mesh)
+  setup = make_run(cfg)
+  state = train_step.create_state(setup, mesh)
+  step_fn = train_step.compile_train_step(setup, mesh)
   data = iter(train_dataset(cfg.data, batch_size=cfg.train.batch_size, seed=0))
   ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint)
   states = {}
@@ -68,7 +70,7 @@ def _save_steps(workdir: Path, cfg, steps: tuple[int, ...]):
       ckpt.save(s, state, data, cfg)
       states[s] = jax.device_get(state.params)
   ckpt.close()  # waits for pending saves
-  return trainer.sharded_abstract_state(setup, mesh), data, states
+  return train_step.sharded_abstract_state(setup, mesh), data, states
 
 
 def _flip_bytes(directory: Path) -> None:
@@ -118,6 +120,7 @@ def test_checksums_do_not_depend_on_the_sharding_and_catch_one_changed_bit():
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from vgpt_jax import integrity
+from vgpt_jax.run import make_run
 mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("a", "b"))
 x = jax.random.normal(jax.random.key(0), (8, 12, 6))
 tree = {"x": x, "bf16": x.astype(jnp.bfloat16), "i": jnp.arange(5), "scalar": jnp.float32(3)}
@@ -146,7 +149,7 @@ def test_keep_last_and_keep_every(tmp_path):
 
 
 def _outputs(config, params) -> np.ndarray:
-  setup = trainer.make_setup(config)
+  setup = make_run(config)
   k = jax.random.split(jax.random.key(3), 2)
   h, w, c = setup.latent_shape
   x = jax.random.normal(k[0], (2, 5, h, w, c))
@@ -164,7 +167,7 @@ def test_export_and_load_round_trip_gives_identical_outputs(tmp_path):
     out = export(tmp_path / "run", tmp_path / f"export_{ema}", ema=ema)
     config, params = load_exported(out)
     assert config.model.preset == "test"
-    target = trainer.abstract_state(trainer.make_setup(cfg))
+    target = train_step.abstract_state(make_run(cfg))
     original, step = checkpoint.load_params(tmp_path / "run", target.params, ema=ema)
     assert step == 3
     np.testing.assert_array_equal(_outputs(config, params), _outputs(cfg, original))
@@ -183,9 +186,9 @@ def test_stage_init_loads_params_only_with_fresh_optimizer_and_step(tmp_path):
   first = small_config(**{"train.steps": 3})
   train(first, tmp_path / "stage1")
   second = small_config(**{"checkpoint.init_from": str(tmp_path / "stage1")})
-  setup = trainer.make_setup(second)
+  setup = make_run(second)
   mesh = parallel.make_mesh(second.mesh)
-  target = trainer.sharded_abstract_state(setup, mesh)
+  target = train_step.sharded_abstract_state(setup, mesh)
   state = _initial_state(setup, mesh, target)
   stage1, _ = checkpoint.load_params(tmp_path / "stage1", target.params)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(stage1))
@@ -201,11 +204,11 @@ def test_grad_accumulation_ema_and_nonfinite_skip():
   results = {}
   for accum in (1, 2, 4):
     c = small_config(**{"train.batch_size": 4, "train.grad_accum_steps": accum, "train.ema_decay": 0.75})
-    setup = trainer.make_setup(c)
+    setup = make_run(c)
     mesh = parallel.make_mesh(c.mesh)
-    state0 = trainer.create_state(setup, mesh)
+    state0 = train_step.create_state(setup, mesh)
     p0 = jax.device_get(state0.params)
-    state, metrics = trainer.compile_train_step(setup, mesh)(state0, video, trainer.no_skips(4))
+    state, metrics = train_step.compile_train_step(setup, mesh)(state0, video, train_step.no_skips(4))
     results[accum] = (float(metrics["loss"]), jax.device_get(state.params), jax.device_get(state.ema), p0)
   for accum in (2, 4):  # micro-batches change memory, not the result
     assert results[accum][0] == pytest.approx(results[1][0], rel=1e-5)
@@ -214,15 +217,15 @@ def test_grad_accumulation_ema_and_nonfinite_skip():
   jax.tree.map(lambda e, a, b: np.testing.assert_allclose(e, 0.75 * b + 0.25 * a, rtol=1e-6), ema, params, p0)
 
   # A non-finite batch: the update is skipped and counted, then training goes on.
-  setup = trainer.make_setup(cfg)
+  setup = make_run(cfg)
   mesh = parallel.make_mesh(cfg.mesh)
-  step = trainer.compile_train_step(setup, mesh)
-  state = trainer.create_state(setup, mesh)
+  step = train_step.compile_train_step(setup, mesh)
+  state = train_step.create_state(setup, mesh)
   before = jax.device_get(state.params)
-  state, metrics = step(state, video.at[0, 0, 0, 0, 0].set(jnp.nan), trainer.no_skips(4))
+  state, metrics = step(state, video.at[0, 0, 0, 0, 0].set(jnp.nan), train_step.no_skips(4))
   assert int(metrics["skipped_steps"]) == 1 and int(state.step) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
-  state, metrics = step(state, video, trainer.no_skips(4))
+  state, metrics = step(state, video, train_step.no_skips(4))
   assert int(metrics["skipped_steps"]) == 1 and np.isfinite(float(metrics["loss"]))
 
 
@@ -263,8 +266,8 @@ def test_checkpoints_from_before_integrity_records_still_resume_and_are_never_mo
 
   cfg = small_config()
   mesh = parallel.make_mesh(cfg.mesh)
-  setup = trainer.make_setup(cfg)
-  state = trainer.create_state(setup, mesh)
+  setup = make_run(cfg)
+  state = train_step.create_state(setup, mesh)
   data = iter(train_dataset(cfg.data, batch_size=cfg.train.batch_size, seed=0))
   old_train = {k: v for k, v in checkpoint._train_part(state).items() if k != "skipped_videos"}  # noqa: SLF001
   with checkpoint.Checkpointer(tmp_path, cfg.checkpoint) as ckpt:
@@ -277,7 +280,7 @@ def test_checkpoints_from_before_integrity_records_still_resume_and_are_never_mo
       )
       ckpt.manager.save(step, args=ocp.args.Composite(**items), force=True)
   (tmp_path / "checkpoints" / "5" / "params" / "manifest.ocdbt").unlink()
-  target = trainer.sharded_abstract_state(setup, mesh)
+  target = train_step.sharded_abstract_state(setup, mesh)
   with caplog.at_level("WARNING"), checkpoint.Checkpointer(tmp_path, cfg.checkpoint) as ckpt:
     restored, data_ok = ckpt.restore(target, data)
   assert data_ok and "no integrity record (older format)" in caplog.text

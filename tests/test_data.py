@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from vgpt_jax.data import physics
+from vgpt_jax.data.held_out import held_out_clips
 from vgpt_jax.data.physics import PhysicsWorld, Scene, render_video, sample_scene, simulate, video_seed
 from vgpt_jax.data.pipeline import (
   VALID_SOURCES,
   PhysicsVideoSource,
   _ClipOrSkip,
   default_data_config,
-  eval_videos,
   to_float,
   to_uint8,
   train_dataset,
@@ -292,22 +292,22 @@ def test_worker_processes_match_in_process():
     np.testing.assert_array_equal(x, y)
 
 
-def test_eval_videos():
+def test_held_out_clips():
   cfg = small_config()
-  videos = eval_videos(cfg, 3)
+  videos = held_out_clips(cfg, 3)
   assert videos.shape == (3, 4, 32, 32, 3) and videos.dtype == np.float32
-  np.testing.assert_array_equal(videos, eval_videos(cfg, 3))
+  np.testing.assert_array_equal(videos, held_out_clips(cfg, 3))
   source = PhysicsVideoSource(cfg, "eval")
   np.testing.assert_array_equal(videos[1], to_float(source[1][0:8:2]))
   with pytest.raises(ValueError, match="num_eval_videos"):
-    eval_videos(cfg, 7)
+    held_out_clips(cfg, 7)
 
 
 def test_config_validation_messages():
   with pytest.raises(ValueError, match="num_frames.*frame_stride.*video_frames"):
     train_dataset(small_config(num_frames=7), batch_size=2, seed=0)
   with pytest.raises(ValueError, match="video_frames"):
-    eval_videos(small_config(frame_stride=4), 1)
+    held_out_clips(small_config(frame_stride=4), 1)
   with pytest.raises(ValueError, match="physics"):
     train_dataset(small_config(source="mnist"), batch_size=2, seed=0)
 

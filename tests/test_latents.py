@@ -20,11 +20,12 @@ from tests.conftest import cpu_env, small_config, train_command
 from tests.test_video_files import encode as write_video
 from tests.test_video_files import flat_video, identify
 from vgpt_jax import config as config_lib
-from vgpt_jax import encode, trainer
+from vgpt_jax import encode, train_step
 from vgpt_jax.data import latents, pipeline
 from vgpt_jax.data.latents import LatentSource
 from vgpt_jax.data.sources import SKIP_REASONS, BadVideo
 from vgpt_jax.model.tokenizer import PixelTokenizer
+from vgpt_jax.run import init_params, make_run
 
 TRAIN, EVAL = 10, 3  # physics videos per split
 
@@ -85,19 +86,17 @@ def test_latent_clip_is_the_encoded_pixel_clip_for_the_same_draw(encoded):
 
 def test_training_on_latents_equals_training_on_frames(encoded):
   """The loss (and so the step) on stored latents equals the loss on the frames they encode."""
-  pixel_setup = trainer.make_setup(physics_config())
-  latent_setup = trainer.make_setup(latents_config(encoded))
+  pixel_setup = make_run(physics_config())
+  latent_setup = make_run(latents_config(encoded))
   assert (pixel_setup.inputs, latent_setup.inputs) == ("video", "latents")
   assert latent_setup.input_shape(2) == (2, 5, 4, 4, 48)
   video = next(iter(pipeline.train_dataset(physics_config().data, batch_size=2, seed=3)))["video"]
   stored = next(iter(pipeline.train_dataset(latents_config(encoded).data, batch_size=2, seed=3)))["latents"]
   np.testing.assert_array_equal(stored, PixelTokenizer(4).encode(video))  # same global positions, same draws
-  params = trainer.init_params(pixel_setup, jax.random.key(0))
+  params = init_params(pixel_setup, jax.random.key(0))
   keys = jax.random.split(jax.random.key(1), 2)
-  loss = functools.partial(trainer.loss_fn, params, keys=keys)
-  np.testing.assert_allclose(
-    loss(setup=latent_setup, inputs=jnp.asarray(stored)), loss(setup=pixel_setup, inputs=video)
-  )
+  loss = functools.partial(train_step.loss_fn, params, keys=keys)
+  np.testing.assert_allclose(loss(run=latent_setup, inputs=jnp.asarray(stored)), loss(run=pixel_setup, inputs=video))
 
 
 def test_latent_pipeline_shards_orders_and_resumes(encoded):

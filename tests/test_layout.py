@@ -93,6 +93,6 @@ def test_token_ids_gather_block_per_sample():
   lay = L.training_layout(3, 2)
   split = np.array([[0, 1, 1], [0, 0, 1]], np.int32)
   ids = L.token_ids(lay, split)
-  assert ids.block.shape == (2, lay.length)
-  np.testing.assert_array_equal(np.asarray(ids.block), split[:, lay.frame])
+  assert ids.clip.shape == (2, lay.length)
+  np.testing.assert_array_equal(np.asarray(ids.clip), split[:, lay.frame])
   np.testing.assert_array_equal(np.asarray(ids.position[1]), lay.position)

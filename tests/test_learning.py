@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import small_config
 from vgpt_jax.benchmarks import diagnose, learning_curve
-from vgpt_jax.sampling import SamplingConfig
+from vgpt_jax.sampler import SamplingConfig
 from vgpt_jax.train import train
 
 

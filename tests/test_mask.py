@@ -9,7 +9,7 @@ from vgpt_jax import layout as L
 from vgpt_jax.attention.mask import dense_mask
 
 
-def oracle(lay: L.Layout, block_of_frame: np.ndarray) -> np.ndarray:
+def oracle(lay: L.Layout, clip_of_frame: np.ndarray) -> np.ndarray:
   """SPEC section 3 read literally, using offsets inside each segment instead of token kinds."""
   s = lay.tokens_per_frame
   seg = s + 2
@@ -31,7 +31,7 @@ def oracle(lay: L.Layout, block_of_frame: np.ndarray) -> np.ndarray:
         else:  # </img> sees the whole segment
           out[i, j] = True
     else:
-      bq, bk = block_of_frame[fq], block_of_frame[fk]
+      bq, bk = clip_of_frame[fq], clip_of_frame[fk]
       if lay.stream[j] == L.CLEAN:
         out[i, j] = bk < bq
       elif bk == bq:
@@ -57,7 +57,7 @@ def _mask(lay: L.Layout, split: np.ndarray) -> np.ndarray:
 def test_mask_matches_spec_table(sizes, order):
   """5 frames, 3 tokens per frame: every (query, key) pair against the literal rules."""
   split = L.per_frame_split(5) if sizes == "per_frame" else L.fixed_split(sizes)
-  lay = L.training_layout(5, 3) if order == "training" else L.interleaved_layout(L.clip_sizes_of(split), 3)
+  lay = L.training_layout(5, 3) if order == "training" else L.interleaved_layout(np.bincount(split).tolist(), 3)
   np.testing.assert_array_equal(_mask(lay, split), oracle(lay, split))
 
 

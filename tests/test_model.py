@@ -9,6 +9,7 @@ import pytest
 from vgpt_jax import layout as L
 from vgpt_jax.model import PRESETS, VideoGPT, model_config
 from vgpt_jax.model.embeddings import patchify, sincos_2d_table, unpatchify
+from vgpt_jax.model.transformer import SAVEABLE
 
 N, H, W, C = 5, 4, 6, 3  # 5 frames of 2x3 = 6 tokens (patch 2)
 
@@ -120,16 +121,19 @@ def test_every_parameter_has_logical_axis_names():
       assert v.names[0] == "layers"  # nn.scan stacks layers on axis 0
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize(
+  "remat", ["full", "dots", "dots_no_batch", ("save_names", ("attention", "mlp_up")), ("save_names", SAVEABLE)]
+)
 def test_remat_policies_match_no_remat(setup, remat):
   _, params, lay, _, inputs = setup
   split = jnp.broadcast_to(SPLIT, (2, N))
+  remat, save = remat if isinstance(remat, tuple) else (remat, ())
 
   def loss(model, p):
     return jnp.mean(model.apply(p, inputs["clean"], inputs["noisy"], inputs["t"], split, lay) ** 2)
 
   ref_val, ref_grad = jax.value_and_grad(lambda p: loss(_model(), p))(params)
-  val, grad = jax.value_and_grad(lambda p: loss(_model(remat=remat), p))(params)
+  val, grad = jax.value_and_grad(lambda p: loss(_model(remat=remat, remat_save=save), p))(params)
   np.testing.assert_allclose(val, ref_val, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grad, ref_grad)
 
@@ -185,3 +189,26 @@ def test_paper_preset_parameter_count():
   print(f"\npaper preset: {n:,} parameters ({n / 1e9:.3f}B)")
   assert n == backbone + embedders + timestep_mlps + final
   assert 3.6e9 < n < 3.9e9
+
+
+def test_remat_save_names_keeps_exactly_the_named_activations(capsys):
+  """remat="save_names" keeps the activations named in model.remat_save across the layer scan, and only those."""
+  from jax.ad_checkpoint import print_saved_residuals
+
+  lay = L.training_layout(N, H * W // 4)
+  x, split = jnp.zeros((1, N, H, W, C)), jnp.zeros((1, N), jnp.int32)
+
+  def scan_residuals(save: tuple[str, ...]) -> list[str]:
+    model = _model(remat="save_names", remat_save=save)
+    params = nn.unbox(model.init(jax.random.key(0), x, x, jnp.zeros((1, N)), split, lay))
+    print_saved_residuals(lambda p: jnp.sum(model.apply(p, x, x, jnp.zeros((1, N)), split, lay)), params)
+    lines = capsys.readouterr().out.splitlines()
+    return sorted(line.split()[0] for line in lines if "output of scan" in line)
+
+  layers, tokens, heads, head_dim = 2, lay.length, 2, 16  # the `test` preset
+  base = scan_residuals(())
+  kept = scan_residuals(("attention", "mlp_up"))
+  added = list(kept)
+  for shape in base:
+    added.remove(shape)
+  assert sorted(added) == sorted([f"f32[{layers},1,{tokens},{heads},{head_dim}]", f"f32[{layers},1,{tokens},64]"])

@@ -112,7 +112,7 @@ def test_a_query_that_sees_no_key_gives_zero_and_zero_gradients():
 
 def test_a_new_split_does_not_recompile():
   ids_a, ids_b = random_ids(0, 2, 4, 5), random_ids(1, 2, 4, 5)
-  assert not np.array_equal(ids_a.block, ids_b.block)
+  assert not np.array_equal(ids_a.clip, ids_b.clip)
   q, k, v = normal(7, *[(2, ids_a.frame.shape[1], 2, 16)] * 3)
   fn = jax.jit(kernel(16, 16))
   fn(q, k, v, ids_a, ids_a)

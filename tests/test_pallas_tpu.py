@@ -170,7 +170,7 @@ def test_bad_inputs_raise():
     pallas_tpu_attention(q, k, v.astype(jnp.bfloat16), ids, ids, interpret=True)
   with pytest.raises(ValueError, match="expected"):
     pallas_tpu_attention(q, k, v, ids[:, 1:], ids, interpret=True)
-  big = L.TokenIds(ids.frame + 20000, ids.block, ids.stream, ids.kind, ids.position)
+  big = L.TokenIds(ids.frame + 20000, ids.clip, ids.stream, ids.kind, ids.position)
   with pytest.raises(ValueError, match="frame ids"):
     pallas_tpu_attention(q, k, v, big, big, interpret=True)
 

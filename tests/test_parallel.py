@@ -2,7 +2,6 @@
 
 import subprocess
 
-import ml_collections
 import pytest
 
 from tests.conftest import cpu_env, logged_losses, run_python, train_command
@@ -10,28 +9,29 @@ from vgpt_jax import parallel
 
 
 def test_mesh_shape_fills_one_axis_and_refuses_bad_sizes():
-  cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=2, context=1))
+  cfg = parallel.mesh_config(fsdp=2, tensor=2)
   assert parallel.mesh_shape(cfg, 8) == (2, 2, 2, 1)
   with pytest.raises(ValueError, match="cannot be split"):
     parallel.mesh_shape(cfg, 6)
   with pytest.raises(ValueError, match="at most one mesh axis"):
-    parallel.mesh_shape(ml_collections.ConfigDict(dict(data=-1, fsdp=-1, tensor=1, context=1)), 8)
+    parallel.mesh_shape(parallel.mesh_config(fsdp=-1), 8)
   with pytest.raises(ValueError, match="needs 4 devices"):
-    parallel.mesh_shape(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=1, context=1)), 8)
+    parallel.mesh_shape(parallel.mesh_config(data=2, fsdp=2), 8)
 
 
 SHARDED_VS_SINGLE = """
 import jax, numpy as np
 from jax.sharding import PartitionSpec as P
 from tests.conftest import mesh_of, small_config, train_steps
-from vgpt_jax import trainer
+from vgpt_jax import train_step
+from vgpt_jax.run import make_run
 
 cfg = small_config(**{"train.batch_size": 8, "train.ema_decay": 0.9})
-setup = trainer.make_setup(cfg)
+setup = make_run(cfg)
 videos = [np.asarray(jax.random.uniform(jax.random.key(i), (8, 5, 16, 16, 3), minval=-1, maxval=1)) for i in range(4)]
 
 def run(mesh):
-  return train_steps(setup, mesh, trainer.create_state(setup, mesh), videos)
+  return train_steps(setup, mesh, train_step.create_state(setup, mesh), videos)
 
 assert len(jax.devices()) == 8
 ref, ref_losses = run(mesh_of(1, 1, 1, 1))
@@ -48,13 +48,45 @@ assert gate.addressable_shards[0].data.shape == (gate.shape[0], gate.shape[1] //
 mu = state.opt_state[1][0].mu["decoder"]["layers"]["mlp"]["gate"]["kernel"]
 assert mu.sharding.spec == gate.sharding.spec  # optimizer state sharded like its parameter
 print("losses", losses)
+
+# The mesh is laid out by JAX's topology-aware builder.
+from jax.experimental import mesh_utils
+from vgpt_jax import parallel
+assert (mesh_of(8, 2, 2, 2).devices == mesh_utils.create_device_mesh((2, 2, 2, 1), jax.devices())).all()
+
+# A hybrid mesh over 2 fake slices (TPU devices know their slice_index; these CPU devices are dealt to
+# slices 0, 1, 0, 1, ...): the data axis crosses the slices, fsdp stays within one, and a step on it
+# equals 1 device.
+class SliceDevice:
+  def __init__(self, device, slice_index):
+    self.device, self.slice_index = device, slice_index
+  def __getattr__(self, name):
+    return getattr(self.device, name)
+
+fake = [SliceDevice(d, i % 2) for i, d in enumerate(jax.devices())]
+grid = parallel.device_grid(parallel.mesh_config(data=2, fsdp=4, dcn={"data": 2}), fake)
+assert grid.shape == (2, 4, 1, 1)
+assert [{d.slice_index for d in row.reshape(-1)} for row in grid] == [{0}, {1}], grid
+hybrid = jax.sharding.Mesh(np.vectorize(lambda d: d.device, otypes=[object])(grid), parallel.MESH_AXES)
+state, losses = run(hybrid)
+np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(ref.params))):
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+# One process cannot be two slices of a hybrid mesh: refused by name.
+try:
+  parallel.make_mesh(parallel.mesh_config(dcn={"data": 2}))
+  raise AssertionError("a 2-slice mesh on 1 process was accepted")
+except ValueError as e:
+  assert "spans 2 processes, but the devices are in 1" in str(e), e
+print("hybrid losses", losses)
 """
 
 
 def test_sharded_train_step_matches_single_device():
-  """(data=2, fsdp=2, tensor=2) on 8 forced CPU devices == 1 device, for several steps, EMA included."""
+  """(data=2, fsdp=2, tensor=2) on 8 forced CPU devices == 1 device, for several steps, EMA included; the mesh
+  follows mesh_utils' device order, and a hybrid mesh over 2 fake slices also equals 1 device."""
   out = run_python(SHARDED_VS_SINGLE, devices=8)
-  assert "losses" in out
+  assert "hybrid losses" in out
 
 
 def test_two_processes_train_together_like_one(tmp_path):
@@ -109,24 +141,25 @@ def _free_port() -> int:
 CONTEXT_VS_SINGLE = """
 import jax, ml_collections, numpy as np
 from tests.conftest import mesh_of, small_config, train_steps
-from vgpt_jax import parallel, trainer
+from vgpt_jax import parallel, train_step
 from vgpt_jax.attention.mask import dense_mask
 from vgpt_jax.layout import pad_layout, token_ids
+from vgpt_jax.run import make_run
 
 def setup_for(context, attention):
   # 4 tokens per frame: (2*5-1)*6 = 54 tokens, padded to 56 to be dealt in 8 chunks over context=4.
   overrides = {"train.batch_size": 4, "mesh.context": context, "model.attention": attention}
-  return trainer.make_setup(small_config(**overrides, **{"model.attention_block": 8}))
+  return make_run(small_config(**overrides, **{"model.attention_block": 8}))
 
 videos = [np.asarray(jax.random.uniform(jax.random.key(i), (4, 5, 16, 16, 3), minval=-1, maxval=1)) for i in range(3)]
 single = mesh_of(1, 1, 1, 1)
 ref_setup = setup_for(1, "dense")
-ref, ref_losses = train_steps(ref_setup, single, trainer.create_state(ref_setup, single), videos)
-mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1, tensor=1, context=4)))
+ref, ref_losses = train_steps(ref_setup, single, train_step.create_state(ref_setup, single), videos)
+mesh = parallel.make_mesh(parallel.mesh_config(data=2, context=4))
 for attention in ("chunked", "dense"):
   setup = setup_for(4, attention)
   assert setup.layout.length == 56
-  state, losses = train_steps(setup, mesh, trainer.create_state(setup, mesh), videos)
+  state, losses = train_steps(setup, mesh, train_step.create_state(setup, mesh), videos)
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
   for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(ref.params))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

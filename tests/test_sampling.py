@@ -17,9 +17,9 @@ import pytest
 from tests.conftest import cpu_env, small_config, train_command
 from tests.test_video_files import encode as write_video
 from tests.test_video_files import flat_video
-from vgpt_jax import trainer
 from vgpt_jax.layout import fixed_split, training_layout
-from vgpt_jax.sampling import (
+from vgpt_jax.run import init_params, make_run
+from vgpt_jax.sampler import (
   Sampler,
   SamplingConfig,
   cached_denoise,
@@ -32,8 +32,8 @@ from vgpt_jax.sampling import (
 @pytest.fixture(scope="module")
 def model():
   """The small test model with every parameter perturbed (zero-initialised layers would hide bugs)."""
-  setup = trainer.make_setup(small_config())  # 5 frames of 4 tokens
-  params = nn.unbox(jax.jit(lambda key: trainer.init_params(setup, key))(jax.random.key(0)))
+  setup = make_run(small_config())  # 5 frames of 4 tokens
+  params = nn.unbox(jax.jit(lambda key: init_params(setup, key))(jax.random.key(0)))
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -16,9 +17,11 @@ from PIL import Image
 from tensorflow_datasets.core import registered
 
 from vgpt_jax.data import tfds_physics
+from vgpt_jax.data.held_out import held_out_clips
 from vgpt_jax.data.physics import PhysicsWorld, render_video, video_seed
-from vgpt_jax.data.sources import BadVideo
-from vgpt_jax.data.tfds_source import BUILTIN_NAME, TfdsNotPreparedError, TfdsVideoSource, fit_frames, sample_window
+from vgpt_jax.data.pipeline import default_data_config
+from vgpt_jax.data.sources import BadVideo, choose_window
+from vgpt_jax.data.tfds_source import BUILTIN_NAME, TfdsNotPreparedError, TfdsVideoSource, fit_frames
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = PhysicsWorld(height=16, width=16, num_frames=12)
@@ -92,8 +95,10 @@ def grey_video_dir(tmp_path_factory) -> str:
   return str(data_dir)
 
 
-def _cfg(data_dir: str, **overrides) -> dict:
-  cfg = dict(
+def _cfg(data_dir: str, **overrides) -> ml_collections.ConfigDict:
+  cfg = default_data_config()
+  cfg.update(
+    source="tfds",
     tfds_name="vgpt_physics",
     tfds_data_dir=data_dir,
     num_frames=4,
@@ -104,6 +109,12 @@ def _cfg(data_dir: str, **overrides) -> dict:
   )
   cfg.update(overrides)
   return cfg
+
+
+def _with(cfg: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+  out = ml_collections.ConfigDict(cfg)
+  out.update(overrides)
+  return out
 
 
 def test_prepared_videos_are_the_renderers(physics_dir):
@@ -140,7 +151,7 @@ def test_clip_takes_the_window_its_rng_chose(physics_dir):
   for seed in range(24):
     index = seed % NUM_TRAIN
     clip, start, stride = source.clip_with_window(index, np.random.default_rng(seed))
-    assert (start, stride) == sample_window(4, WORLD.num_frames, (1, 3), np.random.default_rng(seed))
+    assert (start, stride) == choose_window(WORLD.num_frames, 4, (1, 3), np.random.default_rng(seed))
     assert clip.shape == (4, 16, 16, 3) and clip.dtype == np.uint8
     video = render_video(video_seed("train", index, BASE_SEED), WORLD)
     np.testing.assert_array_equal(clip, video[start : start + 4 * stride : stride])
@@ -205,10 +216,10 @@ def test_grey_video_feature_decodes_only_its_frames(grey_video_dir):
     want = _grey_frames(index)[start : start + 4 * stride : stride]
     assert clip.shape == (4, *GREY_SHAPE, 3) and clip.dtype == np.uint8
     np.testing.assert_array_equal(clip, np.repeat(want, 3, axis=-1))
-  small = TfdsVideoSource(dict(cfg, height=8, width=8), "eval")
+  small = TfdsVideoSource(_with(cfg, height=8, width=8), "eval")
   assert small.clip(1, np.random.default_rng(0)).shape == (4, 8, 8, 3)
   with pytest.raises(BadVideo) as caught:
-    TfdsVideoSource(dict(cfg, num_frames=7), "eval").clip(2, np.random.default_rng(0))  # 6 frames
+    TfdsVideoSource(_with(cfg, num_frames=7), "eval").clip(2, np.random.default_rng(0))  # 6 frames
   assert caught.value.reason == "too_short"
   with pytest.raises(BadVideo) as caught:
     source.clip(GREY_BROKEN, np.random.default_rng(0))
@@ -246,7 +257,9 @@ def test_cli_prepares_and_reading_never_imports_tensorflow(tmp_path):
     import numpy as np
     from vgpt_jax.data.tfds_source import TfdsVideoSource
     assert "tensorflow_datasets" not in sys.modules  # imported on first use only
-    cfg = dict(tfds_name="vgpt_physics", tfds_data_dir={str(tmp_path)!r}, num_frames=3, height=8, width=12)
+    from vgpt_jax.data.pipeline import default_data_config
+    cfg = default_data_config()
+    cfg.update(dict(tfds_name="vgpt_physics", tfds_data_dir={str(tmp_path)!r}, num_frames=3, height=8, width=12))
     source = TfdsVideoSource(cfg, "train")
     clip = source.clip(2, np.random.default_rng(0))
     print(len(source), len(TfdsVideoSource(cfg, "eval")), clip.shape, "tensorflow" in sys.modules)
@@ -259,7 +272,7 @@ def test_cli_prepares_and_reading_never_imports_tensorflow(tmp_path):
 
 def test_tfds_source_through_the_training_pipeline(tmp_path):
   """data.source='tfds' on the prepared built-in dataset: batches and held-out videos come out of the pipeline."""
-  from vgpt_jax.data.pipeline import default_data_config, eval_videos, train_dataset, validate_data_config
+  from vgpt_jax.data.pipeline import default_data_config, train_dataset, validate_data_config
 
   world = PhysicsWorld(num_frames=12)  # 32x32, the pipeline's default frame size
   tfds_physics.prepare(tmp_path, world=world, num_train=8, num_eval=4)
@@ -269,10 +282,10 @@ def test_tfds_source_through_the_training_pipeline(tmp_path):
   batch = next(iter(train_dataset(cfg, batch_size=3, seed=0)))
   assert batch["video"].shape == (3, 4, 32, 32, 3) and batch["video"].dtype == np.float32
   assert not batch["skipped"].any()
-  held_out = eval_videos(cfg, 2)
+  held_out = held_out_clips(cfg, 2)
   video = render_video(video_seed("eval", 0, 0), world).astype(np.float32) * np.float32(2 / 255) - 1
   assert held_out.shape == (2, 4, 32, 32, 3)
-  assert any(np.allclose(held_out[0], video[s : s + 8 : 2], atol=1e-6) for s in range(12 - 8 + 1))
+  np.testing.assert_allclose(held_out[0], video[0:8:2], atol=1e-6)  # held-out clips start at frame 0
   cfg.tfds_name = ""
   with pytest.raises(ValueError, match="data.tfds_name"):
     validate_data_config(cfg)

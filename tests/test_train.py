@@ -7,7 +7,8 @@ import numpy as np
 from PIL import Image
 
 from tests.conftest import small_config
-from vgpt_jax import parallel, trainer
+from vgpt_jax import parallel, train_step
+from vgpt_jax.run import make_run
 from vgpt_jax.train import train
 
 
@@ -34,15 +35,15 @@ def test_train_step_is_deterministic_and_compiles_once(tmp_path):
   """Same seed and batch -> same loss; many steps reuse one executable (random splits included)."""
   cfg = small_config()
   mesh = parallel.make_mesh(cfg.mesh)
-  setup = trainer.make_setup(cfg)
+  setup = make_run(cfg)
   video = jax.random.uniform(jax.random.key(0), (4, 5, 16, 16, 3), minval=-1, maxval=1)
   losses = []
   for _ in range(2):
-    state = trainer.create_state(setup, mesh)
-    step = trainer.compile_train_step(setup, mesh)
+    state = train_step.create_state(setup, mesh)
+    step = train_step.compile_train_step(setup, mesh)
     run = []
     for _ in range(3):
-      state, metrics = step(state, video, trainer.no_skips(4))
+      state, metrics = step(state, video, train_step.no_skips(4))
       run.append(float(metrics["loss"]))
     losses.append(run)
   assert losses[0] == losses[1]
@@ -52,7 +53,7 @@ def test_train_step_is_deterministic_and_compiles_once(tmp_path):
 def test_benchmark_flop_count_counts_visible_attention_only():
   from vgpt_jax.benchmarks.train_step import model_flops_per_step
 
-  setup = trainer.make_setup(small_config())
+  setup = make_run(small_config())
   m, t, b = setup.config.model, setup.layout.length, 2
   matmul = 6 * b * t * m.num_layers * (4 * m.hidden**2 + 3 * m.hidden * m.mlp_dim)
   dense_attention = 3 * b * m.num_layers * 4 * t * t * m.hidden

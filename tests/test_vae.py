@@ -8,7 +8,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -18,6 +17,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from vgpt_jax.model import tokenizer as tok  # noqa: E402
 from vgpt_jax.model.vae import WEIGHTS_NAME, AutoencoderKL, VaeConfig, load_vae  # noqa: E402
+from vgpt_jax.run import make_run  # noqa: E402
 
 BLOCKS = (32, 32, 64, 64)  # four levels: 8x down like SDXL, at small widths
 SCALE, SHIFT = 0.13025, 0.1159
@@ -180,7 +180,7 @@ def test_tokenizer_is_per_frame_and_chunked(loaded):
 
 def test_make_tokenizer_vae(reference):
   assert "vae" in tok.TOKENIZERS and "pixel" in tok.TOKENIZERS
-  cfg = ml_collections.ConfigDict(dict(kind="vae", vae_path=str(reference[0]), downsample=8, frames_per_chunk=2))
+  cfg = tok.tokenizer_config(kind="vae", vae_path=str(reference[0]), downsample=8, frames_per_chunk=2)
   tokenizer = tok.make_tokenizer(cfg)
   assert isinstance(tokenizer, tok.VaeTokenizer) and tokenizer.frames_per_chunk == 2
   assert tokenizer.latent_shape(176, 320) == (22, 40, 4)
@@ -188,7 +188,7 @@ def test_make_tokenizer_vae(reference):
   with pytest.raises(ValueError, match="downsamples by 8"):
     tok.make_tokenizer(cfg)
   with pytest.raises(ValueError, match="vae_path"):
-    tok.make_tokenizer(ml_collections.ConfigDict(dict(kind="vae", vae_path="")))
+    tok.make_tokenizer(tok.tokenizer_config(kind="vae", vae_path=""))
 
 
 def test_vae_latents_are_encoded_once_and_must_match_the_tokenizer(reference, tmp_path):
@@ -196,7 +196,7 @@ def test_vae_latents_are_encoded_once_and_must_match_the_tokenizer(reference, tm
   import json
 
   from tests.conftest import small_config
-  from vgpt_jax import encode, trainer
+  from vgpt_jax import encode
   from vgpt_jax.data import pipeline
   from vgpt_jax.data.latents import LatentSource
 
@@ -211,13 +211,13 @@ def test_vae_latents_are_encoded_once_and_must_match_the_tokenizer(reference, tm
   lat_cfg.data.latents_path = str(out)
   stored = LatentSource(lat_cfg.data, "train")
   for i in range(3):
-    want = tokenizer.encode(jnp.asarray(pipeline.to_float(source.frames(i, 0, 6))))
+    want = tokenizer.encode(jnp.asarray(pipeline.to_float(source.leading_frames(i, 1, 6))))
     np.testing.assert_allclose(stored.record(i)["latents"], want, rtol=1e-5, atol=1e-5)
-  assert trainer.make_setup(lat_cfg).inputs == "latents"
+  assert make_run(lat_cfg).inputs == "latents"
   other = tmp_path / "other_vae"
   shutil.copytree(reference[0], other)
   config = json.loads((other / "config.json").read_text())
   (other / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
   lat_cfg.tokenizer.vae_path = str(other)
   with pytest.raises(ValueError, match="scaling_factor: encoded with 0.13025, configured 0.5"):
-    trainer.make_setup(lat_cfg)
+    make_run(lat_cfg)

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from vgpt_jax.data import video_files
+from vgpt_jax.data.held_out import held_out_clips
 from vgpt_jax.data.pipeline import (
   default_data_config,
-  eval_videos,
   make_source,
   train_dataset,
   train_index_dataset,
@@ -173,7 +173,7 @@ def test_directory_listing_is_recursive_sorted_and_filtered(good_dir):
   only = [os.path.relpath(p, good_dir) for p in find_videos(str(good_dir), (".MP4", "mov"))]
   assert only == ["a/v0.mp4", "a/v1.MOV", "z/v6.mp4", "z/v7.mp4"]
   source = VideoFileSource(video_config(good_dir, num_eval_videos=2))
-  assert len(source) == 6 and [os.path.basename(source.path(i)) for i in range(2)] == ["v2.mkv", "v0.mp4"]
+  assert len(source) == 6 and [os.path.basename(source.name(i)) for i in range(2)] == ["v2.mkv", "v0.mp4"]
   assert str(good_dir) in source.describe() and "train" in source.describe()
 
 
@@ -218,12 +218,12 @@ def test_clip_has_the_chosen_frames_and_seeking_matches_full_decode(good_dir, na
   path = str(good_dir / name)
   vid = int(Path(name).stem[1:])
   for start, stride in [(0, 1), (1, 2), (9, 3), (17, 5), (23, 4), (36, 1)]:
-    clip, count = read_clip(path, lambda n: (start, stride), num_frames=4, height=24, width=32)
+    clip, count = read_clip(path, lambda n: (start, stride, 4), height=24, width=32)
     assert count == FRAMES and clip.shape == (4, 24, 32, 3) and clip.dtype == np.uint8
     video, frames = identify(clip)
     assert video == vid
     np.testing.assert_array_equal(frames, start + stride * np.arange(4))
-    full, _ = read_clip(path, lambda n: (start, stride), num_frames=4, height=24, width=32, seek=False)
+    full, _ = read_clip(path, lambda n: (start, stride, 4), height=24, width=32, seek=False)
     np.testing.assert_array_equal(clip, full)
 
 
@@ -248,7 +248,7 @@ def test_frames_are_scaled_to_cover_then_centre_cropped(tmp_path):
   frames[:, :, 24:36] = 120  # grey band: scaled columns 16..23, cropped 0..7
   frames[:, :, 48:] = 220  # bright right half: cropped 16..31
   path = encode(tmp_path / "halves.mp4", frames)
-  clip, _ = read_clip(str(path), lambda n: (0, 1), num_frames=2, height=32, width=32)
+  clip, _ = read_clip(str(path), lambda n: (0, 1, 2), height=32, width=32)
   assert clip.shape == (2, 32, 32, 3) and clip.dtype == np.uint8
   row = clip[1, 16, :, 0].astype(int)
   assert np.abs(row[:6] - 120).max() < 10
@@ -275,7 +275,7 @@ def test_pipeline_batches_shape_range_and_content(good_dir):
   indices = [index for _, index in train_index_dataset(cfg, seed=0, batch_size=3)[:3]]
   for clip, index in zip(batch["video"], indices):
     video, frames = identify(clip)
-    assert int(Path(source.path(index)).stem[1:]) == video
+    assert int(Path(source.name(index)).stem[1:]) == video
     assert np.diff(frames)[0] in (2, 3)
 
 
@@ -339,7 +339,7 @@ def test_source_pickles_without_its_memo(good_dir):
   source = VideoFileSource(video_config(good_dir))
   source.clip(0, np.random.default_rng(0))
   copy = pickle.loads(pickle.dumps(source))
-  assert copy._memo == {} and len(copy) == len(source) and copy.path(2) == source.path(2)
+  assert copy._memo == {} and len(copy) == len(source) and copy.name(2) == source.name(2)
 
 
 # ---------------------------------------------------------------------- bad files
@@ -353,7 +353,7 @@ def test_each_bad_file_is_judged_with_its_reason_and_good_ones_decode(mixed_dir,
   if kind == "good":
     assert bad is None
     source = VideoFileSource(cfg)
-    index = [os.path.basename(source.path(i)) for i in range(len(source))].index(name)
+    index = [os.path.basename(source.name(i)) for i in range(len(source))].index(name)
     assert identify(source.clip(index, np.random.default_rng(0)))[0] == int(name[4])
     return
   assert bad is not None and bad.reason == kind and name in str(bad)
@@ -362,7 +362,7 @@ def test_each_bad_file_is_judged_with_its_reason_and_good_ones_decode(mixed_dir,
 def test_source_excludes_bad_files_up_front_counting_each_reason(mixed_dir, caplog):
   with caplog.at_level("WARNING"):
     source = VideoFileSource(mixed_config(mixed_dir))
-  assert sorted(os.path.basename(source.path(i)) for i in range(len(source))) == [f"good{i}.mp4" for i in range(5)]
+  assert sorted(os.path.basename(source.name(i)) for i in range(len(source))) == [f"good{i}.mp4" for i in range(5)]
   assert source.excluded == {reason: BAD_COUNTS[reason] for reason in SKIP_REASONS}
   assert all(BAD_COUNTS[reason] for reason in SKIP_REASONS)  # every reason has a test file
   assert f"{sum(BAD_COUNTS.values())} of {len(MIXED_KINDS)} videos are unusable" in caplog.text
@@ -387,9 +387,9 @@ def test_half_of_an_mp4_with_its_index_at_the_end_is_unreadable(mixed_dir, tmp_p
   data = encode(tmp_path / "whole.mp4", flat_video(0)).read_bytes()
   (tmp_path / "half.mp4").write_bytes(data[: len(data) // 2])
   with pytest.raises(BadVideo, match="unreadable"):
-    read_clip(str(tmp_path / "half.mp4"), lambda n: (0, 1), num_frames=4, height=16, width=16)
+    read_clip(str(tmp_path / "half.mp4"), lambda n: (0, 1, 4), height=16, width=16)
   with pytest.raises(BadVideo, match="unreadable.*no such file"):
-    read_clip(str(tmp_path / "missing.mp4"), lambda n: (0, 1), num_frames=4, height=16, width=16)
+    read_clip(str(tmp_path / "missing.mp4"), lambda n: (0, 1, 4), height=16, width=16)
 
 
 def replay(source, kinds: dict[str, str], seed: int, position: int, index: int, tries: int) -> tuple[int, Counter]:
@@ -398,7 +398,7 @@ def replay(source, kinds: dict[str, str], seed: int, position: int, index: int, 
   for attempt in range(tries):
     if attempt:
       index = int(np.random.default_rng([seed, position, attempt]).integers(len(source)))
-    kind = kinds[os.path.basename(source.path(index))]
+    kind = kinds[os.path.basename(source.name(index))]
     if kind == "good":
       return index, skipped
     skipped[kind] += 1
@@ -433,7 +433,7 @@ def test_files_failing_after_the_probe_are_replaced_and_counted_per_sample(mixed
       position, index = elements[step * batch_size + j]
       good, skipped = replay(source, VANISHED, seed, position, index, int(cfg.max_skip_tries))
       video, frames = identify(clip)
-      assert video == int(os.path.basename(source.path(good))[4]) and video < 3
+      assert video == int(os.path.basename(source.name(good))[4]) and video < 3
       np.testing.assert_array_equal(frames, [0, 10, 20, 30])
       assert dict(zip(SKIP_REASONS, batch["skipped"][j].tolist())) == {r: skipped[r] for r in SKIP_REASONS}
       total += skipped
@@ -504,33 +504,33 @@ def test_path_to_a_file_suggests_the_manifest(good_dir):
 def test_eval_holds_out_the_last_files_and_never_overlaps_train(good_dir):
   cfg = video_config(good_dir, num_eval_videos=3)
   train, held = make_source(cfg, "train"), make_source(cfg, "eval")
-  train_paths = {train.path(i) for i in range(len(train))}
-  eval_paths = [held.path(i) for i in range(len(held))]
+  train_paths = {train.name(i) for i in range(len(train))}
+  eval_paths = [held.name(i) for i in range(len(held))]
   assert len(train_paths) == 5 and not train_paths & set(eval_paths)
   assert train_paths | set(eval_paths) == set(find_videos(str(good_dir)))
   assert [os.path.basename(p) for p in eval_paths] == ["v5.m4v", "v6.mp4", "v7.mp4"]
-  videos = eval_videos(cfg, 2)
+  videos = held_out_clips(cfg, 2)
   assert videos.shape == (2, 4, 16, 16, 3)
   assert [identify(v) for v in videos][1][0] == 6
   np.testing.assert_array_equal(identify(videos[0])[1], [0, 2, 4, 6])
   with pytest.raises(ValueError, match="num_eval_videos"):
-    eval_videos(cfg, 4)
+    held_out_clips(cfg, 4)
   with pytest.raises(ValueError, match="would hold out all 8 videos"):
     make_source(video_config(good_dir, num_eval_videos=8), "train")
 
 
 def test_eval_path_is_excluded_from_train_and_bad_eval_videos_are_left_out(mixed_dir, good_dir):
   cfg = mixed_config(mixed_dir)
-  assert identify(eval_videos(cfg, 1)[0])[0] == 8
+  assert identify(held_out_clips(cfg, 1)[0])[0] == 8
   inside = video_config(mixed_dir / "train", eval_path=str(mixed_dir / "train"))  # eval set = the train folder
   with pytest.raises(ValueError, match="nothing is left to train on"):
     make_source(inside, "train")
   first_good = mixed_config(mixed_dir, eval_path=str(mixed_dir / "train"), path=str(good_dir))
-  videos = eval_videos(first_good, 5)  # the held-out folder sorted: good0..good4 come first anyway
+  videos = held_out_clips(first_good, 5)  # the held-out folder sorted: good0..good4 come first anyway
   assert [identify(v)[0] for v in videos] == [0, 1, 2, 3, 4]
   assert len(make_source(first_good, "eval")) == 5  # the bad files of the held-out folder are not numbered
   with pytest.raises(ValueError, match=r"count must lie in \[0, 5\]"):
-    eval_videos(first_good, 6)
+    held_out_clips(first_good, 6)
 
 
 # ----------------------------------------------------------------- the train job

@@ -28,7 +28,7 @@ import logging as logging_std
 import sys
 import threading
 import traceback
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import grain
 import jax
@@ -40,7 +40,10 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from vgpt_jax import integrity
-from vgpt_jax.trainer import TrainState
+from vgpt_jax.run import abstract_params, make_run
+
+if TYPE_CHECKING:  # only for annotations: sampling reads checkpoints without importing the train step
+  from vgpt_jax.train_step import TrainState
 
 CORRUPT_DIR = "corrupt"  # checkpoints found corrupt are moved to checkpoints/corrupt/STEP
 
@@ -157,7 +160,7 @@ class Checkpointer:
   """Save and restore one run's checkpoints."""
 
   def __init__(self, workdir: str | epath.PathLike, ckpt_cfg: ml_collections.ConfigDict):
-    self.directory = checkpoint_dir(ckpt_cfg.get("directory") or workdir)
+    self.directory = checkpoint_dir(ckpt_cfg.directory or workdir)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=ckpt_cfg.keep_last,
       keep_period=ckpt_cfg.keep_every or None,
@@ -467,7 +470,6 @@ def load_model(path: str | epath.PathLike, step: int = -1, weights: str = "auto"
 
   weights: "params", "ema", or "auto" (the EMA when the run kept one).
   """
-  from vgpt_jax import trainer
 
   config = saved_config(path, step)
   if weights == "auto":
@@ -476,9 +478,9 @@ def load_model(path: str | epath.PathLike, step: int = -1, weights: str = "auto"
     raise ValueError(f"weights={weights!r}; choose params, ema or auto")
   if weights == "ema" and config.train.ema_decay <= 0:
     raise ValueError(f"{path} was trained without an EMA (train.ema_decay=0); use weights=params")
-  setup = trainer.make_setup(config)
+  run = make_run(config)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  shapes = trainer.abstract_state(setup).params
+  shapes = abstract_params(run)
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), shapes)
   params, step = load_params(path, target, step, ema=weights == "ema")
-  return setup, params, step
+  return run, params, step

@@ -19,7 +19,7 @@ from vgpt_jax.data import latents
 from vgpt_jax.data.pipeline import make_source, validate_data_config
 from vgpt_jax.layout import SPLITS
 from vgpt_jax.model.tokenizer import TOKENIZERS
-from vgpt_jax.model.transformer import REMAT_POLICIES
+from vgpt_jax.model.transformer import REMAT_POLICIES, SAVEABLE
 from vgpt_jax.model.video_gpt import DTYPES
 
 
@@ -60,7 +60,7 @@ def _machine_problems(config: ml_collections.ConfigDict) -> list[str]:
   from vgpt_jax import parallel  # jax device queries: only here, not in the static checks
 
   try:
-    shape = dict(zip(parallel.MESH_AXES, parallel.mesh_shape(config.mesh, jax.device_count())))
+    shape = dict(zip(parallel.MESH_AXES, parallel.device_grid(config.mesh, jax.devices()).shape))
   except ValueError as e:
     fields = " ".join(f"--config.mesh.{axis}=..." for axis in parallel.MESH_AXES)
     return [f"{e}: set the mesh to fit the {jax.device_count()} devices ({fields}; one of them may be -1)"]
@@ -110,9 +110,14 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
 
   # Model shape.
   _choice(problems, "model.attention", m.attention, ATTENTIONS)
-  if m.get("attention_block", 512) < 8 or m.get("attention_block", 512) % 8:
-    problems.append(f"model.attention_block={m.get('attention_block')} must be a positive multiple of 8")
+  if m.attention_block < 8 or m.attention_block % 8:
+    problems.append(f"model.attention_block={m.attention_block} must be a positive multiple of 8")
   _choice(problems, "model.remat", m.remat, REMAT_POLICIES)
+  unknown = sorted(set(m.remat_save) - set(SAVEABLE))
+  if unknown:
+    problems.append(f"model.remat_save names unknown activations {unknown}; choose from {list(SAVEABLE)}")
+  if m.remat_save and m.remat != "save_names":
+    problems.append(f"model.remat_save={tuple(m.remat_save)} needs model.remat='save_names' (got {m.remat!r})")
   _choice(problems, "model.dtype", m.dtype, DTYPES)
   _choice(problems, "model.param_dtype", m.param_dtype, DTYPES)
   if m.hidden % m.num_heads:
@@ -131,7 +136,7 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
   except ValueError as e:
     problems.append(str(e))
   _choice(problems, "tokenizer.kind", tok.kind, TOKENIZERS)
-  if d.get("source") == "latents":
+  if d.source == "latents":
     problems.extend(latents.tokenizer_problems(d, tok))
   cell = tok.downsample * m.patch_size
   for name in ("height", "width"):
@@ -207,8 +212,8 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
       f"train.sample_clip_frames={tr.sample_clip_frames} must be in [0, data.num_frames - "
       f"train.sample_context_frames = {n - tr.sample_context_frames}] (0: all the predicted frames in one clip)"
     )
-  held_out = d.get("num_eval_videos", 0)
-  separate_eval = d.get("eval_path", "") or d.get("eval_manifest", "") or d.get("source") in ("tfds", "latents")
+  held_out = d.num_eval_videos
+  separate_eval = d.eval_path or d.eval_manifest or d.source in ("tfds", "latents")
   if tr.num_samples < 1:
     problems.append(f"train.num_samples={tr.num_samples} must be >= 1 (held-out videos continued at the end)")
   elif not separate_eval and tr.num_samples > held_out:
@@ -217,7 +222,7 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
       "train.num_samples or raise data.num_eval_videos"
     )
   if tok.kind == "vae":
-    problems.extend(_vae_problems(tok.get("vae_path", "")))
+    problems.extend(_vae_problems(tok.vae_path))
   return problems
 
 

@@ -75,13 +75,13 @@ def prediction_loss(
   return jnp.mean(per_sample)
 
 
-def first_clip_weights(block_of_frame: jax.Array, weight: float) -> jax.Array:
+def first_clip_weights(clip_of_frame: jax.Array, weight: float) -> jax.Array:
   """float32 [B, N] loss weights: `weight` for the frames of each sample's first clip, 1 elsewhere.
 
   The first clip is denoised with no history (an unconditional video); with a
   weight below 1 the loss spends its signal on predicting from context.
   """
-  return jnp.where(block_of_frame == 0, jnp.float32(weight), jnp.float32(1.0))
+  return jnp.where(clip_of_frame == 0, jnp.float32(weight), jnp.float32(1.0))
 
 
 def velocity(output: jax.Array, x_t: jax.Array, t: jax.Array, prediction: str) -> jax.Array:

@@ -79,7 +79,7 @@ def settings_of(
   return {
     "format": latents.FORMAT_VERSION,
     "tokenizer": tokenizer_lib.describe(tokenizer, d.height, d.width),
-    "vae_path": str(config.tokenizer.get("vae_path", "")),
+    "vae_path": str(config.tokenizer.vae_path),
     "data_source": str(d.source),
     "height": int(d.height),
     "width": int(d.width),
@@ -121,7 +121,6 @@ def encode_shard(
 ) -> dict[str, Any]:
   """Write the latents of videos `indices` to stem.array_record, then stem.json (the shard is then complete)."""
   skipped = dict.fromkeys(SKIP_REASONS, 0)
-  names = getattr(source, "path", str)
   kept, frames = [], 0
   tmp = stem.with_name(stem.name + ".array_record.tmp")
   writer = ArrayRecordWriter(str(tmp), latents.WRITER_OPTIONS)
@@ -133,7 +132,7 @@ def encode_shard(
         skipped[e.reason] += 1
         logging.info("skipped video %d (%s)", index, e)
       else:
-        writer.write(latents.pack_record(encoder(video), index, names(index)))
+        writer.write(latents.pack_record(encoder(video), index, source.name(index)))
         kept.append(int(index))
         frames += len(video)
       if progress is not None:
@@ -181,7 +180,7 @@ def encode(
   """Encode `splits` of config.data into DIR; returns the finished index (latents.json), or None while
   other workers' shards are still missing. `stop_after_shards` >= 0 stops after that many shards (for tests
   of resuming)."""
-  if config.data.get("source") == "latents":
+  if config.data.source == "latents":
     raise ValueError("config.data.source='latents': point the config at the videos to encode, not at latents")
   if dtype not in latents.DTYPES:
     raise ValueError(f"dtype={dtype!r}; choose one of {sorted(latents.DTYPES)}")
@@ -204,11 +203,9 @@ def encode(
   stride, done = settings["stride"], 0
   for split in splits:
     source = make_source(config.data, split)
-    if not hasattr(source, "leading_frames"):
-      raise ValueError(f"{source.describe()} cannot give whole videos (no leading_frames); it cannot be encoded")
     num_shards = -(-len(source) // shard_size)
     info = {"num_shards": num_shards, "videos_in_source": len(source), "source": source.describe()}
-    info["excluded"] = dict(getattr(source, "excluded", {}))  # bad files the source left out before numbering
+    info["excluded"] = dict(source.excluded)  # bad files the source left out before numbering
     known = stored["splits"].get(split)
     if known is not None and known["num_shards"] != num_shards:
       raise ValueError(

@@ -8,7 +8,7 @@ the files of --videos, each cut to context_frames + frames frames at the run's
 stride and frame size (shorter videos are skipped: the truth is needed).
 
 Methods, all given the same context frames:
-  model         the KV-cached sampler (vgpt_jax/sampling.py)
+  model         the KV-cached sampler (vgpt_jax/sampler.py)
   copy_last     every predicted frame is the last context frame
   linear        x_{m-1} + k (x_{m-1} - x_{m-2}): linear extrapolation of the last two
 
@@ -38,16 +38,12 @@ import numpy as np
 from absl import app, flags, logging
 
 from vgpt_jax import checkpoint, media
+from vgpt_jax.data.held_out import context_videos, file_videos
 from vgpt_jax.data.pipeline import to_uint8
+from vgpt_jax.data.sources import NoUsableVideo
 from vgpt_jax.metrics import physics_iq, video
-from vgpt_jax.sample import (
-  continue_videos,
-  define_sampling_flags,
-  file_videos,
-  held_out_videos,
-  sampling_from_flags,
-)
-from vgpt_jax.sampling import SamplingConfig, with_run_defaults
+from vgpt_jax.sampler import SamplingConfig, continue_videos, with_run_defaults
+from vgpt_jax.sampling_flags import define_sampling_flags, sampling_from_flags
 
 METHODS = ("model", "copy_last", "linear")
 MASK_SIZE = 128  # frames are upscaled to at least this many pixels before motion masks
@@ -125,12 +121,12 @@ def evaluate(
   batch_size: int = 16,
 ) -> dict[str, Any]:
   """The CLI's work; returns what metrics.json holds. 0 for context_frames/frames means the run's defaults."""
-  setup, params, step = checkpoint.load_model(checkpoint_path, step, weights)
-  m, g, sampling = with_run_defaults(setup.config, context_frames, frames, sampling)
+  run, params, step = checkpoint.load_model(checkpoint_path, step, weights)
+  m, g, sampling = with_run_defaults(run.config, context_frames, frames, sampling)
   if videos_dir:
-    videos = file_videos(setup, videos_dir, num_videos, m + g)
+    videos = file_videos(run, videos_dir, num_videos, m + g)
   else:
-    videos = held_out_videos(setup, num_videos, m + g)
+    videos = context_videos(run, num_videos, m + g)
   videos = [(name, v) for name, v in videos if len(v) == m + g]
   if not videos:
     raise ValueError(
@@ -141,7 +137,7 @@ def evaluate(
   stacked = np.stack([v for _, v in videos])
   context, truth = stacked[:, :m], stacked[:, m:]
   predictions = {
-    "model": np.stack(continue_videos(setup, params, videos, sampling, m, g, seed, batch_size=batch_size)),
+    "model": np.stack(continue_videos(run, params, videos, sampling, m, g, seed, batch_size=batch_size)),
     "copy_last": copy_last(context, g),
     "linear": linear_extrapolation(context, g),
   }
@@ -224,7 +220,7 @@ def main(argv: list[str]) -> None:
       with_fvd=f.fvd,
       batch_size=f.batch_size,
     )
-  except (ValueError, checkpoint.CheckpointError) as e:
+  except (ValueError, NoUsableVideo, checkpoint.CheckpointError) as e:
     raise SystemExit(f"evaluate: {e}") from None
 
 

@@ -10,7 +10,7 @@ Each copy of a frame is one segment of L = S + 2 tokens:
 The project's order is every clean segment (frames 0..N-2), then every noisy
 segment (frames 0..N-1). That fixes the length at (2N - 1) * L whatever the
 split, so one compiled program serves every random split; the only per-sample
-quantity is `block_of_frame` ([N] clip index of each frame), from which the
+quantity is `clip_of_frame` ([N] clip index of each frame), from which the
 per-token clip ids are gathered. The clean copy of the very last frame is never
 visible to anyone (the last clip needs no clean copy) so it is left out; clean
 copies of other last-clip frames are kept for the fixed shape and are masked
@@ -166,6 +166,34 @@ def pad_layout(layout: Layout, multiple: int) -> Layout:
   )
 
 
+def context_parallel_layout(layout: Layout, shards: int) -> Layout:
+  """The same tokens, padded and reordered so `shards` contiguous slices (devices of mesh.context) carry equal work.
+
+  In the training order (clean frames, then noisy frames) the work per query
+  grows along each half, so contiguous slices would give the last device the
+  most. Clean and noisy segments are first interleaved frame by frame (the work
+  then grows with the frame), then the sequence is dealt out in 2c chunks,
+  device i taking chunk i and chunk 2c-1-i: a cheap early chunk with an
+  expensive late one. A length that 2c does not divide (the paper's stage 2 has
+  95 x 222 tokens) is first padded with PAD tokens, which the mask hides. The
+  mask depends on ids only, so any token order gives the same model.
+  """
+  layout = pad_layout(layout, 2 * shards)
+  t = layout.length
+  by_frame = np.lexsort((np.arange(t), layout.stream, layout.frame))  # C0 N0 C1 N1 ...: work grows with the frame
+  chunks = by_frame.reshape(2 * shards, t // (2 * shards))
+  order = np.concatenate([np.concatenate([chunks[i], chunks[2 * shards - 1 - i]]) for i in range(shards)])
+  return Layout(
+    layout.num_frames,
+    layout.tokens_per_frame,
+    frame=layout.frame[order],
+    stream=layout.stream[order],
+    kind=layout.kind[order],
+    position=layout.position[order],
+    source=layout.source[order],
+  )
+
+
 def segment_tokens(layout: Layout, stream: int, first: int, stop: int) -> np.ndarray:
   """int [T']: the layout's tokens of `stream` (CLEAN or NOISY) for frames first..stop-1, in layout order."""
   return np.nonzero((layout.stream == stream) & (layout.frame >= first) & (layout.frame < stop))[0]
@@ -223,11 +251,6 @@ def random_split(key: jax.Array, num_frames: int, min_clips: int = 2, max_clips:
   return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(is_cut)]).astype(jnp.int32)
 
 
-def clip_sizes_of(block_of_frame: np.ndarray) -> list[int]:
-  """Inverse of `fixed_split`: [0 0 1 1 1] -> [2, 3]."""
-  return np.bincount(np.asarray(block_of_frame)).tolist()
-
-
 # ----------------------------------------------------------------------------
 # Per-token ids consumed by the attention mask and RoPE.
 
@@ -238,7 +261,7 @@ class TokenIds:
   """Integer ids of every token, each int32 [B, T]; the mask is a function of these."""
 
   frame: jax.Array
-  block: jax.Array  # clip index of the token's frame
+  clip: jax.Array  # clip index of the token's frame
   stream: jax.Array  # CLEAN or NOISY
   kind: jax.Array  # BOS, TIME, PATCH or EOS
   position: jax.Array  # RoPE position
@@ -248,26 +271,26 @@ class TokenIds:
     return jax.tree.map(lambda x: x[index], self)
 
 
-def token_ids(layout: Layout, block_of_frame: jax.Array) -> TokenIds:
+def token_ids(layout: Layout, clip_of_frame: jax.Array) -> TokenIds:
   """Ids of `layout`'s tokens for a batch of splits.
 
   Args:
     layout: the static token layout (T tokens).
-    block_of_frame: int32 [B, N] clip index of each frame.
+    clip_of_frame: int32 [B, N] clip index of each frame.
   Returns:
     TokenIds with fields int32 [B, T].
   """
-  block_of_frame = jnp.asarray(block_of_frame, jnp.int32)
-  batch = block_of_frame.shape[0]
-  if block_of_frame.shape[1] != layout.num_frames:
-    raise ValueError(f"block_of_frame has {block_of_frame.shape[1]} frames, layout has {layout.num_frames}")
+  clip_of_frame = jnp.asarray(clip_of_frame, jnp.int32)
+  batch = clip_of_frame.shape[0]
+  if clip_of_frame.shape[1] != layout.num_frames:
+    raise ValueError(f"clip_of_frame has {clip_of_frame.shape[1]} frames, layout has {layout.num_frames}")
 
   def static(a: np.ndarray) -> jax.Array:
     return jnp.broadcast_to(jnp.asarray(a, jnp.int32), (batch, layout.length))
 
   return TokenIds(
     frame=static(layout.frame),
-    block=jnp.take(block_of_frame, jnp.asarray(layout.frame), axis=1),
+    clip=jnp.take(clip_of_frame, jnp.asarray(layout.frame), axis=1),
     stream=static(layout.stream),
     kind=static(layout.kind),
     position=static(layout.position),

@@ -1,4 +1,9 @@
-"""Device mesh and the one table that maps logical axis names to mesh axes.
+"""Device mesh, laid out on the hardware's topology, and the one table that maps logical axis names to mesh axes.
+
+The mesh comes from JAX's topology-aware builders (`mesh_utils`): on a TPU
+slice the axes follow the physical torus; with `mesh.dcn` axes > 1 the mesh is
+hybrid, the DCN axes spanning slices (TPU multi-slice) or processes (multi-node
+GPU, CPU), so only those axes' collectives cross the slower network.
 
 Parameters are annotated with logical names in the model (`embed`, `mlp`,
 `heads`, ...); activations with `batch`, `length`, `embed`. Shardings of the
@@ -16,6 +21,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
@@ -37,6 +43,15 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def mesh_config(**sizes: int) -> ml_collections.ConfigDict:
+  """`config.mesh`: the size of each of MESH_AXES (one may be -1: what the others leave), and `dcn`, how many
+  slices or processes each spans (1: the axis stays within a slice). `sizes` overrides, e.g. fsdp=2."""
+  cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
+  cfg.dcn = ml_collections.ConfigDict({a: 1 for a in MESH_AXES})
+  cfg.update(sizes)
+  return cfg
+
+
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
   """Sizes of MESH_AXES; at most one -1, which takes what the others leave."""
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
@@ -53,10 +68,43 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
   return tuple(sizes)
 
 
-def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+def dcn_shape(mesh_cfg: ml_collections.ConfigDict, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """How many slices (or processes) each of MESH_AXES spans; each divides that axis's size in `shape`."""
+  dcn = tuple(int(mesh_cfg.dcn[a]) for a in MESH_AXES)
+  bad = [f"mesh.dcn.{a}={d}" for a, d, s in zip(MESH_AXES, dcn, shape) if d < 1 or s % d]
+  if bad:
+    raise ValueError(f"{', '.join(bad)} must be >= 1 and divide the axis size {dict(zip(MESH_AXES, shape))}")
+  return dcn
+
+
+def device_grid(mesh_cfg: ml_collections.ConfigDict, devices: list) -> np.ndarray:
+  """The devices arranged as the mesh [data, fsdp, tensor, context], following the hardware topology.
+
+  Without DCN axes: `mesh_utils.create_device_mesh` (the torus order on TPU).
+  With them: `mesh_utils.create_hybrid_device_mesh`, one block per slice
+  (devices' `slice_index`) or, where devices have none (GPU, CPU), per process.
+  """
   shape = mesh_shape(mesh_cfg, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  dcn = dcn_shape(mesh_cfg, shape)
+  if math.prod(dcn) == 1:
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  per_slice = tuple(s // d for s, d in zip(shape, dcn))
+  by_process = not hasattr(devices[0], "slice_index")  # only TPU devices know their slice
+  granules = {d.process_index if by_process else d.slice_index for d in devices}
+  if len(granules) != math.prod(dcn):
+    unit = "processes" if by_process else "slices"
+    raise ValueError(
+      f"mesh.dcn {dict(zip(MESH_AXES, dcn))} spans {math.prod(dcn)} {unit}, but the devices are in {len(granules)}: "
+      f"set the mesh.dcn sizes to multiply to {len(granules)}"
+    )
+  return mesh_utils.create_hybrid_device_mesh(
+    per_slice, dcn, devices, process_is_granule=by_process, allow_split_physical_axes=True
+  )
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
+  """The mesh of `mesh_cfg` over `devices` (default: all), axes MESH_AXES."""
+  return Mesh(device_grid(mesh_cfg, jax.devices() if devices is None else devices), MESH_AXES)
 
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:

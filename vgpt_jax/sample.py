@@ -8,7 +8,7 @@ Without --context, the run's held-out videos are continued (the synthetic
 physics world's eval split by default). Each video's first --context_frames
 frames (at the run's frame stride, scaled and cropped to its frame size) are
 the context; --frames more are generated, --clip_frames at a time, with the
-KV-cached sampler (vgpt_jax/sampling.py). Written to DIR (default
+KV-cached sampler (vgpt_jax/sampler.py). Written to DIR (default
 WORKDIR/samples):
 
   NAME.mp4, NAME.gif          context then prediction (generated frames framed in red)
@@ -23,70 +23,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
-from tqdm import tqdm
+from absl import app, flags
 
 from vgpt_jax import checkpoint, media
-from vgpt_jax.data import video_files
-from vgpt_jax.data.pipeline import make_source, to_float, to_uint8
-from vgpt_jax.data.sources import BadVideo
-from vgpt_jax.sampling import Sampler, SamplingConfig, with_run_defaults
-from vgpt_jax.trainer import Setup
-
-Videos = list[tuple[str, np.ndarray]]  # (name, float32 frames [T, H, W, 3] in [-1, 1]), T may differ per video
-
-
-def held_out_videos(setup: Setup, count: int, frames: int) -> Videos:
-  """The first `count` usable held-out videos of the run's data, up to `frames` frames each (at its stride)."""
-  data = setup.config.data
-  source = make_source(data, "eval")
-  out: Videos = []
-  decode = jax.jit(setup.tokenizer.decode)
-  for index in range(len(source)):
-    if len(out) == count:
-      break
-    try:
-      if getattr(source, "yields", "video") == "latents":  # shown decoded; the context is encoded again
-        latents = source.record(index)["latents"][:: source.strides[0]][:frames]
-        video = np.clip(np.asarray(decode(jnp.asarray(latents, jnp.float32))), -1, 1)
-      else:
-        # Sources refuse a read shorter than data.num_frames; read at least that many, keep `frames`.
-        video = to_float(source.leading_frames(index, int(data.frame_stride), max(frames, data.num_frames))[:frames])
-    except BadVideo as e:
-      logging.warning("skipped held-out video %d: %s", index, e)
-      continue
-    out.append((f"heldout_{index:04d}", video))
-  return out
-
-
-def file_videos(setup: Setup, path: str, count: int, frames: int) -> Videos:
-  """Up to `count` videos from a file or a directory, up to `frames` frames each, at the run's stride and size."""
-  data = setup.config.data
-  paths = [path] if Path(path).is_file() else video_files.find_videos(path)
-  if not paths:
-    raise ValueError(f"--context={path}: no video file there (extensions {list(video_files.VIDEO_EXTENSIONS)})")
-  stride = int(data.frame_stride)
-  out: Videos = []
-  for p in paths[:count]:
-    try:
-      available = video_files.probe(p).frames // stride
-      if available < 1:
-        raise BadVideo("too_short", f"{p}: no frame at stride {stride}")
-      clip, _ = video_files.read_clip(
-        p,
-        lambda n: (0, stride),
-        num_frames=min(available, frames),
-        height=int(data.height),
-        width=int(data.width),
-      )
-    except BadVideo as e:
-      logging.warning("skipped %s: %s", p, e)
-      continue
-    out.append((Path(p).stem, to_float(clip)))
-  return out
+from vgpt_jax.data.held_out import context_videos, file_videos
+from vgpt_jax.data.pipeline import to_uint8
+from vgpt_jax.data.sources import NoUsableVideo
+from vgpt_jax.sampler import SamplingConfig, continue_videos, with_run_defaults
+from vgpt_jax.sampling_flags import define_sampling_flags, sampling_from_flags
 
 
 def _framed(frames: np.ndarray) -> np.ndarray:
@@ -115,42 +60,7 @@ def write_video_files(
     media.save_gif(directory / f"{name}_vs_truth.gif", side, fps=fps, scale=scale)
 
 
-def continue_videos(
-  setup: Setup,
-  params: Any,
-  videos: Videos,
-  sampling: SamplingConfig,
-  context_frames: int,
-  frames: int,
-  seed: int,
-  cached: bool = True,
-  batch_size: int = 8,
-) -> list[np.ndarray]:
-  """float32 [frames, H, W, 3] continuations of each video's first `context_frames` frames, in batches.
-
-  Video i's noise comes from fold_in(key(seed), i), so a video's sample does not
-  depend on the batch it is generated in.
-  """
-  short = [name for name, v in videos if len(v) < context_frames]
-  if short:
-    raise ValueError(f"videos with fewer than --context_frames={context_frames} frames: {short}")
-  sampler = Sampler(setup, sampling)
-  encode, decode = jax.jit(setup.tokenizer.encode), jax.jit(setup.tokenizer.decode)
-  clips = -(-frames // sampling.clip_frames)
-  out: list[np.ndarray] = []
-  with tqdm(total=clips * len(videos), desc="sample", unit="clip", dynamic_ncols=True) as progress:
-    for first in range(0, len(videos), batch_size):
-      batch = videos[first : first + batch_size]
-      latents = encode(jnp.asarray(np.stack([v[:context_frames] for _, v in batch])))
-      keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), first + i) for i in range(len(batch))])
-      generated = sampler.rollout(
-        params, latents, keys, frames, cached=cached, on_clip=lambda done, _: progress.update(len(batch))
-      )
-      out.extend(np.clip(np.asarray(decode(generated)), -1, 1))
-  return out
-
-
-def run(
+def write_samples(
   checkpoint_path: str,
   output: str | Path,
   *,
@@ -167,16 +77,16 @@ def run(
   batch_size: int = 8,
 ) -> dict[str, Any]:
   """The CLI's work; returns what samples.json holds. 0 for lengths means the run's defaults (`with_run_defaults`)."""
-  setup, params, step = checkpoint.load_model(checkpoint_path, step, weights)
-  context_frames, frames, sampling = with_run_defaults(setup.config, context_frames, frames, sampling)
+  run, params, step = checkpoint.load_model(checkpoint_path, step, weights)
+  context_frames, frames, sampling = with_run_defaults(run.config, context_frames, frames, sampling)
   wanted = context_frames + frames
   if context:
-    videos = file_videos(setup, context, num_videos, wanted)
+    videos = file_videos(run, context, num_videos, wanted)
   else:
-    videos = held_out_videos(setup, num_videos, wanted)
+    videos = context_videos(run, num_videos, wanted)
   if not videos:
     raise ValueError(f"no usable video to continue in {context or 'the held-out set'}")
-  predictions = continue_videos(setup, params, videos, sampling, context_frames, frames, seed, cached, batch_size)
+  predictions = continue_videos(run, params, videos, sampling, context_frames, frames, seed, cached, batch_size)
   directory = Path(output)
   directory.mkdir(parents=True, exist_ok=True)
   report: dict[str, Any] = {"checkpoint": str(checkpoint_path), "step": step, "videos": {}}
@@ -190,32 +100,6 @@ def run(
     report["videos"][name] = entry
   (directory / "samples.json").write_text(json.dumps(report, indent=2))
   return report
-
-
-def define_sampling_flags(num_videos: int, batch_size: int) -> None:
-  """The flags `sample` and `evaluate` share: the checkpoint, the lengths and how clips are generated."""
-  flags.DEFINE_string("checkpoint", None, "A run's workdir (or its checkpoints directory).")
-  flags.DEFINE_integer("num_videos", num_videos, "Videos to roll out.")
-  flags.DEFINE_integer("context_frames", 0, "Context frames; 0: train.sample_context_frames.")
-  flags.DEFINE_integer("frames", 0, "Frames to generate; 0: up to data.num_frames in all.")
-  flags.DEFINE_integer(
-    "clip_frames", 0, "Frames per generated clip; 0: train.sample_clip_frames (0 there: all the frames in one clip)."
-  )
-  flags.DEFINE_integer("window", 0, "Frames the model sees at once; 0: data.num_frames.")
-  flags.DEFINE_integer("steps", 0, "Euler steps per clip; 0: train.sample_steps (the end-of-run sample's).")
-  flags.DEFINE_float("shift", 1.0, "Timestep shift (1: none).")
-  flags.DEFINE_float("guidance", 1.0, "Classifier-free guidance scale (1: off; the reference uses 1.5).")
-  flags.DEFINE_integer("seed", 0, "Noise seed.")
-  flags.DEFINE_enum("weights", "auto", ["auto", "params", "ema"], "auto: the EMA when the run kept one.")
-  flags.DEFINE_integer("step", -1, "Checkpoint step; -1: the newest readable.")
-  flags.DEFINE_integer("batch_size", batch_size, "Videos generated together.")
-  flags.mark_flags_as_required(["checkpoint"])
-
-
-def sampling_from_flags() -> SamplingConfig:
-  """The SamplingConfig the shared flags ask for (steps and clip_frames 0 are resolved by `with_run_defaults`)."""
-  f = flags.FLAGS
-  return SamplingConfig(steps=f.steps, shift=f.shift, guidance=f.guidance, clip_frames=f.clip_frames, window=f.window)
 
 
 def _define_flags() -> None:
@@ -232,7 +116,7 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   output = f.output or str(Path(f.checkpoint) / "samples")
   try:
-    report = run(
+    report = write_samples(
       f.checkpoint,
       output,
       context=f.context,
@@ -247,7 +131,7 @@ def main(argv: list[str]) -> None:
       fps=f.fps,
       batch_size=f.batch_size,
     )
-  except (ValueError, checkpoint.CheckpointError) as e:
+  except (ValueError, NoUsableVideo, checkpoint.CheckpointError) as e:
     raise SystemExit(f"sample: {e}") from None
   print(f"wrote {len(report['videos'])} videos to {output} (mp4, gif, png frames, samples.json)")
 

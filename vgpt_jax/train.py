@@ -46,12 +46,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from vgpt_jax import checkpoint, media, parallel, preemption, trainer
+from vgpt_jax import checkpoint, media, parallel, preemption, train_step
 from vgpt_jax import config as config_lib
-from vgpt_jax.data.pipeline import eval_videos, to_uint8, train_dataset
+from vgpt_jax.data.held_out import held_out_clips
+from vgpt_jax.data.pipeline import to_uint8, train_dataset
 from vgpt_jax.data.sources import SKIP_REASONS, NoUsableVideo
 from vgpt_jax.metrics import video as video_metrics
-from vgpt_jax.sampling import Sampler, with_run_defaults
+from vgpt_jax.run import Run, make_run
+from vgpt_jax.sampler import Sampler, with_run_defaults
 
 
 class MetricsLog:
@@ -82,7 +84,7 @@ class MetricsLog:
       self._tb.close()
 
 
-def predict_held_out(setup: trainer.Setup, params, mesh, seed: int, source=None) -> tuple[np.ndarray, np.ndarray]:
+def predict_held_out(run: Run, params, mesh, seed: int, source=None) -> tuple[np.ndarray, np.ndarray]:
   """(truth, prediction) float32 [B, N, H, W, 3]: held-out clips continued from their first frames.
 
   `source`: the eval source, when already built (the job's preflight built it).
@@ -90,18 +92,18 @@ def predict_held_out(setup: trainer.Setup, params, mesh, seed: int, source=None)
   result is replicated so any host can read it. With pre-encoded latents the
   truth shown is their decoding.
   """
-  cfg = setup.config
+  cfg = run.config
   m, g, sampling = with_run_defaults(cfg, 0, 0, None)  # context frames, frames to generate: the rest
-  held_out = eval_videos(cfg.data, cfg.train.num_samples, source)  # frames, or latents
-  sampler = Sampler(setup, sampling)
+  held_out = held_out_clips(cfg.data, cfg.train.num_samples, source)  # frames, or latents
+  sampler = Sampler(run, sampling)
 
   def generate(p, inputs, key):
-    if setup.inputs == "latents":
-      latents, video = inputs, jnp.clip(setup.tokenizer.decode(inputs), -1, 1)
+    if run.inputs == "latents":
+      latents, video = inputs, jnp.clip(run.tokenizer.decode(inputs), -1, 1)
     else:
-      latents, video = setup.tokenizer.encode(inputs), inputs
+      latents, video = run.tokenizer.encode(inputs), inputs
     keys = jax.random.split(key, latents.shape[0])
-    predicted = setup.tokenizer.decode(sampler.rollout(p, latents[:, :m], keys, g))
+    predicted = run.tokenizer.decode(sampler.rollout(p, latents[:, :m], keys, g))
     return video, jnp.concatenate([video[:, :m], jnp.clip(predicted, -1, 1)], axis=1)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
@@ -154,10 +156,10 @@ def _data_iterator(config: ml_collections.ConfigDict, seed: int, source=None):
   )
 
 
-def _initial_state(setup: trainer.Setup, mesh, target: trainer.TrainState) -> trainer.TrainState:
+def _initial_state(run: Run, mesh, target: train_step.TrainState) -> train_step.TrainState:
   """Fresh state, or stage-to-stage init: another run's parameters with a fresh optimizer and step 0."""
-  state = trainer.create_state(setup, mesh)
-  ck = setup.config.checkpoint
+  state = train_step.create_state(run, mesh)
+  ck = run.config.checkpoint
   if not ck.init_from:
     return state
   params, step = checkpoint.load_params(ck.init_from, target.params, ck.init_from_step, ema=ck.init_from_ema)
@@ -199,19 +201,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  excluded = {split: dict(getattr(source, "excluded", {})) for split, source in sources.items()}
+  excluded = {split: dict(source.excluded) for split, source in sources.items()}
   stopped = {"start_step": None, "end_step": None, "preempted": True, "excluded_videos": excluded["train"]}
   if _preempted_before_training("start-up"):
     return stopped
 
   mesh = parallel.make_mesh(config.mesh)
-  setup = trainer.make_setup(config)
-  target = trainer.sharded_abstract_state(setup, mesh)
+  run = make_run(config)
+  target = train_step.sharded_abstract_state(run, mesh)
   batches = _data_iterator(config, config.seed, sources["train"])
   with checkpoint.Checkpointer(workdir, config.checkpoint) as ckpt:
     restored = ckpt.restore(target, batches)
     if restored is None:
-      state = _initial_state(setup, mesh, target)
+      state = _initial_state(run, mesh, target)
     else:
       state, data_restored = restored
       if not data_restored:  # e.g. another process count: new shuffle, never the same batches again
@@ -220,12 +222,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     if _preempted_before_training("the restore"):
       return {**stopped, "start_step": start_step, "end_step": start_step}
     logging.info("compiling the train step")
-    step_fn = trainer.compile_train_step(setup, mesh)
-    memory = trainer.memory_summary(step_fn)
+    step_fn = train_step.compile_train_step(run, mesh)
+    memory = train_step.memory_summary(step_fn)
     logging.info("compiled train step, per device: %s", {k: f"{v:.3f} GiB" for k, v in memory.items()})
     if _preempted_before_training("compilation"):
       return {**stopped, "start_step": start_step, "end_step": start_step}
-    summary = _train_loop(config, workdir, setup, mesh, ckpt, step_fn, state, batches)
+    summary = _train_loop(config, workdir, run, mesh, ckpt, step_fn, state, batches)
   summary.update(compiled_memory_gib=memory, excluded_videos=excluded["train"], excluded_eval_videos=excluded["eval"])
   state = summary.pop("state")
   if summary["preempted"]:
@@ -233,7 +235,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     return summary
   # The weights sample and evaluate take by default: the EMA when the run keeps one.
   weights = "ema" if state.ema is not None else "params"
-  truth, prediction = predict_held_out(setup, getattr(state, weights), mesh, config.seed, sources["eval"])
+  truth, prediction = predict_held_out(run, getattr(state, weights), mesh, config.seed, sources["eval"])
   if is_main:
     summary.update(write_sample(truth, prediction, config.train.sample_context_frames, workdir))
     summary["sample_weights"] = weights
@@ -247,7 +249,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   return summary
 
 
-def _train_loop(config, workdir: Path, setup, mesh, ckpt, step_fn, state, batches) -> dict:
+def _train_loop(config, workdir: Path, run, mesh, ckpt, step_fn, state, batches) -> dict:
   """Steps from state.step to train.steps (or a preemption), saving checkpoints; the summary, with "state"."""
   is_main = jax.process_index() == 0
   start_step = int(state.step)
@@ -256,7 +258,7 @@ def _train_loop(config, workdir: Path, setup, mesh, ckpt, step_fn, state, batche
     "model %s: %.2fM parameters, %d tokens per sample, mesh %s, %s at step %d",
     config.model.preset,
     n_params / 1e6,
-    setup.layout.length,
+    run.layout.length,
     dict(mesh.shape),
     "resuming" if start_step else "starting",
     start_step,
@@ -303,7 +305,7 @@ def _train_loop(config, workdir: Path, setup, mesh, ckpt, step_fn, state, batche
       if profile and step == profile_first:
         jax.profiler.start_trace(str(workdir / "profile"))
       batch = next(batches)
-      inputs = jax.make_array_from_process_local_data(sharding, batch[setup.inputs])
+      inputs = jax.make_array_from_process_local_data(sharding, batch[run.inputs])
       skipped = jax.make_array_from_process_local_data(sharding, batch["skipped"])
       state, metrics = step_fn(state, inputs, skipped)
       if pending is not None:

@@ -44,7 +44,7 @@ def pad_ids(ids: TokenIds, length: int) -> TokenIds:
   if pad == 0:
     return ids
   stream = jnp.pad(ids.stream, ((0, 0), (0, pad)), constant_values=PAD)
-  rest = {f: jnp.pad(getattr(ids, f), ((0, 0), (0, pad))) for f in ("frame", "block", "kind", "position")}
+  rest = {f: jnp.pad(getattr(ids, f), ((0, 0), (0, pad))) for f in ("frame", "clip", "kind", "position")}
   return TokenIds(stream=stream, **rest)
 
 
@@ -53,7 +53,7 @@ def _ranges(ids: TokenIds, block: int) -> dict[str, jax.Array]:
   b, t = ids.frame.shape
   tiles = lambda x: x.reshape(b, t // block, block)  # noqa: E731
   clean, noisy = tiles(ids.stream == CLEAN), tiles(ids.stream == NOISY)
-  frame, blk = tiles(ids.frame), tiles(ids.block)
+  frame, blk = tiles(ids.frame), tiles(ids.clip)
   return {
     "clean_frame_min": jnp.min(jnp.where(clean, frame, _BIG), axis=2),
     "clean_frame_max": jnp.max(jnp.where(clean, frame, -1), axis=2),

@@ -8,14 +8,8 @@ activations between layers stay split along the sequence (logical axis
 `length` -> `context` in parallel.LOGICAL_RULES), so a device holds 1/c of
 every activation but one layer's K/V.
 
-Balance: in the training order (clean frames, then noisy frames) the work per
-query grows along each half, so contiguous slices would give the last device
-the most. `balanced_order` first interleaves clean and noisy segments frame by
-frame (the work then grows with the frame), then deals the sequence out in 2c
-chunks, device i taking chunk i and chunk 2c-1-i: a cheap early chunk with an
-expensive late one. The mask depends on ids only, so any token order gives the
-same model. A length that 2c does not divide (the paper's stage 2 has
-95 x 222 tokens) is first padded with PAD tokens, which the mask hides.
+The token order that balances the devices' work is the layout's
+(`layout.context_parallel_layout`).
 """
 
 from __future__ import annotations
@@ -25,35 +19,9 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from vgpt_jax.attention.path import AttentionPath
-from vgpt_jax.layout import Layout, TokenIds
+from vgpt_jax.layout import TokenIds
 
 AXIS = "context"
-
-
-def balanced_order(layout: Layout, shards: int) -> np.ndarray:
-  """int [T]: a permutation of the layout's tokens whose `shards` contiguous slices carry equal attention work.
-
-  T must be a multiple of 2 * shards (`layout.pad_layout` makes it one).
-  """
-  t = layout.length
-  if t % (2 * shards):
-    raise ValueError(f"{t} tokens cannot be dealt in {2 * shards} equal chunks; pad the layout first (pad_layout)")
-  by_frame = np.lexsort((np.arange(t), layout.stream, layout.frame))  # C0 N0 C1 N1 ...: work grows with the frame
-  chunks = by_frame.reshape(2 * shards, t // (2 * shards))
-  return np.concatenate([np.concatenate([chunks[i], chunks[2 * shards - 1 - i]]) for i in range(shards)])
-
-
-def reorder(layout: Layout, order: np.ndarray) -> Layout:
-  """The same tokens in another order (ids and the model's output are unchanged)."""
-  return Layout(
-    layout.num_frames,
-    layout.tokens_per_frame,
-    frame=layout.frame[order],
-    stream=layout.stream[order],
-    kind=layout.kind[order],
-    position=layout.position[order],
-    source=layout.source[order],
-  )
 
 
 def _split(mesh, batch: int, q_length: int, k_length: int) -> tuple[tuple[str, ...], bool]:

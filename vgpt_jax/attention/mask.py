@@ -30,7 +30,7 @@ def visible(q: TokenIds, k: TokenIds) -> jax.Array:
   within = k.kind <= q.kind
   clean_q = (q.stream == CLEAN) & (k.stream == CLEAN) & ((k.frame < q.frame) | ((k.frame == q.frame) & within))
   noisy_q = (q.stream == NOISY) & (
-    ((k.stream == CLEAN) & (k.block < q.block)) | ((k.stream == NOISY) & (k.block == q.block) & within)
+    ((k.stream == CLEAN) & (k.clip < q.clip)) | ((k.stream == NOISY) & (k.clip == q.clip) & within)
   )
   return clean_q | noisy_q
 
@@ -38,6 +38,6 @@ def visible(q: TokenIds, k: TokenIds) -> jax.Array:
 def dense_mask(q: TokenIds, k: TokenIds) -> jax.Array:
   """bool [B, Tq, Tk] from ids with fields [B, Tq] and [B, Tk]."""
   return visible(
-    TokenIds(*(x[:, :, None] for x in (q.frame, q.block, q.stream, q.kind, q.position))),
-    TokenIds(*(x[:, None, :] for x in (k.frame, k.block, k.stream, k.kind, k.position))),
+    TokenIds(*(x[:, :, None] for x in (q.frame, q.clip, q.stream, q.kind, q.position))),
+    TokenIds(*(x[:, None, :] for x in (k.frame, k.clip, k.stream, k.kind, k.position))),
   )

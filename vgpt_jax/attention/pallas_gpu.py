@@ -60,7 +60,7 @@ from vgpt_jax.attention.path import check_ids_match
 from vgpt_jax.layout import TokenIds
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-_FIELDS = ("frame", "block", "stream", "kind")  # the id fields the mask reads (positions are RoPE only)
+_FIELDS = ("frame", "clip", "stream", "kind")  # the id fields the mask reads (positions are RoPE only)
 _NEG = -1e30  # masked score: finite so that a row with nothing visible yet never computes inf - inf
 _LOG2E = math.log2(math.e)
 
@@ -128,7 +128,7 @@ def _pack(ids: TokenIds) -> jax.Array:
 def _ids(ref, rows, axis: int) -> TokenIds:
   """Ids of `rows` of a packed [4, T] ref, as TokenIds broadcastable along `axis` (1: queries, 0: keys)."""
   f = [jnp.expand_dims(ref[i, rows], axis) for i in range(len(_FIELDS))]
-  return TokenIds(frame=f[0], block=f[1], stream=f[2], kind=f[3], position=f[0])  # position: unused by the mask
+  return TokenIds(frame=f[0], clip=f[1], stream=f[2], kind=f[3], position=f[0])  # position: unused by the mask
 
 
 def _mm(a: jax.Array, b: jax.Array, precision, trans_a: bool = False, trans_b: bool = False) -> jax.Array:

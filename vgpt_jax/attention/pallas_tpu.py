@@ -72,7 +72,7 @@ Interpret = bool | pltpu.InterpretParams
 
 def _pack_ids(ids: TokenIds) -> jax.Array:
   """int32 [B, T]: frame, block, stream + 1 and kind in one non-negative word (position is not part of the mask)."""
-  code = (ids.frame << _BLOCK_BITS) | ids.block
+  code = (ids.frame << _BLOCK_BITS) | ids.clip
   code = (code << _STREAM_BITS) | (ids.stream + 1)  # padding stream -1 -> 0
   return (code << _KIND_BITS) | ids.kind
 
@@ -85,12 +85,12 @@ def _unpack_ids(code: jax.Array) -> TokenIds:
   code = code >> _STREAM_BITS
   block = code & ((1 << _BLOCK_BITS) - 1)
   frame = code >> _BLOCK_BITS
-  return TokenIds(frame=frame, block=block, stream=stream, kind=kind, position=frame)
+  return TokenIds(frame=frame, clip=block, stream=stream, kind=kind, position=frame)
 
 
 def _check_ranges(ids: TokenIds, name: str) -> None:
   """Ids that do not fit the packing would silently corrupt the mask; check them when they are concrete."""
-  fields = (ids.frame, ids.block, ids.stream, ids.kind)
+  fields = (ids.frame, ids.clip, ids.stream, ids.kind)
   if any(isinstance(x, jax.core.Tracer) for x in fields):
     return
   frame, block, stream, kind = (np.asarray(x) for x in fields)
@@ -112,7 +112,7 @@ def _tile_stats(ids: TokenIds, block: int) -> dict[str, jax.Array]:
   b, t = ids.frame.shape
   tiles = lambda x: x.reshape(b, t // block, block)  # noqa: E731
   big, small = np.int32(np.iinfo(np.int32).max), np.int32(-1)
-  stream, frame, blk, kind = (tiles(x) for x in (ids.stream, ids.frame, ids.block, ids.kind))
+  stream, frame, blk, kind = (tiles(x) for x in (ids.stream, ids.frame, ids.clip, ids.kind))
   return {
     "all_clean": jnp.all(stream == CLEAN, axis=2),
     "all_noisy": jnp.all(stream == NOISY, axis=2),
@@ -537,7 +537,7 @@ def tpu_plan(q_ids: TokenIds, k_ids: TokenIds, *, block_q: int = 512, block_k: i
   _check_block("block_q", block_q)
   _check_block("block_k", block_k)
   for name, ids in (("q_ids", q_ids), ("k_ids", k_ids)):
-    shapes = {getattr(ids, f).shape for f in ("frame", "block", "stream", "kind")}
+    shapes = {getattr(ids, f).shape for f in ("frame", "clip", "stream", "kind")}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
       raise ValueError(f"{name} fields must share one shape [B, T]; got {sorted(shapes)}")
   if q_ids.frame.shape[0] != k_ids.frame.shape[0]:

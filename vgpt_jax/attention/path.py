@@ -15,7 +15,7 @@ Plan = Any  # a pytree of arrays (and static fields) that one path's `attend` re
 def check_ids_match(q: jax.Array, k: jax.Array, q_ids: TokenIds, k_ids: TokenIds) -> None:
   """The ids' fields the mask reads must be [B, T] of the queries and keys they describe (else a ValueError)."""
   for name, ids, x in (("q_ids", q_ids, q), ("k_ids", k_ids, k)):
-    for field in ("frame", "block", "stream", "kind"):
+    for field in ("frame", "clip", "stream", "kind"):
       shape = getattr(ids, field).shape
       if shape != x.shape[:2]:
         raise ValueError(f"{name}.{field} has shape {shape}, expected (B, T) = {x.shape[:2]} to match the tokens")

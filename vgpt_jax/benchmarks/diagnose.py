@@ -21,10 +21,10 @@ import numpy as np
 from absl import app, flags
 
 from vgpt_jax import checkpoint
+from vgpt_jax.data.held_out import context_videos
 from vgpt_jax.layout import fixed_split, sample_splits, training_layout
 from vgpt_jax.metrics import video
-from vgpt_jax.sample import held_out_videos
-from vgpt_jax.trainer import Setup
+from vgpt_jax.run import Run
 
 TIMES = (0.0, 0.5, 0.9)
 CLIPS = (1, 4)
@@ -35,30 +35,30 @@ def _mse(a: jax.Array, b: jax.Array) -> float:
   return float(video.mse_per_frame(np.asarray(a)[None] / 2, np.asarray(b)[None] / 2).mean())
 
 
-def first_frame_prediction(setup: Setup, params, context: jax.Array, clip: jax.Array, t: float) -> jax.Array:
+def first_frame_prediction(run: Run, params, context: jax.Array, clip: jax.Array, t: float) -> jax.Array:
   """Decoded x-prediction [B, H, W, 3] of the first clip frame; context/clip latents [B, m, ...], [B, g, ...]."""
   b, m, g = context.shape[0], context.shape[1], clip.shape[1]
-  layout = training_layout(m + g, setup.layout.tokens_per_frame)
+  layout = training_layout(m + g, run.layout.tokens_per_frame)
   split = jnp.broadcast_to(jnp.asarray(fixed_split((m, g))), (b, m + g))
   eps = jax.random.normal(jax.random.key(0), clip.shape)
   frames = jnp.concatenate([context, t * clip + (1 - t) * eps], axis=1)
   times = jnp.concatenate([jnp.ones((b, m)), jnp.full((b, g), t)], axis=1)
-  out = setup.model.apply({"params": params}, frames, frames, times, split, layout)
-  return setup.tokenizer.decode(out[:, m : m + 1])[:, 0]
+  out = run.model.apply({"params": params}, frames, frames, times, split, layout)
+  return run.tokenizer.decode(out[:, m : m + 1])[:, 0]
 
 
-def context_dependence(setup: Setup, params, videos: np.ndarray, m: int) -> list[dict]:
+def context_dependence(run: Run, params, videos: np.ndarray, m: int) -> list[dict]:
   """One row per (clip size, t): model vs copy error and the prediction's change under blanked/shuffled context."""
   x = jnp.asarray(videos)
-  latents = setup.tokenizer.encode(x)
+  latents = run.tokenizer.encode(x)
   truth, last = x[:, m], x[:, m - 1]
   rows = []
   for g in CLIPS:
-    if m + g > setup.layout.num_frames:
+    if m + g > run.layout.num_frames:
       continue
     clip = latents[:, m : m + g]
     for t in TIMES:
-      predict = jax.jit(lambda ctx, t=t: first_frame_prediction(setup, params, ctx, clip, t))
+      predict = jax.jit(lambda ctx, t=t: first_frame_prediction(run, params, ctx, clip, t))
       pred = predict(latents[:, :m])
       rows.append(
         dict(
@@ -74,10 +74,10 @@ def context_dependence(setup: Setup, params, videos: np.ndarray, m: int) -> list
   return rows
 
 
-def split_geometry(setup: Setup, m: int, samples: int = 20000) -> dict[str, float]:
+def split_geometry(run: Run, m: int, samples: int = 20000) -> dict[str, float]:
   """How often training splits start a clip at frame m (of size 1 or N - m); the first clip's share of frames."""
-  n = setup.layout.num_frames
-  splits = np.asarray(sample_splits(jax.random.key(0), samples, n, setup.config.layout))
+  n = run.layout.num_frames
+  splits = np.asarray(sample_splits(jax.random.key(0), samples, n, run.config.layout))
   starts_at_m = splits[:, m] != splits[:, m - 1]
   size_at_m = (splits == splits[:, m : m + 1]).sum(axis=1)
   return {
@@ -111,10 +111,10 @@ def _define_flags() -> None:
 
 def diagnose(checkpoint_dir: str, weights: str = "auto", videos: int = 64, context_frames: int = 4) -> dict:
   """{"step", "videos", "rows" (context_dependence), "splits" (split_geometry)} for one run's latest checkpoint."""
-  setup, params, step = checkpoint.load_model(checkpoint_dir, -1, weights)
-  clips = np.stack([v for _, v in held_out_videos(setup, videos, setup.layout.num_frames)])
-  rows = context_dependence(setup, params, clips, context_frames)
-  return dict(step=step, videos=len(clips), rows=rows, splits=split_geometry(setup, context_frames))
+  run, params, step = checkpoint.load_model(checkpoint_dir, -1, weights)
+  clips = np.stack([v for _, v in context_videos(run, videos, run.layout.num_frames)])
+  rows = context_dependence(run, params, clips, context_frames)
+  return dict(step=step, videos=len(clips), rows=rows, splits=split_geometry(run, context_frames))
 
 
 def main(argv: list[str]) -> None:

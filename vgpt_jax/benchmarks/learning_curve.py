@@ -26,8 +26,8 @@ import numpy as np
 from absl import app, flags
 
 from vgpt_jax import checkpoint, evaluate, media
-from vgpt_jax.sample import define_sampling_flags, sampling_from_flags
-from vgpt_jax.sampling import SamplingConfig
+from vgpt_jax.sampler import SamplingConfig
+from vgpt_jax.sampling_flags import define_sampling_flags, sampling_from_flags
 
 COLUMNS = ("mse", "psnr", "ssim", "physics_iq_spatiotemporal_iou")
 

@@ -6,7 +6,7 @@
 The model is the preset's, with any of --layers/--hidden/--heads/--mlp replacing its value (the line above,
 with them, is the dims of issue 11's side-by-side benchmark).
 
-Runs `jax.value_and_grad(trainer.loss_fn)` under `jax.profiler.trace` and
+Runs `jax.value_and_grad(train_step.loss_fn)` under `jax.profiler.trace` and
 joins the trace's op events with the compiled HLO (each op's shape and the
 JAX source op it came from). Backward ops are those JAX's autodiff produced
 (`transpose(jvp(...))` in their name) or a custom VJP's backward. Prints the
@@ -28,8 +28,9 @@ import tempfile
 
 import jax
 
-from vgpt_jax import parallel, trainer
+from vgpt_jax import parallel, train_step
 from vgpt_jax.benchmarks.train_step import step_config
+from vgpt_jax.run import make_run
 
 _OP = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\S+?)\(")
 _NAME = re.compile(r'op_name="([^"]*)"')
@@ -105,12 +106,12 @@ def main() -> None:
   args = parser.parse_args()
 
   config = profile_config(args)
-  setup = trainer.make_setup(config)
+  run = make_run(config)
   mesh = parallel.make_mesh(config.mesh)
-  state = trainer.create_state(setup, mesh)
-  inputs = jax.random.uniform(jax.random.key(0), setup.input_shape(args.batch_size), minval=-1)
+  state = train_step.create_state(run, mesh)
+  inputs = jax.random.uniform(jax.random.key(0), run.input_shape(args.batch_size), minval=-1)
   keys = jax.random.split(jax.random.key(1), args.batch_size)
-  grad_fn = jax.jit(lambda p, x, k: jax.value_and_grad(trainer.loss_fn)(p, setup, x, k))
+  grad_fn = jax.jit(lambda p, x, k: jax.value_and_grad(train_step.loss_fn)(p, run, x, k))
   compiled = grad_fn.lower(state.params, inputs, keys).compile()
   ops = hlo_ops(compiled)
   times = {name: t for name, t in traced_times(compiled, (state.params, inputs, keys), args.repeats,
@@ -119,7 +120,7 @@ def main() -> None:
   m = config.model
   print(
     f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}; {m.num_layers} layers, hidden {m.hidden}, "
-    f"{m.num_heads} heads, MLP {m.mlp_dim}; {setup.layout.length} tokens x batch {args.batch_size}; "
+    f"{m.num_heads} heads, MLP {m.mlp_dim}; {run.layout.length} tokens x batch {args.batch_size}; "
     f"attention {m.attention} (block {m.attention_block}); {m.dtype}"
   )
   by_category: dict[tuple[str, str], float] = collections.Counter()

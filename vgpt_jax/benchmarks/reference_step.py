@@ -30,11 +30,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from vgpt_jax import parallel, trainer
+from vgpt_jax import parallel, train_step
 from vgpt_jax.attention.mask import dense_mask
 from vgpt_jax.benchmarks.train_step import step_config
 from vgpt_jax.layout import NOISY, PATCH, fixed_split, interleaved_layout, token_ids
 from vgpt_jax.model.embeddings import sincos_2d_table
+from vgpt_jax.run import make_run
 
 
 def project_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
@@ -170,13 +171,13 @@ def project_step_fn(args: argparse.Namespace):
   """
   config = project_config(args)
   mesh = parallel.make_mesh(config.mesh)
-  setup = trainer.make_setup(config)
-  compiled = trainer.compile_train_step(setup, mesh)
-  state = trainer.create_state(setup, mesh)
+  run = make_run(config)
+  compiled = train_step.compile_train_step(run, mesh)
+  state = train_step.create_state(run, mesh)
   frames = jax.device_put(
-    jax.random.uniform(jax.random.key(0), setup.input_shape(args.batch_size), minval=-1), parallel.batch_sharding(mesh)
+    jax.random.uniform(jax.random.key(0), run.input_shape(args.batch_size), minval=-1), parallel.batch_sharding(mesh)
   )
-  skips = jax.device_put(trainer.no_skips(args.batch_size), parallel.batch_sharding(mesh))
+  skips = jax.device_put(train_step.no_skips(args.batch_size), parallel.batch_sharding(mesh))
 
   def step():
     nonlocal state
@@ -184,13 +185,13 @@ def project_step_fn(args: argparse.Namespace):
     return float(jax.block_until_ready(metrics["loss"]))
 
   keys = jax.random.split(jax.random.key(1), args.batch_size)
-  forward = jax.jit(lambda p, x, k: trainer.loss_fn(p, setup, x, k))
-  forward_backward = jax.jit(jax.value_and_grad(lambda p, x, k: trainer.loss_fn(p, setup, x, k)))
+  forward = jax.jit(lambda p, x, k: train_step.loss_fn(p, run, x, k))
+  forward_backward = jax.jit(jax.value_and_grad(lambda p, x, k: train_step.loss_fn(p, run, x, k)))
   passes = {
     "forward": lambda: jax.block_until_ready(forward(state.params, frames, keys)),
     "forward+backward": lambda: jax.block_until_ready(forward_backward(state.params, frames, keys)),
   }
-  return step, passes, setup.layout.length, setup.latent_shape
+  return step, passes, run.layout.length, run.latent_shape
 
 
 def alternate(steps: dict, repeats: int) -> dict[str, list[float]]:

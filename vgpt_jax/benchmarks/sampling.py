@@ -17,9 +17,9 @@ import numpy as np
 from absl import app, flags
 
 from configs import tiny
-from vgpt_jax import trainer
 from vgpt_jax.model import model_config
-from vgpt_jax.sampling import Sampler, SamplingConfig
+from vgpt_jax.run import init_params, make_run
+from vgpt_jax.sampler import Sampler, SamplingConfig
 
 
 def measure(
@@ -27,10 +27,10 @@ def measure(
 ) -> dict:
   config = tiny.get_config()
   config.model = model_config(preset)
-  setup = trainer.make_setup(config)
-  params = nn.unbox(trainer.init_params(setup, jax.random.key(0)))
-  sampler = Sampler(setup, SamplingConfig(steps=steps, clip_frames=clip_frames))
-  context = jax.random.normal(jax.random.key(1), (batch, context_frames, *setup.latent_shape))
+  run = make_run(config)
+  params = nn.unbox(init_params(run, jax.random.key(0)))
+  sampler = Sampler(run, SamplingConfig(steps=steps, clip_frames=clip_frames))
+  context = jax.random.normal(jax.random.key(1), (batch, context_frames, *run.latent_shape))
   keys = jax.random.split(jax.random.key(2), batch)
   frames = clips * clip_frames
   row = {"preset": preset, "frames/clip": clip_frames, "clips": clips, "steps": steps, "batch": batch}

@@ -20,11 +20,12 @@ import ml_collections
 import numpy as np
 
 from configs import tiny
-from vgpt_jax import parallel, trainer
+from vgpt_jax import parallel, train_step
 from vgpt_jax.attention.accounting import visible_count
 from vgpt_jax.layout import sample_splits, token_ids
 from vgpt_jax.model import model_config
 from vgpt_jax.model.transformer import REMAT_POLICIES
+from vgpt_jax.run import Run, make_run
 
 
 def step_config(preset: str, frames: int, size: int, batch_size: int, **model) -> ml_collections.ConfigDict:
@@ -45,32 +46,32 @@ def bench_config(args: argparse.Namespace, preset: str) -> ml_collections.Config
   return step_config(preset, args.frames, args.size, args.batch_size, dtype=args.dtype, remat=args.remat)
 
 
-def model_flops_per_step(setup: trainer.Setup, batch_size: int, samples: int = 32) -> float:
+def model_flops_per_step(run: Run, batch_size: int, samples: int = 32) -> float:
   """Forward + backward FLOPs of one step, counting only visible attention entries."""
-  m = setup.config.model
+  m = run.config.model
   d, layers = m.hidden, m.num_layers
   matmul_params = layers * (4 * d * d + 3 * d * m.mlp_dim)
-  tokens = setup.layout.length
-  splits = sample_splits(jax.random.key(0), samples, setup.layout.num_frames, setup.config.layout)
-  visible = float(jnp.mean(visible_count(token_ids(setup.layout, splits))))
+  tokens = run.layout.length
+  splits = sample_splits(jax.random.key(0), samples, run.layout.num_frames, run.config.layout)
+  visible = float(jnp.mean(visible_count(token_ids(run.layout, splits))))
   attention = layers * 2 * 2 * visible * d  # QK^T and PV, 2 FLOPs per multiply-add, all heads
   return 3.0 * batch_size * (2 * matmul_params * tokens + attention)
 
 
-def run(preset: str, args: argparse.Namespace) -> dict:
+def measure(preset: str, args: argparse.Namespace) -> dict:
   config = bench_config(args, preset)
   mesh = parallel.make_mesh(config.mesh)
-  setup = trainer.make_setup(config)
+  run = make_run(config)
   t0 = time.perf_counter()
-  step = trainer.compile_train_step(setup, mesh)
+  step = train_step.compile_train_step(run, mesh)
   compile_s = time.perf_counter() - t0
-  memory = trainer.memory_summary(step)
-  state = trainer.create_state(setup, mesh)
+  memory = train_step.memory_summary(step)
+  state = train_step.create_state(run, mesh)
   video = jax.device_put(
     jax.random.uniform(jax.random.key(0), (args.batch_size, args.frames, args.size, args.size, 3), minval=-1),
     parallel.batch_sharding(mesh),
   )
-  skips = jax.device_put(trainer.no_skips(args.batch_size), parallel.batch_sharding(mesh))
+  skips = jax.device_put(train_step.no_skips(args.batch_size), parallel.batch_sharding(mesh))
   state, metrics = step(state, video, skips)  # warm-up
   jax.block_until_ready(metrics)
   times = []
@@ -80,17 +81,17 @@ def run(preset: str, args: argparse.Namespace) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
-  flops = model_flops_per_step(setup, args.batch_size)
+  flops = model_flops_per_step(run, args.batch_size)
   params = sum(x.size for x in jax.tree.leaves(state.params))
   row = {
     "preset": preset,
     "remat": args.remat,
     "params (M)": params / 1e6,
-    "tokens/sample": setup.layout.length,
+    "tokens/sample": run.layout.length,
     "batch": args.batch_size,
     "compile (s)": compile_s,
     "step (s)": step_s,
-    "tokens/s": args.batch_size * setup.layout.length / step_s,
+    "tokens/s": args.batch_size * run.layout.length / step_s,
     "model TFLOP/s": flops / step_s / 1e12,
     "compiled GiB/device": memory.get("total_gib", float("nan")),
   }
@@ -110,7 +111,7 @@ def main() -> None:
   parser.add_argument("--remat", default="none", choices=sorted(REMAT_POLICIES))
   parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak, for MFU (e.g. 989 for H100 bf16)")
   args = parser.parse_args()
-  rows = [run(p, args) for p in args.presets.split(",")]
+  rows = [measure(p, args) for p in args.presets.split(",")]
   print(f"\n{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, {args.dtype}")
   keys = list(rows[0])
   print("| " + " | ".join(keys) + " |")

@@ -38,8 +38,7 @@ import ml_dtypes
 import numpy as np
 from flax import serialization
 
-from vgpt_jax.data.sources import BadVideo
-from vgpt_jax.data.video_files import choose_window
+from vgpt_jax.data.sources import BadVideo, VideoSource, Window, stride_range
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "eval")
@@ -76,10 +75,6 @@ def write_json_atomic(path: str | Path, value: Any) -> None:
   os.replace(tmp, path)
 
 
-def _get(data_cfg: Any, name: str, default: Any) -> Any:
-  return data_cfg.get(name, default) if hasattr(data_cfg, "get") else getattr(data_cfg, name, default)
-
-
 def _how_to_encode(directory: str) -> str:
   return (
     f"make it with python -m vgpt_jax.encode --config=CONFIG_OF_THE_VIDEOS --output={directory} "
@@ -102,7 +97,7 @@ def load_index(directory: str) -> dict[str, Any]:
 
 def validate_config(data_cfg: Any) -> list[str]:
   """Problems of a data.source='latents' config (empty when sound); reads only DIR/latents.json."""
-  directory = _get(data_cfg, "latents_path", "")
+  directory = data_cfg.latents_path
   if not directory:
     return ["data.source='latents' needs data.latents_path: a directory written by python -m vgpt_jax.encode"]
   try:
@@ -111,14 +106,14 @@ def validate_config(data_cfg: Any) -> list[str]:
     return [str(e)]
   problems = []
   for name in ("height", "width"):
-    if int(_get(data_cfg, name, 0)) != settings[name]:
+    if int(data_cfg[name]) != settings[name]:
       problems.append(
-        f"data.{name}={_get(data_cfg, name, 0)} but the latents in {directory} were encoded at "
+        f"data.{name}={data_cfg[name]} but the latents in {directory} were encoded at "
         f"{settings['height']}x{settings['width']} frames; set data.{name}={settings[name]}"
       )
   s = settings["stride"]
-  low, high = int(_get(data_cfg, "frame_stride", 1)), int(_get(data_cfg, "frame_stride_max", 0))
-  if low % s or (high > low and high % s):
+  low, high = stride_range(data_cfg)
+  if low % s or high % s:
     problems.append(
       f"data.frame_stride={low} / data.frame_stride_max={high} must be multiples of the encoding stride {s} "
       f"of {directory} (the latents hold only every {s}-th frame)"
@@ -129,7 +124,7 @@ def validate_config(data_cfg: Any) -> list[str]:
 def tokenizer_problems(data_cfg: Any, tokenizer_cfg: Any) -> list[str]:
   """Problems of training with config.tokenizer on the latents of data.latents_path (they must be its latents)."""
   try:
-    stored = load_index(_get(data_cfg, "latents_path", ""))["settings"]["tokenizer"]
+    stored = load_index(data_cfg.latents_path)["settings"]["tokenizer"]
   except (OSError, ValueError):
     return []  # validate_config reports it
   problems = []
@@ -151,7 +146,7 @@ def check_tokenizer(directory: str, description: dict[str, Any]) -> None:
     raise ValueError(f"the tokenizer does not match the one that encoded {directory} ({listing})")
 
 
-class LatentSource:
+class LatentSource(VideoSource):
   """`VideoSource`-like random access over encoded latents: index -> float32 latent clip [F, h, w, C].
 
   `yields = "latents"` tells the pipeline its clips are latents, not uint8
@@ -163,7 +158,7 @@ class LatentSource:
   def __init__(self, data_cfg: Any, split: str):
     if split not in SPLITS:
       raise ValueError(f"Unknown split {split!r}; valid splits are {list(SPLITS)}.")
-    self.directory = str(_get(data_cfg, "latents_path", ""))
+    self.directory = str(data_cfg.latents_path)
     index = load_index(self.directory)
     settings = index["settings"]
     if split not in index["splits"]:
@@ -178,9 +173,8 @@ class LatentSource:
     self.num_frames = int(data_cfg.num_frames)
     self.latent_shape = tuple(settings["tokenizer"]["latent_shape"])
     self.clip_shape = (self.num_frames, *self.latent_shape)
-    low = int(_get(data_cfg, "frame_stride", 1)) // self.encoded_stride
-    high = int(_get(data_cfg, "frame_stride_max", 0)) // self.encoded_stride
-    self.strides = (max(low, 1), max(low, high, 1))
+    low, high = (stride // self.encoded_stride for stride in stride_range(data_cfg))
+    self.strides = (max(low, 1), max(high, 1))
     self._reader: Any = None
 
   def __len__(self) -> int:
@@ -208,22 +202,11 @@ class LatentSource:
       raise BadVideo("unreadable", f"record {index} of {self.describe()}: latents {getattr(latents, 'shape', None)}")
     return record
 
-  def _take(self, index: int, start: int, stride: int) -> np.ndarray:
+  def read(self, index: int, window: Window) -> np.ndarray:
+    """float32 [count, h, w, C]: the window's latent frames of video `index`."""
     latents = self.record(index)["latents"]
-    return np.asarray(latents[start : start + stride * self.num_frames : stride], dtype=np.float32)
-
-  def clip(self, index: int, rng: np.random.Generator) -> np.ndarray:
-    """float32 [F, h, w, C]: latent stride then start drawn from `rng` (module docstring); raises BadVideo."""
-    frames = len(self.record(index)["latents"])
-    start, stride = choose_window(frames, self.num_frames, self.strides, rng)
-    return self._take(index, start, stride)
-
-  def first_clip(self, index: int) -> np.ndarray:
-    """float32 [F, h, w, C]: latent frames 0, k, 2k, ... with k = data.frame_stride / encoding stride (eval)."""
-    frames = len(self.record(index)["latents"])
-    if frames < self.num_frames * self.strides[0]:
-      raise BadVideo("too_short", f"{frames} latent frames < {self.num_frames} * {self.strides[0]}")
-    return self._take(index, 0, self.strides[0])
+    start, stride, count = window(len(latents))
+    return np.asarray(latents[start : start + stride * count : stride], dtype=np.float32)
 
   def __repr__(self) -> str:
     return f"LatentSource({self.describe()})"

@@ -125,23 +125,21 @@ class PhysicsWorld:
 
   @classmethod
   def from_config(cls, data_cfg: Any) -> "PhysicsWorld":
-    """Builds the world from a data config (ml_collections.ConfigDict or dict).
+    """Builds the world from a data config (`default_data_config`).
 
     Reads height, width, video_frames (-> num_frames), min_balls, max_balls and
-    any of `CONFIG_KNOBS` that are present; missing knobs keep their defaults.
+    every one of `CONFIG_KNOBS` (default_data_config copies this class's defaults).
     Note: the config's `num_frames` is the training window, not the video length.
     """
     kwargs = {
-      "height": int(_cfg_get(data_cfg, "height")),
-      "width": int(_cfg_get(data_cfg, "width")),
-      "num_frames": int(_cfg_get(data_cfg, "video_frames")),
-      "min_balls": int(_cfg_get(data_cfg, "min_balls")),
-      "max_balls": int(_cfg_get(data_cfg, "max_balls")),
+      "height": int(data_cfg.height),
+      "width": int(data_cfg.width),
+      "num_frames": int(data_cfg.video_frames),
+      "min_balls": int(data_cfg.min_balls),
+      "max_balls": int(data_cfg.max_balls),
     }
     for name in cls.CONFIG_KNOBS:
-      value = _cfg_get(data_cfg, name, None)
-      if value is not None:
-        kwargs[name] = type(getattr(cls, name))(value)
+      kwargs[name] = type(getattr(cls, name))(data_cfg[name])
     return cls(**kwargs)
 
 
@@ -173,18 +171,6 @@ class Scene:
   def mass(self) -> np.ndarray:
     """float64 [N]: mass ~ area, so big balls push small ones around."""
     return self.radius**2
-
-
-def _cfg_get(cfg: Any, name: str, *default: Any) -> Any:
-  """Reads `name` from a ConfigDict / dict / plain object, optionally defaulted."""
-  if isinstance(cfg, dict) or hasattr(cfg, "get"):
-    if name in cfg:
-      return cfg[name]
-  elif hasattr(cfg, name):
-    return getattr(cfg, name)
-  if default:
-    return default[0]
-  raise ValueError(f"Data config is missing the required field {name!r}.")
 
 
 # ----------------------------------------------------------------------------- seeds

@@ -41,7 +41,7 @@ from absl import flags
 
 from vgpt_jax.data import latents, tfds_source, video_files
 from vgpt_jax.data.physics import SPLITS, PhysicsWorld, render_video, video_seed
-from vgpt_jax.data.sources import SKIP_REASONS, BadVideo, NoUsableVideo, VideoSource
+from vgpt_jax.data.sources import SKIP_REASONS, BadVideo, NoUsableVideo, VideoSource, Window, stride_range
 
 _REASON_INDEX = {reason: i for i, reason in enumerate(SKIP_REASONS)}
 
@@ -89,16 +89,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   return cfg
 
 
-def _get(data_cfg: Any, name: str, default: Any) -> Any:
-  """Optional config field with a default (ConfigDict, dict or plain object)."""
-  if hasattr(data_cfg, "get"):
-    return data_cfg.get(name, default)
-  return getattr(data_cfg, name, default)
-
-
 def _physics_problems(data_cfg: Any) -> list[str]:
   """What is wrong with a physics-world data config (empty when sound)."""
-  num_frames, stride = int(data_cfg.num_frames), _stride_range(data_cfg)[1]
+  num_frames, stride = int(data_cfg.num_frames), stride_range(data_cfg)[1]
   video_frames = int(data_cfg.video_frames)
   if num_frames * stride > video_frames:
     return [
@@ -108,7 +101,7 @@ def _physics_problems(data_cfg: Any) -> list[str]:
       "data.num_frames / data.frame_stride."
     ]
   counts = ("num_train_videos", "num_eval_videos")
-  problems = [f"data.{name} must be >= 1." for name in counts if int(_get(data_cfg, name, 0)) < 1]
+  problems = [f"data.{name} must be >= 1." for name in counts if int(data_cfg[name]) < 1]
   if not problems:
     try:
       PhysicsWorld.from_config(data_cfg)  # validates the physics knobs
@@ -133,26 +126,20 @@ def register_source(
 
 def validate_data_config(data_cfg: Any) -> None:
   """Raises ValueError with an actionable message (every problem found) if the data config is unusable."""
-  source = _get(data_cfg, "source", "physics")
+  source = data_cfg.source
   if source not in SOURCES:
     raise ValueError(f"Unknown data.source {source!r}; valid sources are {list(VALID_SOURCES)}.")
-  num_frames, low = int(data_cfg.num_frames), _stride_range(data_cfg)[0]
+  num_frames, low = int(data_cfg.num_frames), stride_range(data_cfg)[0]
   if num_frames < 1 or low < 1:
     raise ValueError(f"data.num_frames ({num_frames}) and data.frame_stride ({low}) must be >= 1.")
   problems = SOURCES[source][1](data_cfg)
-  tries = int(_get(data_cfg, "max_skip_tries", 16))
+  tries = int(data_cfg.max_skip_tries)
   if tries < 1:
     problems.append(f"data.max_skip_tries={tries} must be >= 1 (videos tried per sample)")
-  if int(_get(data_cfg, "worker_count", 0)) < 0:
-    problems.append(f"data.worker_count={_get(data_cfg, 'worker_count', 0)} must be >= 0")
+  if int(data_cfg.worker_count) < 0:
+    problems.append(f"data.worker_count={data_cfg.worker_count} must be >= 0")
   if problems:
     raise ValueError("; ".join(problems))
-
-
-def _stride_range(data_cfg: Any) -> tuple[int, int]:
-  """(min, max) frame stride; max = min unless data.frame_stride_max is larger."""
-  low = int(_get(data_cfg, "frame_stride", 1))
-  return low, max(low, int(_get(data_cfg, "frame_stride_max", 0)))
 
 
 def to_float(video: np.ndarray) -> np.ndarray:
@@ -177,7 +164,7 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-class PhysicsVideoSource:
+class PhysicsVideoSource(VideoSource):
   """`VideoSource` over the physics world: index i -> uint8 video [T, H, W, 3], rendered on demand.
 
   Holds only the (picklable) world description, so it can be shipped to
@@ -189,10 +176,11 @@ class PhysicsVideoSource:
       raise ValueError(f"Unknown split {split!r}; valid splits are {list(SPLITS)}.")
     self.world = PhysicsWorld.from_config(data_cfg)
     self.split = split
-    self.base_seed = int(_get(data_cfg, "seed", 0))
+    self.base_seed = int(data_cfg.seed)
     self.num_videos = int(data_cfg.num_train_videos if split == "train" else data_cfg.num_eval_videos)
     self.num_frames = int(data_cfg.num_frames)
-    self.strides = _stride_range(data_cfg)
+    self.strides = stride_range(data_cfg)
+    self.clip_shape = (self.num_frames, self.world.height, self.world.width, 3)
 
   def __len__(self) -> int:
     return self.num_videos
@@ -206,30 +194,10 @@ class PhysicsVideoSource:
   def __getitem__(self, index: int) -> np.ndarray:
     return render_video(self._seed(index), self.world)
 
-  def frames(self, index: int, start: int, length: int, stride: int = 1) -> np.ndarray:
-    """uint8 [length, H, W, 3]: frames start, start+stride, ... of video `index`.
-
-    Equals `self[index][start : start + length * stride : stride]` but only
-    simulates/draws what is needed.
-    """
-    return render_video(self._seed(index), self.world, frames=start + stride * np.arange(length))
-
-  def clip(self, index: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [num_frames, H, W, 3]: stride drawn from [frame_stride, frame_stride_max], then the start."""
-    stride = int(rng.integers(self.strides[0], self.strides[1] + 1))
-    start = int(rng.integers(0, self.world.num_frames - self.num_frames * stride + 1))
-    return self.frames(index, start, self.num_frames, stride)
-
-  def first_clip(self, index: int) -> np.ndarray:
-    """uint8 [num_frames, H, W, 3]: frames 0, s, 2s, ... with s = data.frame_stride (evaluation)."""
-    return self.frames(index, 0, self.num_frames, self.strides[0])
-
-  def leading_frames(self, index: int, stride: int, max_frames: int = 0) -> np.ndarray:
-    """uint8 [T, H, W, 3]: frames 0, stride, ..., as many as the video has (at most max_frames if > 0)."""
-    count = self.world.num_frames // stride if max_frames <= 0 else min(max_frames, self.world.num_frames // stride)
-    if count < self.num_frames:
-      raise BadVideo("too_short", f"{self.world.num_frames} frames < data.num_frames={self.num_frames} * {stride}")
-    return self.frames(index, 0, count, stride)
+  def read(self, index: int, window: Window) -> np.ndarray:
+    """uint8 [count, H, W, 3]: the window's frames, simulating and drawing only those."""
+    start, stride, count = window(self.world.num_frames)
+    return render_video(self._seed(index), self.world, frames=start + stride * np.arange(count))
 
   def describe(self) -> str:
     return f"the synthetic physics world ({self.split} split, {self.num_videos} videos, seed {self.base_seed})"
@@ -246,7 +214,7 @@ register_source("video_files", video_files.VideoFileSource, video_files.validate
 
 
 def _tfds_problems(data_cfg: Any) -> list[str]:
-  if _get(data_cfg, "tfds_name", ""):
+  if data_cfg.tfds_name:
     return []
   return [
     "data.source='tfds' needs data.tfds_name: a prepared TFDS video dataset, e.g. vgpt_physics "
@@ -262,18 +230,13 @@ register_source("latents", latents.LatentSource, latents.validate_config)
 
 def input_key(data_cfg: Any) -> str:
   """The batch key of the model's input: "latents" for pre-encoded latents, else "video" (frames)."""
-  return "latents" if _get(data_cfg, "source", "physics") == "latents" else "video"
-
-
-def clip_shape(source: VideoSource, data_cfg: Any) -> tuple[int, ...]:
-  """Shape of one clip of `source`: latents [F, h, w, C] for a latents source, else frames [F, H, W, 3]."""
-  return getattr(source, "clip_shape", (int(data_cfg.num_frames), int(data_cfg.height), int(data_cfg.width), 3))
+  return "latents" if data_cfg.source == "latents" else "video"
 
 
 def make_source(data_cfg: Any, split: str) -> VideoSource:
   """The data source named by data_cfg.source for `split` ("train" or "eval")."""
   validate_data_config(data_cfg)
-  source = SOURCES[_get(data_cfg, "source", "physics")][0](data_cfg, split)
+  source = SOURCES[data_cfg.source][0](data_cfg, split)
   if len(source) < 1:
     raise ValueError(f"no videos in {source.describe()}")
   return source
@@ -295,7 +258,7 @@ class _ClipOrSkip:
     self.seed = seed
     self.max_tries = max_tries
     self.shape = shape  # (F, H, W, 3) or latents (F, h, w, C)
-    self.key = getattr(source, "yields", "video")
+    self.key = source.yields
     self.dtype = np.float32 if self.key == "latents" else np.uint8
 
   def __call__(self, element: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -388,7 +351,7 @@ def train_dataset(
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   source = make_source(data_cfg, "train") if source is None else source
-  clip = _ClipOrSkip(source, seed, int(_get(data_cfg, "max_skip_tries", 16)), clip_shape(source, data_cfg))
+  clip = _ClipOrSkip(source, seed, int(data_cfg.max_skip_tries), source.clip_shape)
   ds = train_index_dataset(
     data_cfg,
     seed=seed,
@@ -399,50 +362,13 @@ def train_dataset(
   )
   ds = ds.map(clip).batch(batch_size, drop_remainder=True, batch_fn=_stack)
   read_options = grain.ReadOptions(
-    num_threads=int(_get(data_cfg, "read_threads", 2)),
-    prefetch_buffer_size=int(_get(data_cfg, "prefetch_batches", 4)),
+    num_threads=int(data_cfg.read_threads),
+    prefetch_buffer_size=int(data_cfg.prefetch_batches),
   )
   it_ds = ds.to_iter_dataset(read_options)
-  worker_count = int(_get(data_cfg, "worker_count", 0))
+  worker_count = int(data_cfg.worker_count)
   if worker_count > 0:
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     it_ds = it_ds.map(_own_memory)
   return it_ds
-
-
-def eval_videos(data_cfg: Any, count: int, source: VideoSource | None = None) -> np.ndarray:
-  """float32 [count, num_frames, H, W, 3] in [-1, 1]: the first `count` good held-out videos
-  (their latents [count, num_frames, h, w, C] when data.source="latents").
-
-  Frames 0, stride, 2*stride, ... (stride = data.frame_stride), so evaluation
-  always sees the same clips; bad held-out videos are skipped. `source`: the
-  eval source when the caller has built it already.
-  """
-  source = make_source(data_cfg, "eval") if source is None else source
-  if not 0 <= count <= len(source):
-    raise ValueError(
-      f"count must lie in [0, {len(source)}] (the held-out videos: {source.describe()}; "
-      f"data.num_eval_videos={_get(data_cfg, 'num_eval_videos', None)}), got {count}."
-    )
-  first_clip = getattr(source, "first_clip", None)
-  out = np.empty((count, *clip_shape(source, data_cfg)), dtype=np.float32)
-  latent = getattr(source, "yields", "video") == "latents"
-  skipped = np.zeros(len(SKIP_REASONS), dtype=np.int64)
-  found = 0
-  for index in range(len(source)):
-    if found == count:
-      break
-    try:
-      video = first_clip(index) if first_clip else source.clip(index, np.random.default_rng([index]))
-    except BadVideo as e:
-      skipped[_REASON_INDEX[e.reason]] += 1
-      continue
-    out[found] = video if latent else to_float(video)
-    found += 1
-  if found < count:
-    counts = ", ".join(f"{r}={n}" for r, n in zip(SKIP_REASONS, skipped) if n)
-    raise NoUsableVideo(
-      f"only {found} of the {count} held-out videos asked for are usable ({counts}) in {source.describe()}"
-    )
-  return out

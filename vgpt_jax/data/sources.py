@@ -1,10 +1,15 @@
-"""What every video source gives the pipeline: numbered videos and a way to cut a clip.
+"""The one contract every video source meets, and the one place clip windows are chosen.
 
-A source is random access (`len`, `clip`) so Grain can shuffle, shard and
-checkpoint positions. `clip` draws everything random (frame stride, start
-frame) from the generator it is handed, which the pipeline seeds from the
-sample's global position: the same global batch comes out whatever the number
-of hosts or workers.
+A source (the physics world, video files, TFDS, pre-encoded latents) is
+random access so Grain can shuffle, shard and checkpoint positions. It says
+how many videos it has (`len`) and where they come from (`describe`), and it
+reads frames at indices (`read(index, window)`: the window is asked for the
+video's frame count and answers which frames). Everything else is built
+here, once, on `read`: a training clip (`clip`: stride and start drawn from
+the generator it is handed, which the pipeline seeds from the sample's global
+position, so the same global batch comes out whatever the number of hosts or
+workers), the held-out clip (`first_clip`) and a whole video at a stride
+(`leading_frames`, for the samples and for pre-encoding).
 
 A video that cannot give a clip raises `BadVideo` with one of `SKIP_REASONS`;
 the pipeline skips it, counts the reason and takes another video, so one bad
@@ -13,7 +18,8 @@ file never stops training.
 
 from __future__ import annotations
 
-from typing import Protocol
+import types
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -29,6 +35,32 @@ SKIP_REASONS = (
 )
 
 
+def stride_range(data_cfg: Any) -> tuple[int, int]:
+  """(min, max) frame stride of a clip: [data.frame_stride, data.frame_stride_max], max = min unless larger."""
+  low = int(data_cfg.frame_stride)
+  return low, max(low, int(data_cfg.frame_stride_max))
+
+
+def choose_window(
+  video_frames: int, num_frames: int, strides: tuple[int, int], rng: np.random.Generator
+) -> tuple[int, int]:
+  """(start, stride) of a clip of `num_frames` frames in a video of `video_frames`: the stride uniform over
+  `strides` capped to what fits, then the start uniform. Every source draws its windows here, in this order.
+
+  Raises BadVideo("too_short") when even strides[0] needs more frames than the video has.
+  """
+  low, high = strides
+  high = min(high, video_frames // num_frames)
+  if high < low:
+    raise BadVideo(
+      "too_short",
+      f"{video_frames} frames < data.num_frames * data.frame_stride = {num_frames} * {low} = {num_frames * low}",
+    )
+  stride = int(rng.integers(low, high + 1))
+  start = int(rng.integers(0, video_frames - num_frames * stride + 1))
+  return start, stride
+
+
 class BadVideo(Exception):
   """This video cannot give a clip; `reason` is one of SKIP_REASONS."""
 
@@ -40,27 +72,82 @@ class BadVideo(Exception):
     self.detail = detail
 
 
-class VideoSource(Protocol):
-  """Random-access videos; a clip is uint8 [data.num_frames, data.height, data.width, 3].
+# frames in the video -> (start, stride, count): which frames `read` returns; raises BadVideo when none fit.
+Window = Callable[[int], tuple[int, int, int]]
 
-  Optional: `first_clip(index) -> uint8 [F, H, W, 3]`, frames 0, s, 2s, ...
-  with s = data.frame_stride, which the held-out samples use when present
-  (else they use `clip(index, default_rng([index]))`).
 
-  Optional: `leading_frames(index, stride, max_frames=0) -> uint8 [T, H, W, 3]`,
-  frames 0, stride, 2*stride, ... as many as the video has (T <= max_frames
-  when > 0), which `python -m vgpt_jax.encode` needs to pre-encode a source.
+class VideoSource:
+  """Base of every source: numbered videos, read at the frame indices a `Window` picks.
+
+  A source sets, from the config:
+    yields       "video" (uint8 frames [T, H, W, 3] at data.height x data.width) or "latents" (float32 [T, h, w, C])
+    num_frames   F, frames per clip (data.num_frames)
+    strides      (min, max) stride of a training clip, in the frames it stores
+    clip_shape   shape of one clip, (F, H, W, 3) or (F, h, w, C)
+  and implements `__len__`, `describe` and `read`.
   """
 
-  def __len__(self) -> int: ...
+  yields: str = "video"
+  num_frames: int
+  strides: tuple[int, int]
+  clip_shape: tuple[int, ...]
+  excluded: Mapping[str, int] = types.MappingProxyType({})  # bad videos left out before numbering, by reason
 
-  def clip(self, index: int, rng: np.random.Generator) -> np.ndarray:
-    """A clip of video `index`, its stride and start drawn from `rng`; raises BadVideo."""
-    ...
+  def name(self, index: int) -> str:
+    """What to call video `index` in logs and records (video files: its path)."""
+    return str(index)
+
+  def __len__(self) -> int:
+    raise NotImplementedError
 
   def describe(self) -> str:
     """Where the videos come from (a directory, a manifest, a dataset name), for error messages."""
-    ...
+    raise NotImplementedError
+
+  def read(self, index: int, window: Window) -> np.ndarray:
+    """The frames of video `index` that `window(its frame count)` picks; raises BadVideo."""
+    raise NotImplementedError
+
+  def clip_with_window(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, int, int]:
+    """(clip, start, stride): a training clip, its stride and start drawn from `rng` by `choose_window`."""
+    chosen: list[int] = []
+
+    def window(frames: int) -> tuple[int, int, int]:
+      chosen[:] = choose_window(frames, self.num_frames, self.strides, rng)
+      return chosen[0], chosen[1], self.num_frames
+
+    clip = self.read(index, window)
+    return clip, chosen[0], chosen[1]
+
+  def clip(self, index: int, rng: np.random.Generator) -> np.ndarray:
+    """A training clip [F, ...] of video `index`, its stride and start drawn from `rng`; raises BadVideo."""
+    return self.clip_with_window(index, rng)[0]
+
+  def first_clip(self, index: int) -> np.ndarray:
+    """The held-out clip [F, ...]: frames 0, s, 2s, ... with s = strides[0], the same every time."""
+    n, s = self.num_frames, self.strides[0]
+
+    def window(frames: int) -> tuple[int, int, int]:
+      if frames < n * s:
+        raise BadVideo("too_short", f"{frames} frames < data.num_frames * data.frame_stride = {n} * {s}")
+      return 0, s, n
+
+    return self.read(index, window)
+
+  def leading_frames(self, index: int, stride: int, max_frames: int = 0) -> np.ndarray:
+    """[T, ...]: frames 0, stride, 2*stride, ..., as many as the video has (T <= max_frames when > 0).
+
+    What the samples continue and `python -m vgpt_jax.encode` stores; raises BadVideo("too_short") when T < F.
+    """
+    n = self.num_frames
+
+    def window(frames: int) -> tuple[int, int, int]:
+      count = frames // stride if max_frames <= 0 else min(max_frames, frames // stride)
+      if count < n:
+        raise BadVideo("too_short", f"{frames} frames < data.num_frames={n} * stride {stride}")
+      return 0, stride, count
+
+    return self.read(index, window)
 
 
 class NoUsableVideo(RuntimeError):

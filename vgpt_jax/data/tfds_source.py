@@ -50,47 +50,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vgpt_jax.data.sources import BadVideo
+from vgpt_jax.data.sources import BadVideo, VideoSource, Window, stride_range
 
-DEFAULT_VIDEO_KEY = "video"
-DEFAULT_TRAIN_SPLIT = "train"
-DEFAULT_EVAL_SPLIT = "test"
 BUILTIN_NAME = "vgpt_physics"  # tfds_physics.NAME, kept here so reading needs no builder import
 
 
 class TfdsNotPreparedError(FileNotFoundError):
   """The TFDS dataset is not in data_dir; the message says how to prepare it."""
-
-
-_REQUIRED = object()
-
-
-def _get(data_cfg: Any, name: str, default: Any = _REQUIRED) -> Any:
-  """Config field (ConfigDict, dict or plain object); without a default it must be there."""
-  value = data_cfg.get(name, default) if hasattr(data_cfg, "get") else getattr(data_cfg, name, default)
-  if value is _REQUIRED:
-    raise ValueError(f"Data config is missing the required field {name!r}.")
-  return value
-
-
-def sample_window(
-  num_frames: int, video_frames: int, strides: tuple[int, int], rng: np.random.Generator
-) -> tuple[int, int]:
-  """(start, stride) of a clip: stride from `strides` capped to fit the video, then a uniform start.
-
-  Raises BadVideo("too_short") when even strides[0] needs more than
-  `video_frames` frames (a clip spans num_frames * stride frames, as in
-  SKIP_REASONS). Everything random comes from `rng`, in this order.
-  """
-  low, high = strides
-  longest = video_frames // num_frames
-  if longest < low:
-    raise BadVideo(
-      "too_short", f"{video_frames} frames < num_frames * frame_stride = {num_frames} * {low} = {num_frames * low}"
-    )
-  stride = int(rng.integers(low, min(high, longest) + 1))
-  start = int(rng.integers(0, video_frames - num_frames * stride + 1))
-  return start, stride
 
 
 def fit_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -179,7 +145,7 @@ def prepare_hint(name: str, data_dir: str | None) -> str:
   return f"tfds build {name}{where} --file_format=array_record (TFDS's own builders need TensorFlow to prepare)"
 
 
-class TfdsVideoSource:
+class TfdsVideoSource(VideoSource):
   """VideoSource over a prepared TFDS dataset: video `index` of a split -> random uint8 clips.
 
   `split` is the pipeline's "train" or "eval" (mapped through
@@ -189,21 +155,22 @@ class TfdsVideoSource:
   """
 
   def __init__(self, data_cfg: Any, split: str):
-    name = _get(data_cfg, "tfds_name", None)
+    name = data_cfg.tfds_name
     if not name:
       raise ValueError("data.tfds_name is not set: name the prepared TFDS dataset (e.g. 'vgpt_physics').")
     self.name = str(name)
-    self.data_dir = os.fspath(_get(data_cfg, "tfds_data_dir", None) or "") or None
-    self.video_key = str(_get(data_cfg, "tfds_video_key", None) or DEFAULT_VIDEO_KEY)
+    self.data_dir = os.fspath(data_cfg.tfds_data_dir or "") or None
+    self.video_key = str(data_cfg.tfds_video_key)
     splits = {
-      "train": _get(data_cfg, "tfds_train_split", None) or DEFAULT_TRAIN_SPLIT,
-      "eval": _get(data_cfg, "tfds_eval_split", None) or DEFAULT_EVAL_SPLIT,
+      "train": data_cfg.tfds_train_split,
+      "eval": data_cfg.tfds_eval_split,
     }
     self.split = str(splits.get(split, split))
-    self.num_frames = int(_get(data_cfg, "num_frames"))
-    self.height, self.width = int(_get(data_cfg, "height")), int(_get(data_cfg, "width"))
-    low = int(_get(data_cfg, "frame_stride", 1))
-    self.strides = (low, max(low, int(_get(data_cfg, "frame_stride_max", 0) or 0)))
+    self.num_frames = int(data_cfg.num_frames)
+    self.height, self.width = int(data_cfg.height), int(data_cfg.width)
+    self.clip_shape = (self.num_frames, self.height, self.width, 3)
+    self.strides = stride_range(data_cfg)
+    low = self.strides[0]
     if self.num_frames < 1 or low < 1 or self.height < 1 or self.width < 1:
       raise ValueError(
         f"data.num_frames ({self.num_frames}), data.frame_stride ({low}), data.height ({self.height}) and "
@@ -287,26 +254,11 @@ class TfdsVideoSource:
   def describe(self) -> str:
     return f"TFDS dataset {self.name!r}, split {self.split!r}, feature {self.video_key!r}, in {self._where()}"
 
-  def clip(self, index: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [num_frames, height, width, 3] of video `index`; stride and start drawn from `rng`."""
-    return self.clip_with_window(index, rng)[0]
-
-  def clip_with_window(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, int, int]:
-    """(clip, start, stride): `clip` plus the window it took, so a caller can check or log it."""
+  def read(self, index: int, window: Window) -> np.ndarray:
+    """uint8 [count, height, width, 3]: the window's frames of video `index`, decoded if stored encoded, fitted."""
     video = self._video(index)
-    start, stride = sample_window(self.num_frames, len(video), self.strides, rng)
-    return self._frames(index, video, start + stride * np.arange(self.num_frames)), start, stride
-
-  def leading_frames(self, index: int, stride: int, max_frames: int = 0) -> np.ndarray:
-    """uint8 [T, height, width, 3]: frames 0, stride, 2*stride, ... of video `index`, T <= max_frames if > 0.
-
-    What `python -m vgpt_jax.encode` stores; raises BadVideo("too_short") when T < num_frames.
-    """
-    video = self._video(index)
-    count = len(video) // stride if max_frames <= 0 else min(max_frames, len(video) // stride)
-    if count < self.num_frames:
-      raise BadVideo("too_short", f"video {index}: {len(video)} frames < {self.num_frames} * stride {stride}")
-    return self._frames(index, video, stride * np.arange(count))
+    start, stride, count = window(len(video))
+    return self._frames(index, video, start + stride * np.arange(count))
 
   def _video(self, index: int) -> Any:
     """The stored frames of video `index` (an array, or a list of encoded frames); raises BadVideo."""

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import os
 from fractions import Fraction
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import av
 import numpy as np
@@ -57,7 +57,7 @@ from absl import logging
 from av.video.reformatter import Interpolation, VideoReformatter
 
 from vgpt_jax.data import file_facts
-from vgpt_jax.data.sources import SKIP_REASONS, BadVideo, NoUsableVideo
+from vgpt_jax.data.sources import SKIP_REASONS, BadVideo, NoUsableVideo, VideoSource, Window, stride_range
 
 VIDEO_EXTENSIONS: tuple[str, ...] = ("mp4", "mov", "mkv", "webm", "avi", "m4v")
 
@@ -68,13 +68,6 @@ _AV_ERRORS = (av.FFmpegError, OSError, EOFError, ValueError, RuntimeError, Memor
 # counts, rng-independent rejections). A process meets a file about once per epoch over a large
 # collection, so this only pays off for small ones; the bound keeps it cheap.
 _MEMO_LIMIT = 100_000
-
-
-def _get(cfg: Any, name: str, default: Any) -> Any:
-  """Optional config field (ConfigDict, dict or plain object)."""
-  if hasattr(cfg, "get"):
-    return cfg.get(name, default)
-  return getattr(cfg, name, default)
 
 
 def _normalise_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
@@ -289,7 +282,7 @@ def inspect_file(path: str) -> dict:
   if info.frames <= 0 or min(info.width, info.height) <= 0:
     return {**facts, "fault": "unreadable", "detail": f"{path}: {info.width}x{info.height}, {info.frames} frames"}
   try:
-    read_clip(path, lambda n: (n - 1, 1), num_frames=1, height=1, width=1, frames_hint=info.frames)
+    read_clip(path, lambda n: (n - 1, 1, 1), height=1, width=1, frames_hint=info.frames)
   except BadVideo as e:
     return {**facts, "fault": e.reason, "detail": e.detail}
   return facts
@@ -398,9 +391,8 @@ def _open_video(path: str, threads: int) -> tuple[av.container.InputContainer, a
 
 def read_clip(
   path: str,
-  choose: Callable[[int], tuple[int, int]],
+  window: Window,
   *,
-  num_frames: int,
   height: int,
   width: int,
   min_size: int = 1,
@@ -409,10 +401,10 @@ def read_clip(
   threads: int = 1,
   seek: bool = True,
 ) -> tuple[np.ndarray, int]:
-  """uint8 [num_frames, height, width, 3] frames start, start+k, ... of `path`, and the video's frame count.
+  """uint8 [count, height, width, 3] frames start, start+k, ... of `path`, and the video's frame count.
 
-  `choose(frame_count) -> (start, k)` picks the window once the count is known
-  (and raises BadVideo("too_short") if none fits). `frames_hint` > 0 replaces
+  `window(frame_count) -> (start, k, count)` picks the frames once the count is
+  known (and raises BadVideo("too_short") if none fit). `frames_hint` > 0 replaces
   the container's count (a manifest's); `threads` is FFmpeg's decoder thread
   count (0: FFmpeg decides, 1: none); `seek=False` always decodes from the
   first frame (for tests and benchmarks). Raises BadVideo; no PyAV exception
@@ -426,12 +418,14 @@ def read_clip(
     if info.frames <= 0:
       info.frames = probe(path).frames  # a separate pass, so this container stays at the start
     try:
-      start, stride = choose(info.frames)
+      start, stride, num_frames = window(info.frames)
     except BadVideo as e:
       raise BadVideo(e.reason, f"{path}: {e.detail}") from None
     targets = start + stride * np.arange(num_frames)
-    if start < 0 or stride < 1 or targets[-1] >= info.frames:
-      raise IndexError(f"choose() gave start={start}, stride={stride}: outside the {info.frames} frames of {path}")
+    if start < 0 or stride < 1 or num_frames < 1 or targets[-1] >= info.frames:
+      raise IndexError(
+        f"window gave start={start}, stride={stride}, count={num_frames}: outside the {info.frames} frames of {path}"
+      )
     writer = _FrameWriter(np.empty((num_frames, height, width, 3), dtype=np.uint8), info.width, info.height)
     filled, decoded, error = 0, -1, None
     if seek and start > 0:
@@ -459,17 +453,6 @@ def read_clip(
     container.close()
 
 
-def choose_window(frames: int, num_frames: int, strides: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
-  """(start, stride): stride uniform over the strides in range that fit, then start uniform; rejects too-short."""
-  low, high = strides
-  high = min(high, frames // num_frames)
-  if high < low:
-    raise BadVideo("too_short", f"{frames} frames < data.num_frames * data.frame_stride = {num_frames * low}")
-  stride = int(rng.integers(low, high + 1))
-  start = int(rng.integers(0, frames - num_frames * stride + 1))
-  return start, stride
-
-
 # -------------------------------------------------------------------------- source
 
 
@@ -487,14 +470,14 @@ def split_files(data_cfg: Any, split: str) -> tuple[PathList, str]:
   """The files of `split` ("train" or "eval") and a description of them, per the module docstring's rule."""
   if split not in ("train", "eval"):
     raise ValueError(f"Unknown split {split!r}; valid splits are ['train', 'eval'].")
-  extensions = _normalise_extensions(_get(data_cfg, "extensions", VIDEO_EXTENSIONS))
-  files, where = _listing(_get(data_cfg, "path", ""), _get(data_cfg, "manifest", ""), extensions)
+  extensions = _normalise_extensions(data_cfg.extensions)
+  files, where = _listing(data_cfg.path, data_cfg.manifest, extensions)
   if not len(files):
     raise ValueError(
       f"no video files in {where}; data.source='video_files' needs files with one of the extensions "
       f"{list(extensions)} (data.extensions) under data.path, or their paths in data.manifest"
     )
-  eval_path, eval_manifest = _get(data_cfg, "eval_path", ""), _get(data_cfg, "eval_manifest", "")
+  eval_path, eval_manifest = data_cfg.eval_path, data_cfg.eval_manifest
   if eval_path or eval_manifest:
     held_out, eval_where = _listing(eval_path, eval_manifest, extensions)
     if split == "eval":
@@ -506,7 +489,7 @@ def split_files(data_cfg: Any, split: str) -> tuple[PathList, str]:
     if not keep:
       raise ValueError(f"every file of {where} is also in the eval set {eval_where}; nothing is left to train on")
     return (files if len(keep) == len(files) else files.take(keep)), f"{where} (train split, {eval_where} excluded)"
-  num_eval = int(_get(data_cfg, "num_eval_videos", 0))
+  num_eval = int(data_cfg.num_eval_videos)
   if num_eval >= len(files):
     raise ValueError(
       f"data.num_eval_videos={num_eval} would hold out all {len(files)} videos of {where} for evaluation; "
@@ -521,13 +504,13 @@ def split_files(data_cfg: Any, split: str) -> tuple[PathList, str]:
 def _cache_location(data_cfg: Any, split: str) -> str:
   """The directory or manifest that lists `split`'s files (where their facts are cached)."""
   if split == "eval":
-    eval_location = _get(data_cfg, "eval_path", "") or _get(data_cfg, "eval_manifest", "")
+    eval_location = data_cfg.eval_path or data_cfg.eval_manifest
     if eval_location:
       return eval_location
-  return _get(data_cfg, "path", "") or _get(data_cfg, "manifest", "")
+  return data_cfg.path or data_cfg.manifest
 
 
-class VideoFileSource:
+class VideoFileSource(VideoSource):
   """`VideoSource` over video files: index -> uint8 clip [F, H, W, 3] decoded with PyAV.
 
   Picklable (paths are one bytes blob), so it ships to Grain worker
@@ -540,11 +523,11 @@ class VideoFileSource:
     self.split = split
     self.num_frames = int(data_cfg.num_frames)
     self.height, self.width = int(data_cfg.height), int(data_cfg.width)
-    low = int(_get(data_cfg, "frame_stride", 1))
-    self.strides = (low, max(low, int(_get(data_cfg, "frame_stride_max", 0))))
-    self.min_size = int(_get(data_cfg, "min_size", 128))
-    self.max_aspect = float(_get(data_cfg, "max_aspect", 4.0))
-    self.threads = int(_get(data_cfg, "decode_threads", 1))
+    self.clip_shape = (self.num_frames, self.height, self.width, 3)
+    self.strides = stride_range(data_cfg)
+    self.min_size = int(data_cfg.min_size)
+    self.max_aspect = float(data_cfg.max_aspect)
+    self.threads = int(data_cfg.decode_threads)
     self._memo: dict[int, int | BadVideo] = {}
     self.files, self.excluded = self._usable(listed, _cache_location(data_cfg, split))
 
@@ -599,50 +582,22 @@ class VideoFileSource:
   def describe(self) -> str:
     return self._where
 
-  def path(self, index: int) -> str:
+  def name(self, index: int) -> str:
     return self.files[index]
 
-  def clip(self, index: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [F, H, W, 3]: stride and start drawn from `rng` (module docstring); raises BadVideo."""
-    return self._read(index, lambda frames: choose_window(frames, self.num_frames, self.strides, rng))
-
-  def first_clip(self, index: int) -> np.ndarray:
-    """uint8 [F, H, W, 3]: frames 0, s, 2s, ... with s = data.frame_stride; the same clip every time (eval)."""
-
-    def choose(frames: int) -> tuple[int, int]:
-      if frames < self.num_frames * self.strides[0]:
-        raise BadVideo("too_short", f"{frames} frames < {self.num_frames} * data.frame_stride={self.strides[0]}")
-      return 0, self.strides[0]
-
-    return self._read(index, choose)
-
-  def leading_frames(self, index: int, stride: int, max_frames: int = 0) -> np.ndarray:
-    """uint8 [T, H, W, 3]: frames 0, stride, 2*stride, ..., T <= max_frames if > 0 (a whole video, to pre-encode).
-
-    Decodes from the start; raises BadVideo("too_short") when T < data.num_frames.
-    """
-    path = self.path(index)
-    frames = int(self.files.frames[index]) or probe(path).frames
-    count = frames // stride if max_frames <= 0 else min(max_frames, frames // stride)
-    if count < self.num_frames:
-      raise BadVideo("too_short", f"{path}: {frames} frames < data.num_frames={self.num_frames} * stride {stride}")
-    return self._read(index, lambda n: (0, stride), count, frames)
-
-  def _read(
-    self, index: int, choose: Callable[[int], tuple[int, int]], num_frames: int = 0, frames_hint: int = 0
-  ) -> np.ndarray:
+  def read(self, index: int, window: Window) -> np.ndarray:
+    """uint8 [count, H, W, 3]: the window's frames of file `index`, cover-scaled and centre-cropped; BadVideo."""
     index = int(index)
     if not 0 <= index < len(self.files):
       raise IndexError(f"Video index {index} out of range [0, {len(self.files)}).")
     known = self._memo.get(index)
     if isinstance(known, BadVideo):
       raise BadVideo(known.reason, known.detail)
-    hint = int(self.files.frames[index]) or (known or 0) or frames_hint
+    hint = int(self.files.frames[index]) or (known or 0)
     try:
       clip, frames = read_clip(
         self.files[index],
-        choose,
-        num_frames=num_frames or self.num_frames,
+        window,
         height=self.height,
         width=self.width,
         min_size=self.min_size,
@@ -695,29 +650,29 @@ def validate_config(data_cfg: Any) -> list[str]:
   video (the walk stops at the first), without listing everything.
   """
   problems: list[str] = []
-  extensions = _normalise_extensions(_get(data_cfg, "extensions", VIDEO_EXTENSIONS))
+  extensions = _normalise_extensions(data_cfg.extensions)
   if not extensions:
-    problems.append(f"data.extensions={_get(data_cfg, 'extensions', ())!r} is empty; give e.g. ('mp4', 'mov')")
-  path, manifest = str(_get(data_cfg, "path", "")), str(_get(data_cfg, "manifest", ""))
+    problems.append(f"data.extensions={data_cfg.extensions!r} is empty; give e.g. ('mp4', 'mov')")
+  path, manifest = str(data_cfg.path), str(data_cfg.manifest)
   if not path and not manifest:
     problems.append(
       "data.source='video_files' needs data.path (a directory of videos) or data.manifest "
       "(a text file with one video path per line)"
     )
   _check_location(problems, "", path, manifest, extensions)
-  eval_path, eval_manifest = str(_get(data_cfg, "eval_path", "")), str(_get(data_cfg, "eval_manifest", ""))
+  eval_path, eval_manifest = str(data_cfg.eval_path), str(data_cfg.eval_manifest)
   _check_location(problems, "eval_", eval_path, eval_manifest, extensions)
-  if not eval_path and not eval_manifest and int(_get(data_cfg, "num_eval_videos", 0)) < 1:
+  if not eval_path and not eval_manifest and int(data_cfg.num_eval_videos) < 1:
     problems.append(
-      f"data.num_eval_videos={_get(data_cfg, 'num_eval_videos', 0)} must be >= 1 (the last files are held out for "
+      f"data.num_eval_videos={data_cfg.num_eval_videos} must be >= 1 (the last files are held out for "
       "the end-of-run samples), or give held-out videos with data.eval_path / data.eval_manifest"
     )
-  min_size, max_aspect = _get(data_cfg, "min_size", 128), _get(data_cfg, "max_aspect", 4.0)
+  min_size, max_aspect = data_cfg.min_size, data_cfg.max_aspect
   if int(min_size) < 1:
     problems.append(f"data.min_size={min_size} must be >= 1 (pixels of the shorter side)")
   if float(max_aspect) < 1.0:
     problems.append(f"data.max_aspect={max_aspect} must be >= 1 (long side / short side)")
-  threads = _get(data_cfg, "decode_threads", 1)
+  threads = data_cfg.decode_threads
   if int(threads) < 0:
     problems.append(f"data.decode_threads={threads} must be >= 0 (0: FFmpeg decides, 1: no threads)")
   return problems

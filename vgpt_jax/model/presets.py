@@ -12,7 +12,8 @@ _COMMON = dict(
   pos_embed_base_size=64,
   attention="auto",  # Pallas kernels on TPU/GPU; on CPU dense for short sequences, chunked for long
   attention_block=512,
-  remat="none",
+  remat="none",  # transformer.REMAT_POLICIES
+  remat_save=(),  # with remat="save_names": the transformer.SAVEABLE activations to keep, e.g. ("attention",)
   dtype="float32",
   param_dtype="float32",
 )

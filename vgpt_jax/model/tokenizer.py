@@ -141,16 +141,26 @@ def describe(tokenizer: Tokenizer, height: int, width: int) -> dict[str, Any]:
   return out
 
 
+def tokenizer_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """`config.tokenizer`. pixel: frames folded into channels (tiny runs). vae: the SDXL AutoencoderKL from a
+  diffusers-format directory (vae_path; downsample must be 8), encoding frames_per_chunk frames per call."""
+  cfg = ml_collections.ConfigDict(
+    dict(kind="pixel", downsample=4, vae_path="", frames_per_chunk=DEFAULT_FRAMES_PER_CHUNK)
+  )
+  cfg.update(overrides)
+  return cfg
+
+
 def make_tokenizer(tokenizer_cfg: ml_collections.ConfigDict) -> Tokenizer:
-  """kind 'pixel' (tokenizer.downsample) or 'vae' (tokenizer.vae_path, optional tokenizer.frames_per_chunk)."""
+  """The tokenizer of `config.tokenizer` (`tokenizer_config`)."""
   if tokenizer_cfg.kind == "pixel":
     return PixelTokenizer(downsample=tokenizer_cfg.downsample)
   if tokenizer_cfg.kind == "vae":
-    path = tokenizer_cfg.get("vae_path", "")
+    path = tokenizer_cfg.vae_path
     if not path:
       raise ValueError("tokenizer.kind='vae' needs tokenizer.vae_path (a diffusers-format AutoencoderKL directory)")
-    tokenizer = VaeTokenizer.from_pretrained(path, tokenizer_cfg.get("frames_per_chunk", DEFAULT_FRAMES_PER_CHUNK))
-    want = tokenizer_cfg.get("downsample", tokenizer.downsample)
+    tokenizer = VaeTokenizer.from_pretrained(path, tokenizer_cfg.frames_per_chunk)
+    want = tokenizer_cfg.downsample
     if want != tokenizer.downsample:
       # The config's frame-size checks use tokenizer.downsample; it must describe the VAE actually loaded.
       raise ValueError(f"tokenizer.downsample={want} but the VAE at {path} downsamples by {tokenizer.downsample}")

@@ -14,6 +14,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from vgpt_jax.attention.path import Plan
 from vgpt_jax.attention.select import attention_path
@@ -29,9 +30,40 @@ REMAT_POLICIES: dict[str, Callable | None] = {
   "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
   "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
   "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+  "save_names": None,  # keep the activations named in model.remat_save (SAVEABLE), recompute the rest
 }
 
+# Activations a layer names with `checkpoint_name`, for remat="save_names" (model.remat_save).
+SAVEABLE = (
+  "query",  # [B, T, H, Dh] after RoPE
+  "key",
+  "value",
+  "attention",  # [B, T, H, Dh] attention output, before the output projection
+  "mlp_gate",  # [B, T, mlp_dim]
+  "mlp_up",
+  "layer_out",  # [B, T, D] the residual stream after the layer
+)
+
+
+def remat_policy(remat: str, save: tuple[str, ...]) -> Callable | None:
+  """The checkpoint policy of model.remat (and model.remat_save for "save_names")."""
+  if remat == "save_names":
+    return jax.checkpoint_policies.save_only_these_names(*save)
+  return REMAT_POLICIES[remat]
+
+
 _DENSE_INIT = nn.initializers.normal(stddev=0.02)  # Phi-3 initializer_range
+
+
+# Logical axes of the activations (parallel.LOGICAL_RULES maps them to the mesh).
+EMBED_AXES = ("batch", "length", "embed")
+HEAD_AXES = ("batch", "length", "heads", "kv")
+MLP_AXES = ("batch", "length", "mlp")
+
+
+def _named(x: jax.Array, name: str, axes: tuple[str, ...]) -> jax.Array:
+  """`x` sharded by its logical `axes` and named `name` for remat="save_names"."""
+  return checkpoint_name(nn.with_logical_constraint(x, axes), name)
 
 
 class RMSNorm(nn.Module):
@@ -100,11 +132,13 @@ class Attention(nn.Module):
     x = x.astype(self.dtype)
     q, k, v = (jnp.einsum("btd,dhk->bthk", x, kernel(name, shape, axes)) for name in ("query", "key", "value"))
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    q, k, v = (_named(a, name, HEAD_AXES) for a, name in zip((q, k, v), ("query", "key", "value")))
     if cached is None:
       out = self.attend(q, k, v, plan)
     else:
       k_all, v_all = (jnp.concatenate([c.astype(self.dtype), new], axis=1) for c, new in zip(cached, (k, v)))
       out = self.attend(q, k_all, v_all, plan)
+    out = _named(out, "attention", HEAD_AXES)
     out = jnp.einsum("bthk,hkd->btd", out, kernel("out", shape[1:] + shape[:1], axes[1:] + axes[:1]))
     return out, (k, v)
 
@@ -128,8 +162,8 @@ class SwiGLU(nn.Module):
         name=name,
       )
 
-    gate = dense(self.mlp_dim, ("embed", "mlp"), "gate")(x)
-    up = dense(self.mlp_dim, ("embed", "mlp"), "up")(x)
+    gate = _named(dense(self.mlp_dim, ("embed", "mlp"), "gate")(x), "mlp_gate", MLP_AXES)
+    up = _named(dense(self.mlp_dim, ("embed", "mlp"), "up")(x), "mlp_up", MLP_AXES)
     return dense(x.shape[-1], ("mlp", "embed"), "down")(nn.silu(gate) * up)
 
 
@@ -164,7 +198,7 @@ class DecoderLayer(nn.Module):
     x = x + out
     h = RMSNorm(self.norm_eps, name="mlp_norm", **kw)(x)
     x = x + SwiGLU(self.mlp_dim, name="mlp", **kw)(h)
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = _named(x, "layer_out", EMBED_AXES)
     return x, (kv if self.return_kv else None)
 
 
@@ -180,6 +214,7 @@ class Decoder(nn.Module):
   attention: str  # config.model.attention (attention/select.py)
   attention_block: int  # tile size of the tiled paths
   remat: str = "none"
+  remat_save: tuple[str, ...] = ()
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -199,7 +234,7 @@ class Decoder(nn.Module):
     """
     layer_cls = DecoderLayer
     if self.remat != "none":
-      layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+      layer_cls = nn.remat(DecoderLayer, policy=remat_policy(self.remat, self.remat_save), prevent_cse=False)
     stack = nn.scan(
       layer_cls,
       variable_axes={"params": 0},

@@ -2,7 +2,7 @@
 
 One forward pass sees the whole training layout (clean context and noisy copies
 of every frame) and decodes only the noisy frames. The token order and the
-clip split are inputs (a static `Layout` and per-sample `block_of_frame`), so
+clip split are inputs (a static `Layout` and per-sample `clip_of_frame`), so
 the same parameters serve training, any order of the same tokens, and sampling.
 """
 
@@ -22,43 +22,32 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class VideoGPT(nn.Module):
-  """Hyper-parameters mirror `config.model` (see `from_config`)."""
+  """The fields are `config.model`'s (presets.py holds their defaults); build it with `from_config`."""
 
   num_layers: int
   hidden: int
   num_heads: int
   mlp_dim: int
   patch_size: int
-  norm_eps: float = 1e-5
-  rope_theta: float = 10000.0
-  time_freq_dim: int = 256
-  pos_embed_max_size: int = 192
-  pos_embed_base_size: int = 64
-  attention: str = "dense"  # attention/select.py: dense | chunked | pallas_tpu | pallas_gpu | auto
-  attention_block: int = 512  # tile size of the tiled paths
-  remat: str = "none"
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
+  norm_eps: float
+  rope_theta: float
+  time_freq_dim: int
+  pos_embed_max_size: int
+  pos_embed_base_size: int
+  attention: str  # attention/select.py: dense | chunked | pallas_tpu | pallas_gpu | auto
+  attention_block: int  # tile size of the tiled paths
+  remat: str  # transformer.REMAT_POLICIES
+  remat_save: tuple[str, ...]  # with remat="save_names": transformer.SAVEABLE activations the backward keeps
+  dtype: str  # compute dtype name (DTYPES)
+  param_dtype: str
+  preset: str = ""  # the preset it started from (informational)
 
   @classmethod
   def from_config(cls, model_cfg: ml_collections.ConfigDict) -> "VideoGPT":
-    return cls(
-      num_layers=model_cfg.num_layers,
-      hidden=model_cfg.hidden,
-      num_heads=model_cfg.num_heads,
-      mlp_dim=model_cfg.mlp_dim,
-      patch_size=model_cfg.patch_size,
-      norm_eps=model_cfg.norm_eps,
-      rope_theta=model_cfg.rope_theta,
-      time_freq_dim=model_cfg.time_freq_dim,
-      pos_embed_max_size=model_cfg.pos_embed_max_size,
-      pos_embed_base_size=model_cfg.pos_embed_base_size,
-      attention=model_cfg.attention,
-      attention_block=model_cfg.get("attention_block", 512),
-      remat=model_cfg.remat,
-      dtype=DTYPES[model_cfg.dtype],
-      param_dtype=DTYPES[model_cfg.param_dtype],
-    )
+    """The model of `config.model`, field for field; a field it lacks or does not know is an error."""
+    values = dict(model_cfg)
+    values["remat_save"] = tuple(values["remat_save"])
+    return cls(**values)
 
   @nn.compact
   def __call__(
@@ -66,7 +55,7 @@ class VideoGPT(nn.Module):
     clean: jax.Array,
     noisy: jax.Array,
     t: jax.Array,
-    block_of_frame: jax.Array,
+    clip_of_frame: jax.Array,
     layout: Layout,
     tokens: np.ndarray | None = None,
     cache: KVCache | None = None,
@@ -79,7 +68,7 @@ class VideoGPT(nn.Module):
       clean: [B, N, h, w, C] context latents (the clean copies, possibly lightly noised).
       noisy: [B, N, h, w, C] noised latents x_t.
       t: [B, N] flow time of each noisy frame (1 = clean).
-      block_of_frame: int32 [B, N] clip index of each frame.
+      clip_of_frame: int32 [B, N] clip index of each frame.
       layout: static token layout for N frames of S = h*w/p^2 tokens.
       tokens: static int [T'] subset of the layout's tokens to run (default: all);
         the KV-cached sampler runs a clip's tokens alone.
@@ -93,7 +82,8 @@ class VideoGPT(nn.Module):
     """
     b, n, h, w, c = noisy.shape
     p = self.patch_size
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    dtype = DTYPES[self.dtype]
+    kw = dict(dtype=dtype, param_dtype=DTYPES[self.param_dtype])
     pos = jnp.asarray(sincos_2d_table(self.hidden, h // p, w // p, self.pos_embed_max_size, self.pos_embed_base_size))
 
     s = pos.shape[0]
@@ -116,23 +106,23 @@ class VideoGPT(nn.Module):
       if len(pick):
         patches = jnp.take(patchify(frames, p).reshape(b, n * s, -1), jnp.asarray(idx), axis=1)
         embed = PatchEmbed(self.hidden, zero_init=zero_init, name=name, **kw)(patches)
-        parts.append(embed + pos[idx % s].astype(self.dtype))
+        parts.append(embed + pos[idx % s].astype(dtype))
     if len(picks[2]):
       t_tok = jnp.take(t, jnp.asarray(local[2]), axis=1)
-      parts.append(TimestepEmbedder(self.hidden, self.time_freq_dim, name="time_token", **kw)(t_tok).astype(self.dtype))
+      parts.append(TimestepEmbedder(self.hidden, self.time_freq_dim, name="time_token", **kw)(t_tok).astype(dtype))
     special = self.param(
       "special_tokens",
       nn.with_logical_partitioning(nn.initializers.normal(0.02), ("special", "embed")),
       (NUM_SPECIAL, self.hidden),
-      self.param_dtype,
+      kw["param_dtype"],
     )
     if len(picks[3]):
-      parts.append(jnp.broadcast_to(special[local[3]].astype(self.dtype), (b, len(picks[3]), self.hidden)))
+      parts.append(jnp.broadcast_to(special[local[3]].astype(dtype), (b, len(picks[3]), self.hidden)))
     order = np.argsort(np.concatenate(picks))
     x = jnp.take(jnp.concatenate(parts, axis=1), jnp.asarray(order), axis=1)  # [B, T', D]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    all_ids = token_ids(layout, block_of_frame)
+    all_ids = token_ids(layout, clip_of_frame)
     ids = all_ids[:, tokens]
     cache_ids = None if cache is None else all_ids[:, np.asarray(cache_tokens)]
     decoded = Decoder(
@@ -145,6 +135,7 @@ class VideoGPT(nn.Module):
       self.attention,
       self.attention_block,
       self.remat,
+      self.remat_save,
       name="decoder",
       **kw,
     )(x, ids, cache, cache_ids, return_kv)
@@ -160,5 +151,5 @@ class VideoGPT(nn.Module):
       noisy_out = jnp.take(x, jnp.asarray(patch_index[frames].reshape(-1)), axis=1)
       noisy_out = noisy_out.reshape(b, len(frames), s, self.hidden)
       cond = TimestepEmbedder(self.hidden, self.time_freq_dim, name="final_time", **kw)(t[:, frames])
-      out = unpatchify(FinalLayer(p * p * c, param_dtype=self.param_dtype, name="final")(noisy_out, cond), p, h, w)
+      out = unpatchify(FinalLayer(p * p * c, param_dtype=kw["param_dtype"], name="final")(noisy_out, cond), p, h, w)
     return (out, kv) if return_kv else out

@@ -32,11 +32,14 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from vgpt_jax import diffusion
 from vgpt_jax.layout import CLEAN, NOISY, fixed_split, sampling_layout, segment_tokens, training_layout
 from vgpt_jax.model.transformer import KVCache
-from vgpt_jax.trainer import Setup
+from vgpt_jax.run import Run
+
+Videos = list[tuple[str, np.ndarray]]  # (name, float32 frames [T, H, W, 3] in [-1, 1]), T may differ per video
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +52,8 @@ class SamplingConfig:
   clip_frames: int = 1  # g: frames generated per clip
   window: int = 0  # W: frames the model sees at once
 
-  def window_for(self, setup: Setup) -> int:
-    return self.window or setup.layout.num_frames
+  def window_for(self, run: Run) -> int:
+    return self.window or run.layout.num_frames
 
 
 def with_run_defaults(
@@ -73,16 +76,16 @@ def with_run_defaults(
   return context_frames, frames or n - context_frames, sampling
 
 
-def check_sampling(setup: Setup, cfg: SamplingConfig, context_frames: int) -> None:
+def check_sampling(run: Run, cfg: SamplingConfig, context_frames: int) -> None:
   """Raise ValueError naming the fix when `cfg` cannot run on this model."""
-  w = cfg.window_for(setup)
+  w = cfg.window_for(run)
   problems = []
   if cfg.steps < 1:
     problems.append(f"steps={cfg.steps} must be >= 1")
   if cfg.clip_frames < 1:
     problems.append(f"clip_frames={cfg.clip_frames} must be >= 1")
-  if w > setup.layout.num_frames:
-    problems.append(f"window={w} exceeds the trained length data.num_frames={setup.layout.num_frames}")
+  if w > run.layout.num_frames:
+    problems.append(f"window={w} exceeds the trained length data.num_frames={run.layout.num_frames}")
   if cfg.clip_frames >= w:
     problems.append(f"clip_frames={cfg.clip_frames} leaves no room for context in a window of {w} frames")
   if context_frames < 1:
@@ -96,30 +99,30 @@ def _frame_times(b: int, m: int, g: int, t: jax.Array) -> jax.Array:
   return jnp.concatenate([jnp.ones((b, m)), jnp.full((b, g), t)], axis=1)
 
 
-def _unconditional_velocity(setup: Setup, params: Any, x: jax.Array, t: jax.Array) -> jax.Array:
+def _unconditional_velocity(run: Run, params: Any, x: jax.Array, t: jax.Array) -> jax.Array:
   """The guidance branch: the clip alone, frames at positions 0..g-1, no history (one clip, block 0)."""
   b, g = x.shape[:2]
-  layout = training_layout(g, setup.layout.tokens_per_frame)
+  layout = training_layout(g, run.layout.tokens_per_frame)
   split = jnp.zeros((b, g), jnp.int32)
-  out = setup.model.apply({"params": params}, x, x, jnp.full((b, g), t), split, layout)
-  return diffusion.velocity(out, x, jnp.full((b, g), t), setup.config.diffusion.prediction)
+  out = run.model.apply({"params": params}, x, x, jnp.full((b, g), t), split, layout)
+  return diffusion.velocity(out, x, jnp.full((b, g), t), run.config.diffusion.prediction)
 
 
-def _guided(setup: Setup, params: Any, guidance: float, conditional: Callable) -> Callable:
+def _guided(run: Run, params: Any, guidance: float, conditional: Callable) -> Callable:
   """velocity_fn(x, t) with classifier-free guidance around `conditional(x, t)`."""
 
   def velocity_fn(x: jax.Array, t: jax.Array) -> jax.Array:
     v = conditional(x, t)
     if guidance == 1.0:
       return v
-    v_u = _unconditional_velocity(setup, params, x, t)
+    v_u = _unconditional_velocity(run, params, x, t)
     return v_u + guidance * (v - v_u)
 
   return velocity_fn
 
 
 def uncached_clip(
-  setup: Setup, params: Any, context: jax.Array, noise: jax.Array, steps: int, shift: float, guidance: float
+  run: Run, params: Any, context: jax.Array, noise: jax.Array, steps: int, shift: float, guidance: float
 ) -> jax.Array:
   """The reference's way: the whole training-layout sequence (split m | g) recomputed at every step.
 
@@ -127,17 +130,17 @@ def uncached_clip(
   """
   b, m = context.shape[:2]
   g = noise.shape[1]
-  layout = training_layout(m + g, setup.layout.tokens_per_frame)
+  layout = training_layout(m + g, run.layout.tokens_per_frame)
   split = jnp.broadcast_to(jnp.asarray(fixed_split((m, g))), (b, m + g))
-  prediction = setup.config.diffusion.prediction
+  prediction = run.config.diffusion.prediction
 
   def conditional(x: jax.Array, t: jax.Array) -> jax.Array:
     frames = jnp.concatenate([context, x], axis=1)  # noisy copies of the context are masked from the clip
-    out = setup.model.apply({"params": params}, frames, frames, _frame_times(b, m, g, t), split, layout)
+    out = run.model.apply({"params": params}, frames, frames, _frame_times(b, m, g, t), split, layout)
     return diffusion.velocity(out[:, m:], x, jnp.full((b, g), t), prediction)
 
   grid = diffusion.euler_grid(steps, shift)
-  return diffusion.euler_integrate(_guided(setup, params, guidance, conditional), noise, grid)
+  return diffusion.euler_integrate(_guided(run, params, guidance, conditional), noise, grid)
 
 
 def _window_inputs(window: int, frames: jax.Array, first: int) -> jax.Array:
@@ -148,19 +151,17 @@ def _window_inputs(window: int, frames: jax.Array, first: int) -> jax.Array:
   return jnp.concatenate([before, frames, after], axis=1)
 
 
-def extend_cache(
-  setup: Setup, window: int, params: Any, cache: KVCache | None, frames: jax.Array, first: int
-) -> KVCache:
+def extend_cache(run: Run, window: int, params: Any, cache: KVCache | None, frames: jax.Array, first: int) -> KVCache:
   """The cache of window frames 0..first-1 extended with clean `frames` [B, k, ...] at first..first+k-1.
 
   The new frames' clean tokens run once, attending to the cached ones (clean
   attention is causal over frames, so nothing earlier changes).
   """
   b, k = frames.shape[:2]
-  layout = sampling_layout(window, setup.layout.tokens_per_frame)
+  layout = sampling_layout(window, run.layout.tokens_per_frame)
   clean = _window_inputs(window, frames, first)
   split = jnp.zeros((b, window), jnp.int32)
-  _, kv = setup.model.apply(
+  _, kv = run.model.apply(
     {"params": params},
     clean,
     jnp.zeros_like(clean),
@@ -177,19 +178,17 @@ def extend_cache(
   return jax.tree.map(lambda old, new: jnp.concatenate([old, new], axis=2), cache, kv)
 
 
-def cached_denoise(
-  setup: Setup, window: int, params: Any, cache: KVCache, m: int, x: jax.Array, t: jax.Array
-) -> jax.Array:
+def cached_denoise(run: Run, window: int, params: Any, cache: KVCache, m: int, x: jax.Array, t: jax.Array) -> jax.Array:
   """The network's output for the clip x [B, g, ...] at time t, given the cached context of m frames.
 
   Equals the training layout's output for the noisy frames m..m+g-1 with split (m | g).
   """
   b, g = x.shape[:2]
-  layout = sampling_layout(window, setup.layout.tokens_per_frame)
+  layout = sampling_layout(window, run.layout.tokens_per_frame)
   noisy = _window_inputs(window, x, m)
   split = jnp.asarray(np.repeat([0, 1, 2], [m, g, window - m - g]).astype(np.int32))
   times = jnp.concatenate([jnp.ones((b, m)), jnp.full((b, g), t), jnp.ones((b, window - m - g))], axis=1)
-  return setup.model.apply(
+  return run.model.apply(
     {"params": params},
     jnp.zeros_like(noisy),
     noisy,
@@ -203,7 +202,7 @@ def cached_denoise(
 
 
 def cached_clip(
-  setup: Setup,
+  run: Run,
   window: int,
   params: Any,
   cache: KVCache,
@@ -214,30 +213,28 @@ def cached_clip(
   guidance: float,
 ) -> jax.Array:
   """Generate one clip against the cached context of m frames; only the clip's tokens run per step."""
-  prediction = setup.config.diffusion.prediction
+  prediction = run.config.diffusion.prediction
 
   def conditional(x: jax.Array, t: jax.Array) -> jax.Array:
-    out = cached_denoise(setup, window, params, cache, m, x, t)
+    out = cached_denoise(run, window, params, cache, m, x, t)
     return diffusion.velocity(out, x, jnp.full(x.shape[:2], t), prediction)
 
   grid = diffusion.euler_grid(steps, shift)
-  return diffusion.euler_integrate(_guided(setup, params, guidance, conditional), noise, grid)
+  return diffusion.euler_integrate(_guided(run, params, guidance, conditional), noise, grid)
 
 
 class Sampler:
   """Jit-compiled rollouts for one model; compiled functions are reused across calls of the same shapes."""
 
-  def __init__(self, setup: Setup, cfg: SamplingConfig):
-    self.setup, self.cfg = setup, cfg
-    self.window = cfg.window_for(setup)
+  def __init__(self, run: Run, cfg: SamplingConfig):
+    self.run, self.cfg = run, cfg
+    self.window = cfg.window_for(run)
     w = self.window
-    self._extend = jax.jit(functools.partial(extend_cache, setup, w), static_argnames="first")
+    self._extend = jax.jit(functools.partial(extend_cache, run, w), static_argnames="first")
     self._cached_clip = jax.jit(
-      functools.partial(cached_clip, setup, w), static_argnames=("m", "steps", "shift", "guidance")
+      functools.partial(cached_clip, run, w), static_argnames=("m", "steps", "shift", "guidance")
     )
-    self._uncached_clip = jax.jit(
-      functools.partial(uncached_clip, setup), static_argnames=("steps", "shift", "guidance")
-    )
+    self._uncached_clip = jax.jit(functools.partial(uncached_clip, run), static_argnames=("steps", "shift", "guidance"))
 
   def rollout(
     self,
@@ -256,7 +253,7 @@ class Sampler:
     called after each clip (progress bars).
     """
     cfg, w = self.cfg, self.window
-    check_sampling(self.setup, cfg, context.shape[1])
+    check_sampling(self.run, cfg, context.shape[1])
     shape = context.shape[2:]
     history = jnp.asarray(context, jnp.float32)
     total = -(-num_frames // cfg.clip_frames)
@@ -280,3 +277,38 @@ class Sampler:
       if on_clip is not None:
         on_clip(c + 1, total)
     return history[:, context.shape[1] :]
+
+
+def continue_videos(
+  run: Run,
+  params: Any,
+  videos: Videos,
+  sampling: SamplingConfig,
+  context_frames: int,
+  frames: int,
+  seed: int,
+  cached: bool = True,
+  batch_size: int = 8,
+) -> list[np.ndarray]:
+  """float32 [frames, H, W, 3] continuations of each video's first `context_frames` frames, in batches.
+
+  Video i's noise comes from fold_in(key(seed), i), so a video's sample does not
+  depend on the batch it is generated in.
+  """
+  short = [name for name, v in videos if len(v) < context_frames]
+  if short:
+    raise ValueError(f"videos with fewer than --context_frames={context_frames} frames: {short}")
+  sampler = Sampler(run, sampling)
+  encode, decode = jax.jit(run.tokenizer.encode), jax.jit(run.tokenizer.decode)
+  clips = -(-frames // sampling.clip_frames)
+  out: list[np.ndarray] = []
+  with tqdm(total=clips * len(videos), desc="sample", unit="clip", dynamic_ncols=True) as progress:
+    for first in range(0, len(videos), batch_size):
+      batch = videos[first : first + batch_size]
+      latents = encode(jnp.asarray(np.stack([v[:context_frames] for _, v in batch])))
+      keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), first + i) for i in range(len(batch))])
+      generated = sampler.rollout(
+        params, latents, keys, frames, cached=cached, on_clip=lambda done, _: progress.update(len(batch))
+      )
+      out.extend(np.clip(np.asarray(decode(generated)), -1, 1))
+  return out

@@ -1,6 +1,6 @@
-"""Train state, optimiser, loss and the jit-compiled sharded train step (pure functions).
+"""The train state, optimiser, loss and the jit-compiled sharded train step (pure functions) of a `Run`.
 
-`train.py` drives these; tests call them directly.
+`train.py` drives these; tests call them directly. Nothing that samples imports this module.
 """
 
 from __future__ import annotations
@@ -17,14 +17,9 @@ import optax
 from jax.sharding import Mesh
 
 from vgpt_jax import diffusion, parallel
-from vgpt_jax.attention import context_parallel
-from vgpt_jax.data import latents as latents_lib
-from vgpt_jax.data.pipeline import input_key
 from vgpt_jax.data.sources import SKIP_REASONS
-from vgpt_jax.layout import Layout, pad_layout, sample_splits, training_layout
-from vgpt_jax.model import VideoGPT
-from vgpt_jax.model import tokenizer as tokenizer_lib
-from vgpt_jax.model.tokenizer import Tokenizer
+from vgpt_jax.layout import sample_splits
+from vgpt_jax.run import Run, init_params
 
 
 @jax.tree_util.register_dataclass
@@ -37,25 +32,6 @@ class TrainState:
   ema: Any  # exponential moving average of params, or None when train.ema_decay = 0
   skipped: jax.Array  # int32 []: steps whose loss or gradient was not finite (update skipped)
   skipped_videos: jax.Array  # int32 [len(SKIP_REASONS)]: bad videos the pipeline replaced, all processes, by reason
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """Everything static a run derives from its config once."""
-
-  config: ml_collections.ConfigDict
-  model: VideoGPT
-  tokenizer: Tokenizer  # pixel or VAE; the VAE weights are closed over (pre-encoded latents avoid that)
-  layout: Layout
-  optimizer: optax.GradientTransformation
-  latent_shape: tuple[int, int, int]  # (h, w, C)
-  inputs: str  # "video": batches of frames, encoded in the step; "latents": pre-encoded (no tokenizer in the step)
-
-  def input_shape(self, batch_size: int) -> tuple[int, ...]:
-    """Shape of a batch of model inputs: frames [B, N, H, W, 3] or latents [B, N, h, w, C]."""
-    d = self.config.data
-    per_frame = self.latent_shape if self.inputs == "latents" else (d.height, d.width, 3)
-    return (batch_size, d.num_frames, *per_frame)
 
 
 def make_schedule(optim_cfg: ml_collections.ConfigDict) -> optax.Schedule:
@@ -76,59 +52,23 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
   )
 
 
-def model_layout(num_frames: int, tokens_per_frame: int, context: int = 1) -> Layout:
-  """The training layout; with context parallelism (mesh.context > 1) in an order that balances the devices."""
-  layout = training_layout(num_frames, tokens_per_frame)
-  if context > 1:
-    layout = pad_layout(layout, 2 * context)
-    layout = context_parallel.reorder(layout, context_parallel.balanced_order(layout, context))
-  return layout
-
-
-def make_setup(config: ml_collections.ConfigDict) -> Setup:
-  tokenizer = tokenizer_lib.make_tokenizer(config.tokenizer)
-  h, w, c = tokenizer.latent_shape(config.data.height, config.data.width)
-  inputs = input_key(config.data)
-  if inputs == "latents":  # the stored latents must be this tokenizer's (it decodes the samples)
-    description = tokenizer_lib.describe(tokenizer, config.data.height, config.data.width)
-    latents_lib.check_tokenizer(config.data.latents_path, description)
-  p = config.model.patch_size
-  return Setup(
-    config=config,
-    model=VideoGPT.from_config(config.model),
-    tokenizer=tokenizer,
-    layout=model_layout(config.data.num_frames, (h // p) * (w // p), config.mesh.context),
-    optimizer=make_optimizer(config.optim),
-    latent_shape=(h, w, c),
-    inputs=inputs,
-  )
-
-
-def init_params(setup: Setup, key: jax.Array) -> Any:
-  """Boxed (logically annotated) parameters; shapes only under eval_shape."""
-  n = setup.config.data.num_frames
-  latents = jnp.zeros((1, n) + setup.latent_shape, jnp.float32)
-  split = jnp.zeros((1, n), jnp.int32)
-  return setup.model.init(key, latents, latents, jnp.zeros((1, n)), split, setup.layout)["params"]
-
-
-def _boxed_state(setup: Setup, seed: int) -> TrainState:
+def _boxed_state(run: Run, seed: int) -> TrainState:
   init_key, run_key = jax.random.split(jax.random.key(seed))
-  params = init_params(setup, init_key)
+  params = init_params(run, init_key)
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
-    opt_state=setup.optimizer.init(params),
+    opt_state=make_optimizer(run.config.optim).init(params),
     rng=jax.random.key_data(run_key),
-    ema=jax.tree.map(jnp.copy, params) if setup.config.train.ema_decay > 0 else None,
+    ema=jax.tree.map(jnp.copy, params) if run.config.train.ema_decay > 0 else None,
     skipped=jnp.zeros((), jnp.int32),
     skipped_videos=jnp.zeros(len(SKIP_REASONS), jnp.int32),
   )
 
 
-def _boxed_abstract_state(setup: Setup) -> TrainState:
+def _boxed_abstract_state(run: Run) -> TrainState:
   """Shapes of the state with their logical axis names (one trace of init, nothing allocated)."""
-  return jax.eval_shape(functools.partial(_boxed_state, setup, setup.config.seed))
+  return jax.eval_shape(functools.partial(_boxed_state, run, run.config.seed))
 
 
 def _shardings_of(boxed: TrainState, mesh: Mesh) -> TrainState:
@@ -136,62 +76,62 @@ def _shardings_of(boxed: TrainState, mesh: Mesh) -> TrainState:
     return parallel.logical_shardings(boxed, mesh)
 
 
-def abstract_state(setup: Setup) -> TrainState:
+def abstract_state(run: Run) -> TrainState:
   """Shapes and dtypes of the (unboxed) train state; nothing is allocated."""
-  return nn.unbox(_boxed_abstract_state(setup))
+  return nn.unbox(_boxed_abstract_state(run))
 
 
-def state_shardings(setup: Setup, mesh: Mesh) -> TrainState:
+def state_shardings(run: Run, mesh: Mesh) -> TrainState:
   """NamedShardings of the train state, from shapes only (nothing materialised)."""
-  return _shardings_of(_boxed_abstract_state(setup), mesh)
+  return _shardings_of(_boxed_abstract_state(run), mesh)
 
 
-def sharded_abstract_state(setup: Setup, mesh: Mesh) -> TrainState:
+def sharded_abstract_state(run: Run, mesh: Mesh) -> TrainState:
   """The state's shapes with the shardings wanted on `mesh`: the target for compiling and restoring."""
-  boxed = _boxed_abstract_state(setup)
+  boxed = _boxed_abstract_state(run)
   return jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), _shardings_of(boxed, mesh)
   )
 
 
-def create_state(setup: Setup, mesh: Mesh) -> TrainState:
+def create_state(run: Run, mesh: Mesh) -> TrainState:
   """Initialise the train state directly into its shardings."""
-  shardings = state_shardings(setup, mesh)
-  init = jax.jit(lambda: nn.unbox(_boxed_state(setup, setup.config.seed)), out_shardings=shardings)
+  shardings = state_shardings(run, mesh)
+  init = jax.jit(lambda: nn.unbox(_boxed_state(run, run.config.seed)), out_shardings=shardings)
   with jax.set_mesh(mesh):
     return init()
 
 
-def _noised_sample(setup: Setup, key: jax.Array, x1: jax.Array) -> tuple[jax.Array, ...]:
+def _noised_sample(run: Run, key: jax.Array, x1: jax.Array) -> tuple[jax.Array, ...]:
   """The random part of one training sample: split, timesteps and noise.
 
   x1: [N, h, w, C] clean latents. Returns (clean context input, x_t, t [N],
-  block_of_frame [N], eps). Drawn from a per-sample key so a sample's noise does
+  clip_of_frame [N], eps). Drawn from a per-sample key so a sample's noise does
   not depend on the batch it sits in (gradient accumulation and any sharding
   see the same randomness).
   """
-  cfg = setup.config
+  cfg = run.config
   n = x1.shape[0]
   split_key, t_key, eps_key, ctx_key = jax.random.split(key, 4)
-  block_of_frame = sample_splits(split_key, 1, n, cfg.layout)[0]
-  t = diffusion.sample_timesteps(t_key, (n,), cfg.diffusion)[block_of_frame]  # one t per clip
+  clip_of_frame = sample_splits(split_key, 1, n, cfg.layout)[0]
+  t = diffusion.sample_timesteps(t_key, (n,), cfg.diffusion)[clip_of_frame]  # one t per clip
   eps = jax.random.normal(eps_key, x1.shape, x1.dtype)
   x_t = diffusion.interpolate(x1[None], eps[None], t[None])[0]
   clean = diffusion.corrupt_context(ctx_key, x1[None], cfg.diffusion)[0]
-  return clean, x_t, t, block_of_frame, eps
+  return clean, x_t, t, clip_of_frame, eps
 
 
-def loss_fn(params: Any, setup: Setup, inputs: jax.Array, keys: jax.Array) -> jax.Array:
+def loss_fn(params: Any, run: Run, inputs: jax.Array, keys: jax.Array) -> jax.Array:
   """Next-clip flow-matching loss of one batch.
 
   inputs: float32 frames [B, N, H, W, 3] in [-1, 1], or latents [B, N, h, w, C]
-  when setup.inputs == "latents"; keys: [B] per-sample PRNG keys.
+  when run.inputs == "latents"; keys: [B] per-sample PRNG keys.
   """
-  x1 = inputs if setup.inputs == "latents" else setup.tokenizer.encode(inputs)  # [B, N, h, w, C]
-  clean, x_t, t, block_of_frame, eps = jax.vmap(functools.partial(_noised_sample, setup))(keys, x1)
-  output = setup.model.apply({"params": params}, clean, x_t, t, block_of_frame, setup.layout)
-  dif = setup.config.diffusion
-  weight = None if dif.first_clip_weight == 1.0 else diffusion.first_clip_weights(block_of_frame, dif.first_clip_weight)
+  x1 = inputs if run.inputs == "latents" else run.tokenizer.encode(inputs)  # [B, N, h, w, C]
+  clean, x_t, t, clip_of_frame, eps = jax.vmap(functools.partial(_noised_sample, run))(keys, x1)
+  output = run.model.apply({"params": params}, clean, x_t, t, clip_of_frame, run.layout)
+  dif = run.config.diffusion
+  weight = None if dif.first_clip_weight == 1.0 else diffusion.first_clip_weights(clip_of_frame, dif.first_clip_weight)
   return diffusion.prediction_loss(output, x1, eps, dif.prediction, weight)
 
 
@@ -200,24 +140,24 @@ def step_key(state: TrainState) -> jax.Array:
   return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
-def loss_and_grads(setup: Setup, params: Any, inputs: jax.Array, key: jax.Array) -> tuple[jax.Array, Any]:
+def loss_and_grads(run: Run, params: Any, inputs: jax.Array, key: jax.Array) -> tuple[jax.Array, Any]:
   """Mean loss and gradient over the batch, in train.grad_accum_steps sequential micro-batches.
 
   Sample i always uses fold_in(key, i), so accumulation changes memory, not the result.
   """
   b = inputs.shape[0]
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(b))
-  k = setup.config.train.grad_accum_steps
+  k = run.config.train.grad_accum_steps
   grad_fn = jax.value_and_grad(loss_fn)
   if k == 1:
-    return grad_fn(params, setup, inputs, keys)
+    return grad_fn(params, run, inputs, keys)
 
   def micro(x: jax.Array) -> jax.Array:
     # Strided micro-batches ([B/k, k] -> [k, B/k]) keep each device's rows on that device.
     return jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
 
   def accumulate(carry, batch):
-    loss, grads = grad_fn(params, setup, *batch)
+    loss, grads = grad_fn(params, run, *batch)
     return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
   zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
@@ -230,20 +170,18 @@ def no_skips(batch_size: int) -> jax.Array:
   return jnp.zeros((batch_size, len(SKIP_REASONS)), jnp.int32)
 
 
-def train_step(
-  setup: Setup, state: TrainState, inputs: jax.Array, skipped_videos: jax.Array
-) -> tuple[TrainState, dict]:
-  """One optimiser step on a batch of `setup.input_shape`; pure, so it can be jit-compiled with shardings.
+def train_step(run: Run, state: TrainState, inputs: jax.Array, skipped_videos: jax.Array) -> tuple[TrainState, dict]:
+  """One optimiser step on a batch of `run.input_shape`; pure, so it can be jit-compiled with shardings.
 
   skipped_videos: int32 [B, len(SKIP_REASONS)], the bad videos the pipeline
   replaced for each sample; summed into the state, so the totals cover every
   process and survive a resume. A step whose loss or gradient is not finite
   leaves params, optimiser state and EMA untouched and is counted in `skipped`.
   """
-  loss, grads = loss_and_grads(setup, state.params, inputs, step_key(state))
+  loss, grads = loss_and_grads(run, state.params, inputs, step_key(state))
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
+  updates, opt_state = make_optimizer(run.config.optim).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
   def keep_if_finite(new, old):
@@ -252,7 +190,7 @@ def train_step(
   params = keep_if_finite(params, state.params)
   ema = state.ema
   if ema is not None:
-    decay = setup.config.train.ema_decay
+    decay = run.config.train.ema_decay
     ema = keep_if_finite(jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params), ema)
   new_state = TrainState(
     step=state.step + 1,
@@ -266,31 +204,31 @@ def train_step(
   metrics = {
     "loss": loss,
     "grad_norm": grad_norm,
-    "lr": make_schedule(setup.config.optim)(state.step),
+    "lr": make_schedule(run.config.optim)(state.step),
     "skipped_steps": new_state.skipped,
     **{f"skipped_{reason}": new_state.skipped_videos[i] for i, reason in enumerate(SKIP_REASONS)},
   }
   return new_state, metrics
 
 
-def compile_train_step(setup: Setup, mesh: Mesh) -> jax.stages.Compiled:
+def compile_train_step(run: Run, mesh: Mesh) -> jax.stages.Compiled:
   """Ahead-of-time compiled train step with explicit in/out shardings and the state donated.
 
   Compiled from shapes alone, so its memory use can be reported before the
   first step (`.memory_analysis()`). Call it as `state, metrics = step(state, inputs, skipped_videos)`,
-  inputs of `setup.input_shape(train.batch_size)` (frames or pre-encoded latents), skipped_videos
+  inputs of `run.input_shape(train.batch_size)` (frames or pre-encoded latents), skipped_videos
   int32 [train.batch_size, len(SKIP_REASONS)] (`no_skips` for none).
   """
-  abstract = sharded_abstract_state(setup, mesh)
+  abstract = sharded_abstract_state(run, mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   inputs = jax.ShapeDtypeStruct(
-    setup.input_shape(setup.config.train.batch_size), jnp.float32, sharding=parallel.batch_sharding(mesh)
+    run.input_shape(run.config.train.batch_size), jnp.float32, sharding=parallel.batch_sharding(mesh)
   )
   skips = jax.ShapeDtypeStruct(
-    (setup.config.train.batch_size, len(SKIP_REASONS)), jnp.int32, sharding=parallel.batch_sharding(mesh)
+    (run.config.train.batch_size, len(SKIP_REASONS)), jnp.int32, sharding=parallel.batch_sharding(mesh)
   )
   step = jax.jit(
-    functools.partial(train_step, setup),
+    functools.partial(train_step, run),
     in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.batch_sharding(mesh)),
     out_shardings=(shardings, parallel.replicated(mesh)),
     donate_argnums=0,
