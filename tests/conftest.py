@@ -44,6 +44,15 @@ def small_config(**overrides) -> ml_collections.ConfigDict:
   return c
 
 
+def data_config(**fields) -> ml_collections.ConfigDict:
+  """`default_data_config` with `fields` set (the data tests' configs)."""
+  from vgpt_jax.data.pipeline import default_data_config
+
+  cfg = default_data_config()
+  cfg.update(fields)
+  return cfg
+
+
 @pytest.fixture
 def config() -> ml_collections.ConfigDict:
   return small_config()

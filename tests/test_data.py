@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import data_config
 from vgpt_jax.data import physics
 from vgpt_jax.data.held_out import held_out_clips
 from vgpt_jax.data.physics import PhysicsWorld, Scene, render_video, sample_scene, simulate, video_seed
@@ -28,15 +29,8 @@ ONE_BALL = PhysicsWorld(min_balls=1, max_balls=1, occluder_prob=0.0)
 
 def small_config(**overrides):
   """A tiny data config: 8 train videos of 12 frames, 4-frame clips with stride 2."""
-  cfg = default_data_config()
-  cfg.num_train_videos = 8
-  cfg.num_eval_videos = 6
-  cfg.video_frames = 12
-  cfg.num_frames = 4
-  cfg.frame_stride = 2
-  for key, value in overrides.items():
-    cfg[key] = value
-  return cfg
+  fields = dict(num_train_videos=8, num_eval_videos=6, video_frames=12, num_frames=4, frame_stride=2)
+  return data_config(**{**fields, **overrides})
 
 
 def take(iterator, n):

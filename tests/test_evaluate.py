@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import cpu_env, train_command
 from vgpt_jax import evaluate
+from vgpt_jax.rollouts import RolloutRequest
 
 
 def test_baselines_copy_and_extrapolate():
@@ -63,5 +64,6 @@ def test_evaluate_cli_end_to_end(tmp_path):
   for name in ("per_frame_mse.png", "per_frame_psnr.png", "per_frame_ssim.png", "rollouts.gif"):
     assert (out / name).stat().st_size > 0
   # Shorter than the run's clips (2 + 1 < data.num_frames = 5): the held-out videos are cut, not refused.
-  short = evaluate.evaluate(workdir, tmp_path / "short", num_videos=2, context_frames=2, frames=1, with_fvd=False)
+  request = RolloutRequest(str(workdir), num_videos=2, context_frames=2, frames=1, batch_size=16)
+  short = evaluate.evaluate(request, tmp_path / "short", with_fvd=False)
   assert short["videos"] == 2 and short["predicted_frames"] == 1 and len(short["per_frame"]["model"]["mse"]) == 1

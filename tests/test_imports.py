@@ -2,7 +2,7 @@
 
 from tests.conftest import run_python
 
-USERS_OF_A_CHECKPOINT = ("sampler", "sample", "evaluate", "export", "checkpoint", "data.held_out", "run")
+USERS_OF_A_CHECKPOINT = ("sampler", "sample", "evaluate", "export", "checkpoint", "data.held_out", "rollouts", "run")
 
 
 def test_sampling_and_export_do_not_import_the_train_step_or_the_optimizer():

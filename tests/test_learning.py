@@ -7,6 +7,7 @@ import pytest
 
 from tests.conftest import small_config
 from vgpt_jax.benchmarks import diagnose, learning_curve
+from vgpt_jax.rollouts import RolloutRequest
 from vgpt_jax.sampler import SamplingConfig
 from vgpt_jax.train import train
 
@@ -72,7 +73,8 @@ def test_diagnose_shows_the_prediction_beats_copying_and_moves_with_the_context(
 def test_learning_curve_scores_every_checkpoint_against_training_time(one_ball_run, tmp_path):
   workdir, _ = one_ball_run
   sampling = SamplingConfig(steps=4, clip_frames=1)  # as the run's own end-of-run sample
-  curve = learning_curve.learning_curve(str(workdir), tmp_path, num_videos=8, context_frames=4, sampling=sampling)
+  request = RolloutRequest(str(workdir), num_videos=8, context_frames=4, sampling=sampling, batch_size=16)
+  curve = learning_curve.learning_curve(request, tmp_path)
   rows = curve["rows"]
   assert [r["step"] for r in rows] == [500, 1000]
   assert 0 < rows[0]["train_seconds"] < rows[1]["train_seconds"]  # from the run's metrics.jsonl

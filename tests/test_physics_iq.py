@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
+from vgpt_jax import media
 from vgpt_jax.metrics import physics_iq as piq
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,13 +199,7 @@ def test_compare_videos_shape_errors():
 
 
 def _write_mp4(path: Path, frames: np.ndarray) -> None:
-  with av.open(str(path), "w") as container:
-    stream = container.add_stream("libx264", rate=FPS, options={"qp": "0"})
-    stream.height, stream.width = frames.shape[1:3]
-    stream.pix_fmt = "yuv420p"
-    for frame in frames:
-      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-    container.mux(stream.encode())
+  media.save_mp4(path, frames, fps=FPS, crf=0)
 
 
 # (take-1 id, take-2 id, view, scenario, square step in take 1, in take 2)

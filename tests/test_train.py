@@ -60,3 +60,20 @@ def test_benchmark_flop_count_counts_visible_attention_only():
   flops = model_flops_per_step(setup, b)
   # Somewhere between no attention and dense attention; about half the pairs are masked.
   assert matmul < flops < matmul + 0.6 * dense_attention
+
+
+def test_the_job_closes_its_data_workers_on_a_normal_end_and_on_an_error(tmp_path):
+  """With Grain worker processes (data.worker_count=1), none is left running after the job, whether it ends
+  normally or stops on an error mid-run (here: non-finite steps from an absurd learning rate)."""
+  import multiprocessing
+
+  import pytest
+
+  train(small_config(**{"data.worker_count": 1, "train.steps": 2}), tmp_path / "normal")
+  assert not multiprocessing.active_children()
+  exploding = {"data.worker_count": 1, "train.steps": 8, "optim.lr": 1e30, "train.max_skipped_steps": 0}
+  with pytest.raises(FloatingPointError, match="non-finite") as caught:
+    train(small_config(**exploding), tmp_path / "error")
+  # `caught` keeps the traceback, and with it the job's frames and their iterator, alive: the workers must
+  # have been stopped by the job itself, not by garbage collection.
+  assert caught.traceback and not multiprocessing.active_children()

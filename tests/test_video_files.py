@@ -17,10 +17,10 @@ import av
 import numpy as np
 import pytest
 
+from tests.conftest import data_config
 from vgpt_jax.data import video_files
 from vgpt_jax.data.held_out import held_out_clips
 from vgpt_jax.data.pipeline import (
-  default_data_config,
   make_source,
   train_dataset,
   train_index_dataset,
@@ -86,18 +86,9 @@ def identify(clip: np.ndarray) -> tuple[int, np.ndarray]:
 
 def video_config(directory, **overrides):
   """Data config over a video directory: 16x16 clips of 4 frames, stride 2..3, min_size 40."""
-  cfg = default_data_config()
-  cfg.source = "video_files"
-  cfg.path = str(directory)
-  cfg.height = cfg.width = 16
-  cfg.num_frames = 4
-  cfg.frame_stride = 2
-  cfg.frame_stride_max = 3
-  cfg.min_size = 40
-  cfg.num_eval_videos = 1
-  for key, value in overrides.items():
-    cfg[key] = value
-  return cfg
+  fields = dict(source="video_files", path=str(directory), height=16, width=16, num_frames=4, frame_stride=2)
+  fields.update(frame_stride_max=3, min_size=40, num_eval_videos=1)
+  return data_config(**{**fields, **overrides})
 
 
 def take(iterator, n):

@@ -38,12 +38,11 @@ import numpy as np
 from absl import app, flags, logging
 
 from vgpt_jax import checkpoint, media
-from vgpt_jax.data.held_out import context_videos, file_videos
 from vgpt_jax.data.pipeline import to_uint8
 from vgpt_jax.data.sources import NoUsableVideo
 from vgpt_jax.metrics import physics_iq, video
-from vgpt_jax.sampler import SamplingConfig, continue_videos, with_run_defaults
-from vgpt_jax.sampling_flags import define_sampling_flags, sampling_from_flags
+from vgpt_jax.rollouts import RolloutRequest, define_flags, open_request, request_from_flags
+from vgpt_jax.sampler import continue_videos
 
 METHODS = ("model", "copy_last", "linear")
 MASK_SIZE = 128  # frames are upscaled to at least this many pixels before motion masks
@@ -106,27 +105,12 @@ def score(
 
 
 def evaluate(
-  checkpoint_path: str,
-  output: str | Path,
-  *,
-  videos_dir: str = "",
-  num_videos: int = 64,
-  context_frames: int = 0,
-  frames: int = 0,
-  sampling: SamplingConfig | None = None,
-  seed: int = 0,
-  weights: str = "auto",
-  step: int = -1,
-  with_fvd: bool = True,
-  batch_size: int = 16,
+  request: RolloutRequest, output: str | Path, *, videos_dir: str = "", with_fvd: bool = True
 ) -> dict[str, Any]:
-  """The CLI's work; returns what metrics.json holds. 0 for context_frames/frames means the run's defaults."""
-  run, params, step = checkpoint.load_model(checkpoint_path, step, weights)
-  m, g, sampling = with_run_defaults(run.config, context_frames, frames, sampling)
-  if videos_dir:
-    videos = file_videos(run, videos_dir, num_videos, m + g)
-  else:
-    videos = context_videos(run, num_videos, m + g)
+  """The CLI's work (`videos_dir`: held-out files; empty: the run's held-out set); returns metrics.json."""
+  opened = open_request(request, videos_dir)
+  m, g, sampling, num_videos = opened.context_frames, opened.frames, opened.sampling, request.num_videos
+  videos = opened.videos
   videos = [(name, v) for name, v in videos if len(v) == m + g]
   if not videos:
     raise ValueError(
@@ -137,7 +121,9 @@ def evaluate(
   stacked = np.stack([v for _, v in videos])
   context, truth = stacked[:, :m], stacked[:, m:]
   predictions = {
-    "model": np.stack(continue_videos(run, params, videos, sampling, m, g, seed, batch_size=batch_size)),
+    "model": np.stack(
+      continue_videos(opened.run, opened.params, videos, sampling, m, g, request.seed, batch_size=request.batch_size)
+    ),
     "copy_last": copy_last(context, g),
     "linear": linear_extrapolation(context, g),
   }
@@ -157,8 +143,8 @@ def evaluate(
   directory = Path(output)
   directory.mkdir(parents=True, exist_ok=True)
   report = {
-    "checkpoint": str(checkpoint_path),
-    "step": step,
+    "checkpoint": str(request.checkpoint),
+    "step": opened.step,
     "videos": len(videos),
     "source": videos_dir or "held-out set",
     "context_frames": m,
@@ -194,8 +180,8 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def _define_flags() -> None:
-  define_sampling_flags(num_videos=64, batch_size=16)
-  flags.adopt_module_key_flags(sys.modules[define_sampling_flags.__module__])  # listed by --helpshort too
+  define_flags(num_videos=64, batch_size=16)
+  flags.adopt_module_key_flags(sys.modules[define_flags.__module__])  # listed by --helpshort too
   flags.DEFINE_string("videos", "", "A directory of held-out video files; empty: the run's held-out set.")
   flags.DEFINE_string("output", "", "Where to write; default CHECKPOINT/eval.")
   flags.DEFINE_bool("fvd", True, "Also compute FVD with I3D (slow on CPU).")
@@ -206,20 +192,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   try:
-    evaluate(
-      f.checkpoint,
-      f.output or str(Path(f.checkpoint) / "eval"),
-      videos_dir=f.videos,
-      num_videos=f.num_videos,
-      context_frames=f.context_frames,
-      frames=f.frames,
-      sampling=sampling_from_flags(),
-      seed=f.seed,
-      weights=f.weights,
-      step=f.step,
-      with_fvd=f.fvd,
-      batch_size=f.batch_size,
-    )
+    evaluate(request_from_flags(), f.output or str(Path(f.checkpoint) / "eval"), videos_dir=f.videos, with_fvd=f.fvd)
   except (ValueError, NoUsableVideo, checkpoint.CheckpointError) as e:
     raise SystemExit(f"evaluate: {e}") from None
 

@@ -45,8 +45,11 @@ def upscale(frames: np.ndarray, scale: int) -> np.ndarray:
   return frames if scale <= 1 else np.repeat(np.repeat(frames, scale, axis=-3), scale, axis=-2)
 
 
-def save_mp4(path: str | Path, frames: np.ndarray, fps: int = 8, scale: int = 1) -> Path:
-  """Save uint8 [T, H, W, 3] as H.264 MP4 (yuv420p, so it plays everywhere; odd sizes are padded by one pixel)."""
+def save_mp4(path: str | Path, frames: np.ndarray, fps: int = 8, scale: int = 1, crf: int = 18) -> Path:
+  """Save uint8 [T, H, W, 3] as H.264 MP4 (yuv420p, so it plays everywhere; odd sizes are padded by one pixel).
+
+  crf: x264's quality, 18 visually lossless, 0 lossless in luma (tests that read pixels back).
+  """
   import av
 
   path = Path(path)
@@ -54,7 +57,7 @@ def save_mp4(path: str | Path, frames: np.ndarray, fps: int = 8, scale: int = 1)
   t, h, w, _ = frames.shape
   frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
   with av.open(str(path), "w") as container:
-    stream = container.add_stream("libx264", rate=fps, options={"crf": "18"})
+    stream = container.add_stream("libx264", rate=fps, options={"crf": str(crf)})
     stream.height, stream.width = frames.shape[1:3]
     stream.pix_fmt = "yuv420p"
     for frame in frames:

@@ -27,11 +27,10 @@ import numpy as np
 from absl import app, flags
 
 from vgpt_jax import checkpoint, media
-from vgpt_jax.data.held_out import context_videos, file_videos
 from vgpt_jax.data.pipeline import to_uint8
 from vgpt_jax.data.sources import NoUsableVideo
-from vgpt_jax.sampler import SamplingConfig, continue_videos, with_run_defaults
-from vgpt_jax.sampling_flags import define_sampling_flags, sampling_from_flags
+from vgpt_jax.rollouts import RolloutRequest, define_flags, open_request, request_from_flags
+from vgpt_jax.sampler import continue_videos
 
 
 def _framed(frames: np.ndarray) -> np.ndarray:
@@ -61,35 +60,20 @@ def write_video_files(
 
 
 def write_samples(
-  checkpoint_path: str,
-  output: str | Path,
-  *,
-  context: str = "",
-  num_videos: int = 4,
-  context_frames: int = 0,
-  frames: int = 0,
-  sampling: SamplingConfig | None = None,
-  seed: int = 0,
-  weights: str = "auto",
-  step: int = -1,
-  cached: bool = True,
-  fps: int = 8,
-  batch_size: int = 8,
+  request: RolloutRequest, output: str | Path, *, context: str = "", cached: bool = True, fps: int = 8
 ) -> dict[str, Any]:
-  """The CLI's work; returns what samples.json holds. 0 for lengths means the run's defaults (`with_run_defaults`)."""
-  run, params, step = checkpoint.load_model(checkpoint_path, step, weights)
-  context_frames, frames, sampling = with_run_defaults(run.config, context_frames, frames, sampling)
-  wanted = context_frames + frames
-  if context:
-    videos = file_videos(run, context, num_videos, wanted)
-  else:
-    videos = context_videos(run, num_videos, wanted)
+  """The CLI's work (`context`: a video file or directory; empty: the held-out videos); returns samples.json."""
+  opened = open_request(request, context)
+  run, videos, context_frames, frames = opened.run, opened.videos, opened.context_frames, opened.frames
+  sampling = opened.sampling
   if not videos:
     raise ValueError(f"no usable video to continue in {context or 'the held-out set'}")
-  predictions = continue_videos(run, params, videos, sampling, context_frames, frames, seed, cached, batch_size)
+  predictions = continue_videos(
+    run, opened.params, videos, sampling, context_frames, frames, request.seed, cached, request.batch_size
+  )
   directory = Path(output)
   directory.mkdir(parents=True, exist_ok=True)
-  report: dict[str, Any] = {"checkpoint": str(checkpoint_path), "step": step, "videos": {}}
+  report: dict[str, Any] = {"checkpoint": str(request.checkpoint), "step": opened.step, "videos": {}}
   report["sampling"] = {k: getattr(sampling, k) for k in ("steps", "shift", "guidance", "clip_frames", "window")}
   for (name, video), prediction in zip(videos, predictions):
     truth = video[context_frames:]
@@ -103,7 +87,7 @@ def write_samples(
 
 
 def _define_flags() -> None:
-  define_sampling_flags(num_videos=4, batch_size=8)
+  define_flags(num_videos=4, batch_size=8)
   flags.DEFINE_string("context", "", "A video file or a directory of videos; empty: the run's held-out videos.")
   flags.DEFINE_string("output", "", "Where to write; default CHECKPOINT/samples.")
   flags.DEFINE_bool("cached", True, "KV-cached sampling; --nocached recomputes everything per step (reference).")
@@ -116,21 +100,7 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   output = f.output or str(Path(f.checkpoint) / "samples")
   try:
-    report = write_samples(
-      f.checkpoint,
-      output,
-      context=f.context,
-      num_videos=f.num_videos,
-      context_frames=f.context_frames,
-      frames=f.frames,
-      sampling=sampling_from_flags(),
-      seed=f.seed,
-      weights=f.weights,
-      step=f.step,
-      cached=f.cached,
-      fps=f.fps,
-      batch_size=f.batch_size,
-    )
+    report = write_samples(request_from_flags(), output, context=f.context, cached=f.cached, fps=f.fps)
   except (ValueError, NoUsableVideo, checkpoint.CheckpointError) as e:
     raise SystemExit(f"sample: {e}") from None
   print(f"wrote {len(report['videos'])} videos to {output} (mp4, gif, png frames, samples.json)")

@@ -29,6 +29,7 @@ if __name__ == "__main__":  # before the heavy imports below: a preemption notic
 
   _preemption.catch_sigterm()
 
+import contextlib
 import dataclasses
 import json
 import logging as logging_std
@@ -209,15 +210,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   mesh = parallel.make_mesh(config.mesh)
   run = make_run(config)
   target = train_step.sharded_abstract_state(run, mesh)
-  batches = _data_iterator(config, config.seed, sources["train"])
-  with checkpoint.Checkpointer(workdir, config.checkpoint) as ckpt:
+  # Everything opened here is closed on every way out (normal end, preemption, an error): the checkpointer
+  # finishes its saves, and the data iterators stop their prefetch threads and worker processes.
+  with contextlib.ExitStack() as opened:
+    ckpt = opened.enter_context(checkpoint.Checkpointer(workdir, config.checkpoint))
+    batches = opened.enter_context(contextlib.closing(_data_iterator(config, config.seed, sources["train"])))
     restored = ckpt.restore(target, batches)
     if restored is None:
       state = _initial_state(run, mesh, target)
     else:
       state, data_restored = restored
       if not data_restored:  # e.g. another process count: new shuffle, never the same batches again
-        batches = _data_iterator(config, config.seed + int(state.step), sources["train"])
+        seed = config.seed + int(state.step)
+        batches = opened.enter_context(contextlib.closing(_data_iterator(config, seed, sources["train"])))
     start_step = int(state.step)
     if _preempted_before_training("the restore"):
       return {**stopped, "start_step": start_step, "end_step": start_step}
@@ -300,6 +305,7 @@ def _train_loop(config, workdir: Path, run, mesh, ckpt, step_fn, state, batches)
   profile_last = profile_first + config.train.profile_steps - 1
   profile = is_main and profile_first >= 0
   preempted = False
+  step = -1
   try:
     for step in progress:
       if profile and step == profile_first:
@@ -323,6 +329,8 @@ def _train_loop(config, workdir: Path, run, mesh, ckpt, step_fn, state, batches)
       flush(*pending)
   finally:
     wall = time.time() - start
+    if profile and profile_first <= step < profile_last:  # left the loop inside the traced steps
+      jax.profiler.stop_trace()
     ckpt.wait()
     log.close()
     watch.close()

@@ -18,6 +18,7 @@ evaluate output in step_S/.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from vgpt_jax import checkpoint, evaluate, media
-from vgpt_jax.sampler import SamplingConfig
-from vgpt_jax.sampling_flags import define_sampling_flags, sampling_from_flags
+from vgpt_jax.rollouts import RolloutRequest, define_flags, request_from_flags
 
 COLUMNS = ("mse", "psnr", "ssim", "physics_iq_spatiotemporal_iou")
 
@@ -79,19 +79,9 @@ def format_curve(rows: list[dict[str, Any]], baselines: dict[str, dict[str, floa
   return "\n".join([head, rule, *body])
 
 
-def learning_curve(
-  run: str,
-  output: str | Path,
-  *,
-  num_videos: int = 256,
-  context_frames: int = 0,
-  frames: int = 0,
-  sampling: SamplingConfig | None = None,
-  weights: str = "auto",
-  seed: int = 0,
-  batch_size: int = 16,
-) -> dict[str, Any]:
-  """Evaluates every checkpoint of `run`; returns what curve.json holds."""
+def learning_curve(request: RolloutRequest, output: str | Path) -> dict[str, Any]:
+  """Evaluates every checkpoint of `request.checkpoint` (a run); returns what curve.json holds."""
+  run = request.checkpoint
   steps = checkpoint.saved_steps(run)
   if not steps:
     raise ValueError(f"no checkpoints in {run}: train first, keeping the steps to plot (checkpoint.keep_every)")
@@ -99,19 +89,8 @@ def learning_curve(
   times = train_seconds(run)
   rows = []
   for step in steps:
-    report = evaluate.evaluate(
-      run,
-      directory / f"step_{step}",
-      num_videos=num_videos,
-      context_frames=context_frames,
-      frames=frames,
-      sampling=sampling,
-      weights=weights,
-      seed=seed,
-      step=step,
-      with_fvd=False,
-      batch_size=batch_size,
-    )
+    at_step = dataclasses.replace(request, step=step)
+    report = evaluate.evaluate(at_step, directory / f"step_{step}", with_fvd=False)
     rows.append(curve_row(step, seconds_at(times, step), report))
   baselines = {  # the same videos at every step: the last report's numbers serve for all
     name: {"first_frame_mse": report["per_frame"][name]["mse"][0], **report["metrics"][name]}
@@ -144,22 +123,12 @@ def main(argv: list[str]) -> None:
   if f.step != -1:
     raise app.UsageError("--step does not apply here: every saved checkpoint is evaluated")
   try:
-    learning_curve(
-      f.checkpoint,
-      f.output or str(Path(f.checkpoint) / "learning_curve"),
-      num_videos=f.num_videos,
-      context_frames=f.context_frames,
-      frames=f.frames,
-      sampling=sampling_from_flags(),
-      weights=f.weights,
-      seed=f.seed,
-      batch_size=f.batch_size,
-    )
+    learning_curve(request_from_flags(), f.output or str(Path(f.checkpoint) / "learning_curve"))
   except (ValueError, checkpoint.CheckpointError) as e:
     raise SystemExit(f"learning_curve: {e}") from None
 
 
 if __name__ == "__main__":
-  define_sampling_flags(num_videos=256, batch_size=16)
+  define_flags(num_videos=256, batch_size=16)
   flags.DEFINE_string("output", "", "Where to write; default CHECKPOINT/learning_curve.")
   app.run(main)
