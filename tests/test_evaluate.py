@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import cpu_env, train_command
-from vgpt_jax import evaluate
+from vgpt_jax import checkpoint, evaluate
+from vgpt_jax.benchmarks import diagnose, learning_curve
 from vgpt_jax.rollouts import RolloutRequest
 
 
@@ -67,3 +68,15 @@ def test_evaluate_cli_end_to_end(tmp_path):
   request = RolloutRequest(str(workdir), num_videos=2, context_frames=2, frames=1, batch_size=16)
   short = evaluate.evaluate(request, tmp_path / "short", with_fvd=False)
   assert short["videos"] == 2 and short["predicted_frames"] == 1 and len(short["per_frame"]["model"]["mse"]) == 1
+  # The learning-curve and diagnosis tools on the same run: what they compute and write. Whether a trained
+  # model beats copying under them is tests/test_learning.py's (slow) check.
+  curve = learning_curve.learning_curve(request, tmp_path / "curve")
+  assert [r["step"] for r in curve["rows"]] == checkpoint.saved_steps(str(workdir)) == [2]
+  row = curve["rows"][0]
+  assert row["first_frame_vs_copy"] == row["first_frame_mse"] / curve["baselines"]["copy_last"]["first_frame_mse"]
+  for name in ("curve.json", "curve.md", "step_2/metrics.json"):
+    assert (tmp_path / "curve" / name).exists(), name
+  diagnosis = diagnose.diagnose(str(workdir), videos=2, context_frames=2)
+  assert diagnosis["step"] == 2 and diagnosis["videos"] == 2 and diagnosis["rows"]
+  assert all(np.isfinite(r["model"]) and np.isfinite(r["copy_last"]) for r in diagnosis["rows"])
+  assert len(diagnose.format_rows(diagnosis["rows"]).splitlines()) == 2 + len(diagnosis["rows"])
