@@ -212,3 +212,14 @@ def test_remat_save_names_keeps_exactly_the_named_activations(capsys):
   for shape in base:
     added.remove(shape)
   assert sorted(added) == sorted([f"f32[{layers},1,{tokens},{heads},{head_dim}]", f"f32[{layers},1,{tokens},64]"])
+
+
+def test_inputs_of_the_wrong_shape_are_refused_at_the_model_boundary():
+  """chex checks the model's inputs: clean and noisy alike, one t and one clip index per frame."""
+  model, lay = _model(), L.training_layout(N, H * W // 4)
+  x, split = jnp.zeros((1, N, H, W, C)), jnp.zeros((1, N), jnp.int32)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, x, jnp.zeros((1, N)), split, lay))
+  with pytest.raises(AssertionError):
+    jax.eval_shape(lambda p: model.apply(p, x, x[:, :-1], jnp.zeros((1, N)), split, lay), params)
+  with pytest.raises(AssertionError):
+    jax.eval_shape(lambda p: model.apply(p, x, x, jnp.zeros((1, N - 1)), split, lay), params)

@@ -26,7 +26,7 @@ from vgpt_jax.data.pipeline import (
   train_index_dataset,
   validate_data_config,
 )
-from vgpt_jax.data.sources import SKIP_REASONS, BadVideo, NoUsableVideo
+from vgpt_jax.data.sources import SKIP_REASONS, BadVideo, NoUsableVideo, cover_crop
 from vgpt_jax.data.video_files import VideoFileSource, find_videos, read_clip, read_manifest
 
 FRAMES = 40  # frames of every good video
@@ -247,10 +247,10 @@ def test_frames_are_scaled_to_cover_then_centre_cropped(tmp_path):
   assert np.abs(row[18:] - 220).max() < 10
 
 
-def test_cover_size_keeps_the_aspect():
-  assert video_files.cover_size(640, 360, 176, 320) == (320, 180)
-  assert video_files.cover_size(360, 640, 176, 320) == (320, 569)
-  assert video_files.cover_size(64, 48, 16, 16) == (21, 16)
+def test_cover_crop_keeps_the_aspect_and_centres_the_crop():
+  assert cover_crop(360, 640, 176, 320) == (180, 320, 2, 0)
+  assert cover_crop(640, 360, 176, 320) == (569, 320, 196, 0)
+  assert cover_crop(48, 64, 16, 16) == (16, 21, 0, 2)
 
 
 # ------------------------------------------------------------------------- pipeline

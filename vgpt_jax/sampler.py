@@ -29,6 +29,7 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -253,6 +254,8 @@ class Sampler:
     called after each clip (progress bars).
     """
     cfg, w = self.cfg, self.window
+    chex.assert_rank(context, 5)
+    chex.assert_shape(keys, (context.shape[0],))
     check_sampling(self.run, cfg, context.shape[1])
     shape = context.shape[2:]
     history = jnp.asarray(context, jnp.float32)

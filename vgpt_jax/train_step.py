@@ -9,6 +9,7 @@ import dataclasses
 import functools
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -127,6 +128,8 @@ def loss_fn(params: Any, run: Run, inputs: jax.Array, keys: jax.Array) -> jax.Ar
   inputs: float32 frames [B, N, H, W, 3] in [-1, 1], or latents [B, N, h, w, C]
   when run.inputs == "latents"; keys: [B] per-sample PRNG keys.
   """
+  chex.assert_shape(inputs, run.input_shape(inputs.shape[0]))
+  chex.assert_shape(keys, (inputs.shape[0],))
   x1 = inputs if run.inputs == "latents" else run.tokenizer.encode(inputs)  # [B, N, h, w, C]
   clean, x_t, t, clip_of_frame, eps = jax.vmap(functools.partial(_noised_sample, run))(keys, x1)
   output = run.model.apply({"params": params}, clean, x_t, t, clip_of_frame, run.layout)

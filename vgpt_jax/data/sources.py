@@ -41,6 +41,14 @@ def stride_range(data_cfg: Any) -> tuple[int, int]:
   return low, max(low, int(data_cfg.frame_stride_max))
 
 
+def cover_crop(height: int, width: int, out_height: int, out_width: int) -> tuple[int, int, int, int]:
+  """(scaled height, scaled width, top, left): a frame scaled, aspect kept, to the smallest size covering
+  out_height x out_width, then the centre crop's corner. Every source that resizes frames fits them this way."""
+  scale = max(out_width / width, out_height / height)
+  new_h, new_w = max(out_height, round(height * scale)), max(out_width, round(width * scale))
+  return new_h, new_w, (new_h - out_height) // 2, (new_w - out_width) // 2
+
+
 def choose_window(
   video_frames: int, num_frames: int, strides: tuple[int, int], rng: np.random.Generator
 ) -> tuple[int, int]:

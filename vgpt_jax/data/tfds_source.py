@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vgpt_jax.data.sources import BadVideo, VideoSource, Window, stride_range
+from vgpt_jax.data.sources import BadVideo, VideoSource, Window, cover_crop, stride_range
 
 BUILTIN_NAME = "vgpt_physics"  # tfds_physics.NAME, kept here so reading needs no builder import
 
@@ -68,9 +68,7 @@ def fit_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
   """
   t, h, w, c = frames.shape
   if (h, w) != (height, width):
-    scale = max(height / h, width / w)
-    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
-    top, left = (new_h - height) // 2, (new_w - width) // 2
+    new_h, new_w, top, left = cover_crop(h, w, height, width)
     out = np.empty((t, height, width, c), dtype=np.uint8)
     for i in range(t):
       image = Image.fromarray(frames[i, :, :, 0] if c == 1 else frames[i])

@@ -57,7 +57,7 @@ from absl import logging
 from av.video.reformatter import Interpolation, VideoReformatter
 
 from vgpt_jax.data import file_facts
-from vgpt_jax.data.sources import SKIP_REASONS, BadVideo, NoUsableVideo, VideoSource, Window, stride_range
+from vgpt_jax.data.sources import SKIP_REASONS, BadVideo, NoUsableVideo, VideoSource, Window, cover_crop, stride_range
 
 VIDEO_EXTENSIONS: tuple[str, ...] = ("mp4", "mov", "mkv", "webm", "avi", "m4v")
 
@@ -306,21 +306,13 @@ def judge(facts: dict, path: str, min_frames: int, min_size: int, max_aspect: fl
   return None
 
 
-def cover_size(width: int, height: int, out_height: int, out_width: int) -> tuple[int, int]:
-  """(width, height) of the frame scaled, aspect kept, to the smallest size covering out_height x out_width."""
-  scale = max(out_width / width, out_height / height)
-  return max(out_width, round(width * scale)), max(out_height, round(height * scale))
-
-
 class _FrameWriter:
   """Decoded frames -> rows of the uint8 [F, H, W, 3] output: bicubic cover-scale, centre crop."""
 
   def __init__(self, out: np.ndarray, width: int, height: int):
     self.out = out
-    out_height, out_width = out.shape[1:3]
-    self.size = cover_size(width, height, out_height, out_width)
-    self.top = (self.size[1] - out_height) // 2
-    self.left = (self.size[0] - out_width) // 2
+    new_h, new_w, self.top, self.left = cover_crop(height, width, *out.shape[1:3])
+    self.size = (new_w, new_h)
     self.reformatter = VideoReformatter()  # one swscale context for the whole clip
 
   def write(self, row: int, frame: av.VideoFrame) -> None:

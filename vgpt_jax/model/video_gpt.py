@@ -8,6 +8,7 @@ the same parameters serve training, any order of the same tokens, and sampling.
 
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -81,6 +82,9 @@ class VideoGPT(nn.Module):
       with `return_kv`.
     """
     b, n, h, w, c = noisy.shape
+    chex.assert_equal_shape([clean, noisy])
+    chex.assert_shape([t, clip_of_frame], (b, n))
+    chex.assert_rank(noisy, 5)
     p = self.patch_size
     dtype = DTYPES[self.dtype]
     kw = dict(dtype=dtype, param_dtype=DTYPES[self.param_dtype])
