@@ -288,3 +288,14 @@ def test_checkpoints_from_before_integrity_records_still_resume_and_are_never_mo
   assert (tmp_path / "checkpoints" / "5").is_dir() and not (tmp_path / "checkpoints" / "corrupt").exists()
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), jax.device_get(state.params))
   assert restored.skipped_videos.shape == (len(SKIP_REASONS),) and not np.any(jax.device_get(restored.skipped_videos))
+
+
+def test_a_config_saved_before_a_field_existed_still_builds_its_model():
+  """Runs saved before model.remat_save and mesh.dcn existed load with those fields at their neutral values."""
+  config = small_config()
+  del config.model["remat_save"], config.mesh["dcn"]
+  with pytest.raises(ValueError, match=r"config.model lacks \['remat_save'\]"):
+    make_run(config)  # the model is built from config.model field for field
+  upgraded = checkpoint.with_fields_added_since(config)
+  assert upgraded.model.remat_save == () and dict(upgraded.mesh.dcn) == dict(small_config().mesh.dcn)
+  assert make_run(upgraded).model == make_run(small_config()).model

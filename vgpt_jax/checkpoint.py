@@ -462,7 +462,22 @@ def saved_config(path: str | epath.PathLike, step: int = -1) -> ml_collections.C
     "the config",
     lambda manager, directory, s: _read_config(manager, s, _integrity_record(manager, directory, s)),
   )
-  return ml_collections.ConfigDict(config)
+  return with_fields_added_since(ml_collections.ConfigDict(config))
+
+
+# Config fields added after checkpoints were first written, at the values that compute what those runs computed.
+FIELDS_ADDED = {
+  ("model", "remat_save"): (),
+  ("mesh", "dcn"): {"data": 1, "fsdp": 1, "tensor": 1, "context": 1},
+}
+
+
+def with_fields_added_since(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A saved config with every field of FIELDS_ADDED it lacks, so a run saved by an earlier version still loads."""
+  for (section, name), value in FIELDS_ADDED.items():
+    if section in config and name not in config[section]:
+      config[section][name] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+  return config
 
 
 def load_model(path: str | epath.PathLike, step: int = -1, weights: str = "auto") -> tuple[Any, Any, int]:

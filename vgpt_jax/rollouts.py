@@ -11,6 +11,7 @@ from absl import flags
 
 from vgpt_jax import checkpoint
 from vgpt_jax.data.held_out import context_videos, file_videos
+from vgpt_jax.run import Run
 from vgpt_jax.sampler import SamplingConfig, Videos, with_run_defaults
 
 
@@ -33,7 +34,7 @@ class RolloutRequest:
 class Opened:
   """A request made concrete: the model and its weights, the resolved lengths and sampling, the videos."""
 
-  run: Any  # run.Run
+  run: Run
   params: Any
   step: int
   context_frames: int
@@ -74,13 +75,13 @@ def define_flags(num_videos: int, batch_size: int) -> None:
   flags.mark_flags_as_required(["checkpoint"])
 
 
-def request_from_flags(**overrides: Any) -> RolloutRequest:
+def request_from_flags() -> RolloutRequest:
   """The RolloutRequest the shared flags ask for."""
   f = flags.FLAGS
   sampling = SamplingConfig(
     steps=f.steps, shift=f.shift, guidance=f.guidance, clip_frames=f.clip_frames, window=f.window
   )
-  fields = dict(
+  return RolloutRequest(
     checkpoint=f.checkpoint,
     num_videos=f.num_videos,
     context_frames=f.context_frames,
@@ -91,4 +92,3 @@ def request_from_flags(**overrides: Any) -> RolloutRequest:
     step=f.step,
     batch_size=f.batch_size,
   )
-  return RolloutRequest(**{**fields, **overrides})

@@ -8,6 +8,8 @@ the same parameters serve training, any order of the same tokens, and sampling.
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import flax.linen as nn
 import jax
@@ -47,8 +49,11 @@ class VideoGPT(nn.Module):
   def from_config(cls, model_cfg: ml_collections.ConfigDict) -> "VideoGPT":
     """The model of `config.model`, field for field; a field it lacks or does not know is an error."""
     values = dict(model_cfg)
-    values["remat_save"] = tuple(values["remat_save"])
-    return cls(**values)
+    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    missing, unknown = sorted(fields - set(values) - {"preset"}), sorted(set(values) - fields)
+    if missing or unknown:
+      raise ValueError(f"config.model lacks {missing} and has unknown fields {unknown} (model/presets.py lists them)")
+    return cls(**{**values, "remat_save": tuple(values["remat_save"])})
 
   @nn.compact
   def __call__(
