@@ -117,3 +117,24 @@ def train_steps(setup, mesh, state, videos) -> tuple:
     state, metrics = step(state, jax.device_put(video, parallel.batch_sharding(mesh)), skips)
     losses.append(float(metrics["loss"]))
   return state, losses
+
+
+# The modules that take longest (BENCHMARKS.md, "Test suite"), heaviest first. pytest-xdist hands whole modules to
+# its workers in collection order (--dist loadscope), so starting with these lets the workers finish together.
+LONGEST_FIRST = (
+  "test_faults",
+  "test_parallel",
+  "test_checkpoint",
+  "test_sampling",
+  "test_evaluate",
+  "test_fvd",
+  "test_train",
+  "test_pallas_tpu",
+  "test_video_files",
+  "test_latents",
+)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
