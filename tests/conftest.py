@@ -15,9 +15,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # The tests' programs are tiny: LLVM's optimisation passes cost more than they save (a cold run of the test job:
 # 34 s of CPU -> 17 s, the same losses). Every process of the session, and every one it starts, uses this.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+os.environ["XLA_FLAGS"] = " ".join(
+  dict.fromkeys([*os.environ.get("XLA_FLAGS", "").split(), "--xla_backend_optimization_level=0"])
+)
 
 import ml_collections
 import pytest
@@ -68,7 +68,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def run_python(code: str, devices: int = 1, timeout: int = 300) -> str:
   """Run `code` in a fresh interpreter with `devices` forced CPU devices; return stdout, fail on error."""
-  flags = f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
+  flags = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"  # the session's flags too
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
   env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
   proc = subprocess.run(
