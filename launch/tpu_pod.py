@@ -105,7 +105,7 @@ def stop_pattern(module: str = common.TRAIN_MODULE) -> str:
   """pkill -f regex for the train processes only.
 
   `[p]ython` matches "python" but not its own text, so the remote shell whose command line holds the
-  pattern is not killed with the job; `( |$)` keeps vgpt_jax.trainer and the like out.
+  pattern is not killed with the job; `( |$)` keeps vgpt_jax.train_step and the like out.
   """
   return r"[p]ython[0-9.]* -m " + "[.]".join(module.split(".")) + "( |$)"
 

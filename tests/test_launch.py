@@ -142,7 +142,7 @@ def test_tpu_pod_stop_kills_only_the_train_job(capsys):
     "bash -c cd ~/vgpt_jax && python3 -m vgpt_jax.train --distributed=on",
   ):
     assert re.search(pattern, cmdline), cmdline
-  for cmdline in ("python", "python3", "python train.py", "python -m vgpt_jax.trainer", "python -m other", remote):
+  for cmdline in ("python", "python3", "python train.py", "python -m vgpt_jax.train_step", "python -m other", remote):
     assert not re.search(pattern, cmdline), cmdline  # never bare Python, nor the shell running pkill
 
 
