@@ -81,14 +81,6 @@ def request_from_flags() -> RolloutRequest:
   sampling = SamplingConfig(
     steps=f.steps, shift=f.shift, guidance=f.guidance, clip_frames=f.clip_frames, window=f.window
   )
-  return RolloutRequest(
-    checkpoint=f.checkpoint,
-    num_videos=f.num_videos,
-    context_frames=f.context_frames,
-    frames=f.frames,
-    sampling=sampling,
-    seed=f.seed,
-    weights=f.weights,
-    step=f.step,
-    batch_size=f.batch_size,
-  )
+  # Every other field has a flag of its name.
+  named = {field.name: f[field.name].value for field in dataclasses.fields(RolloutRequest) if field.name != "sampling"}
+  return RolloutRequest(sampling=sampling, **named)
