@@ -256,17 +256,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   try:
-    index = encode(
-      f.config,
-      f.output,
-      splits=f.splits,
-      shard_size=f.shard_size,
-      max_frames=f.max_frames,
-      dtype=f.dtype,
-      batch_frames=f.batch_frames,
-      worker_index=f.worker_index,
-      num_workers=f.num_workers,
-    )
+    options = ("splits", "shard_size", "max_frames", "dtype", "batch_frames", "worker_index", "num_workers")
+    index = encode(f.config, f.output, **{name: f[name].value for name in options})  # each has a flag of its name
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"encode: {e}") from None
   if index is not None:
