@@ -72,24 +72,19 @@ class TimestepEmbedder(nn.Module):
   @nn.compact
   def __call__(self, t: jax.Array) -> jax.Array:
     init = nn.initializers.normal(stddev=0.02)
-    x = timestep_features(t, self.freq_dim)
-    x = nn.Dense(
-      self.hidden,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name="fc1",
-      kernel_init=nn.with_logical_partitioning(init, ("freq", "embed")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-    )(x)
-    x = nn.Dense(
-      self.hidden,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name="fc2",
-      kernel_init=nn.with_logical_partitioning(init, ("embed", "embed_out")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed_out",)),
-    )(nn.silu(x))
-    return x
+
+    def dense(name: str, axes: tuple[str, str]) -> nn.Dense:
+      return nn.Dense(
+        self.hidden,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+        kernel_init=nn.with_logical_partitioning(init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+      )
+
+    x = dense("fc1", ("freq", "embed"))(timestep_features(t, self.freq_dim))
+    return dense("fc2", ("embed", "embed_out"))(nn.silu(x))
 
 
 class PatchEmbed(nn.Module):
