@@ -110,8 +110,7 @@ def evaluate(
   """The CLI's work (`videos_dir`: held-out files; empty: the run's held-out set); returns metrics.json."""
   opened = open_request(request, videos_dir)
   m, g, sampling, num_videos = opened.context_frames, opened.frames, opened.sampling, request.num_videos
-  videos = opened.videos
-  videos = [(name, v) for name, v in videos if len(v) == m + g]
+  videos = [(name, v) for name, v in opened.videos if len(v) == m + g]
   if not videos:
     raise ValueError(
       f"no video with {m + g} frames (context {m} + {g} to predict) in {videos_dir or 'the held-out set'}"
