@@ -335,12 +335,12 @@ def test_random_stride_range_for_stages_3_and_4():
 
 
 def test_physics_source_follows_the_protocol():
-  """clip(index, rng) draws stride then start from rng; first_clip is frames 0, s, 2s, ...; describe names it."""
+  """clip(index, rng) draws stride then start from rng; leading_frames is frames 0, s, 2s, ...; describe names it."""
   cfg = small_config(frame_stride=1, frame_stride_max=2)
   source = PhysicsVideoSource(cfg, "train")
   a = source.clip(3, np.random.default_rng(5))
   np.testing.assert_array_equal(a, source.clip(3, np.random.default_rng(5)))
   assert a.shape == (4, 32, 32, 3) and a.dtype == np.uint8
-  np.testing.assert_array_equal(source.first_clip(2), source[2][0:4])
+  np.testing.assert_array_equal(source.leading_frames(2, source.strides[0], source.num_frames), source[2][0:4])
   assert "physics" in source.describe() and "train" in source.describe()
   assert set(VALID_SOURCES) >= {"physics", "video_files"}

@@ -81,7 +81,11 @@ def test_latent_clip_is_the_encoded_pixel_clip_for_the_same_draw(encoded):
       np.testing.assert_array_equal(got, want)
       strides.add(int(np.random.default_rng([i, draw]).integers(1, 3)))
   assert strides == {1, 2}
-  np.testing.assert_array_equal(lat.first_clip(0), tokenizer.encode(pipeline.to_float(pixels.first_clip(0))))
+
+  def held_out_clip(source):
+    return source.leading_frames(0, source.strides[0], source.num_frames)
+
+  np.testing.assert_array_equal(held_out_clip(lat), tokenizer.encode(pipeline.to_float(held_out_clip(pixels))))
 
 
 def test_training_on_latents_equals_training_on_frames(encoded):

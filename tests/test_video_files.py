@@ -229,7 +229,7 @@ def test_source_draws_stride_and_start_from_rng(good_dir):
     strides.add(int(step[0]))
     np.testing.assert_array_equal(clip, source.clip(3, np.random.default_rng(seed)))
   assert strides == {2, 3, 4, 5}
-  _, frames = identify(source.first_clip(3))
+  _, frames = identify(source.leading_frames(3, source.strides[0], source.num_frames))
   np.testing.assert_array_equal(frames, [0, 2, 4, 6])
 
 

@@ -8,8 +8,8 @@ video's frame count and answers which frames). Everything else is built
 here, once, on `read`: a training clip (`clip`: stride and start drawn from
 the generator it is handed, which the pipeline seeds from the sample's global
 position, so the same global batch comes out whatever the number of hosts or
-workers), the held-out clip (`first_clip`) and a whole video at a stride
-(`leading_frames`, for the samples and for pre-encoding).
+workers) and a video's frames from the first at a stride (`leading_frames`:
+the held-out clips, the samples' contexts and pre-encoding).
 
 A video that cannot give a clip raises `BadVideo` with one of `SKIP_REASONS`;
 the pipeline skips it, counts the reason and takes another video, so one bad
@@ -130,17 +130,6 @@ class VideoSource:
   def clip(self, index: int, rng: np.random.Generator) -> np.ndarray:
     """A training clip [F, ...] of video `index`, its stride and start drawn from `rng`; raises BadVideo."""
     return self.clip_with_window(index, rng)[0]
-
-  def first_clip(self, index: int) -> np.ndarray:
-    """The held-out clip [F, ...]: frames 0, s, 2s, ... with s = strides[0], the same every time."""
-    n, s = self.num_frames, self.strides[0]
-
-    def window(frames: int) -> tuple[int, int, int]:
-      if frames < n * s:
-        raise BadVideo("too_short", f"{frames} frames < data.num_frames * data.frame_stride = {n} * {s}")
-      return 0, s, n
-
-    return self.read(index, window)
 
   def leading_frames(self, index: int, stride: int, max_frames: int = 0) -> np.ndarray:
     """[T, ...]: frames 0, stride, 2*stride, ..., as many as the video has (T <= max_frames when > 0).
