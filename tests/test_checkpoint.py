@@ -291,11 +291,13 @@ def test_checkpoints_from_before_integrity_records_still_resume_and_are_never_mo
 
 
 def test_a_config_saved_before_a_field_existed_still_builds_its_model():
-  """Runs saved before model.remat_save and mesh.dcn existed load with those fields at their neutral values."""
+  """Runs saved before model.remat_save, mesh.dcn and train.sample_clip_frames existed load with those fields at the
+  values that compute what those runs computed."""
   config = small_config()
-  del config.model["remat_save"], config.mesh["dcn"]
+  del config.model["remat_save"], config.mesh["dcn"], config.train["sample_clip_frames"]
   with pytest.raises(ValueError, match=r"config.model lacks \['remat_save'\]"):
     make_run(config)  # the model is built from config.model field for field
   upgraded = checkpoint.with_fields_added_since(config)
   assert upgraded.model.remat_save == () and dict(upgraded.mesh.dcn) == dict(small_config().mesh.dcn)
+  assert upgraded.train.sample_clip_frames == 0
   assert make_run(upgraded).model == make_run(small_config()).model

@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import cpu_env, small_config, train_command
 from tests.test_video_files import encode as write_video
 from tests.test_video_files import flat_video
+from vgpt_jax import checkpoint
 from vgpt_jax.layout import fixed_split, training_layout
 from vgpt_jax.run import init_params, make_run
 from vgpt_jax.sampler import (
@@ -122,8 +123,8 @@ def test_unset_sampling_choices_default_to_the_runs_end_of_run_sample():
   )
   asked = SamplingConfig(steps=7, clip_frames=2)
   assert with_run_defaults(cfg, 3, 6, asked) == (3, 6, asked)  # what is given is kept
-  del cfg.train.sample_clip_frames  # a run saved before the field: the rest in one clip
-  assert with_run_defaults(cfg, 1, 0, None)[2].clip_frames == 4
+  del cfg.train.sample_clip_frames  # a run saved before the field (read back by checkpoint.saved_config): one clip
+  assert with_run_defaults(checkpoint.with_fields_added_since(cfg), 1, 0, None)[2].clip_frames == 4
 
 
 def test_sample_cli_writes_videos_frames_and_truth(trained, tmp_path):

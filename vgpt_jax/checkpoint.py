@@ -467,6 +467,7 @@ def saved_config(path: str | epath.PathLike, step: int = -1) -> ml_collections.C
 
 # Config fields added after checkpoints were first written, at the values that compute what those runs computed.
 FIELDS_ADDED = {
+  ("train", "sample_clip_frames"): 0,  # 0: all the generated frames in one clip, as runs before it sampled
   ("model", "remat_save"): (),
   ("mesh", "dcn"): {"data": 1, "fsdp": 1, "tensor": 1, "context": 1},
 }

@@ -70,7 +70,7 @@ def with_run_defaults(
   n, tr = config.data.num_frames, config.train
   context_frames = context_frames or tr.sample_context_frames
   sampling = sampling or SamplingConfig(steps=0, clip_frames=0)
-  default_clip = tr.get("sample_clip_frames", 0) or n - context_frames  # runs saved before the field: one clip
+  default_clip = tr.sample_clip_frames or n - context_frames
   sampling = dataclasses.replace(
     sampling, steps=sampling.steps or tr.sample_steps, clip_frames=sampling.clip_frames or default_clip
   )
