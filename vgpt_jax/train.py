@@ -304,12 +304,13 @@ def _train_loop(config, workdir: Path, run, mesh, ckpt, step_fn, state, batches)
   profile_first = config.train.profile_start_step  # -1: no trace
   profile_last = profile_first + config.train.profile_steps - 1
   profile = is_main and profile_first >= 0
+  tracing = False  # a profiler trace is open
   preempted = False
-  step = -1
   try:
     for step in progress:
       if profile and step == profile_first:
         jax.profiler.start_trace(str(workdir / "profile"))
+        tracing = True
       batch = next(batches)
       inputs = jax.make_array_from_process_local_data(sharding, batch[run.inputs])
       skipped = jax.make_array_from_process_local_data(sharding, batch["skipped"])
@@ -317,8 +318,9 @@ def _train_loop(config, workdir: Path, run, mesh, ckpt, step_fn, state, batches)
       if pending is not None:
         flush(*pending)
       pending = (step + 1, metrics)
-      if profile and step == profile_last:
+      if tracing and step == profile_last:
         jax.profiler.stop_trace()
+        tracing = False
       done = step + 1
       preempted = watch.reached(done)
       if preempted or done % config.checkpoint.every_steps == 0 or done == config.train.steps:
@@ -329,7 +331,7 @@ def _train_loop(config, workdir: Path, run, mesh, ckpt, step_fn, state, batches)
       flush(*pending)
   finally:
     wall = time.time() - start
-    if profile and profile_first <= step < profile_last:  # left the loop inside the traced steps
+    if tracing:  # left the loop (preemption, an error) inside the traced steps
       jax.profiler.stop_trace()
     ckpt.wait()
     log.close()
