@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import run_python, small_config
 from vgpt_jax import checkpoint, parallel, train_step
-from vgpt_jax.data.pipeline import train_dataset
+from vgpt_jax.data.pipeline import HostSlice, train_dataset
 from vgpt_jax.data.sources import SKIP_REASONS
 from vgpt_jax.export import export, load_exported
 from vgpt_jax.layout import fixed_split
@@ -22,7 +22,7 @@ import jax, numpy as np
 from tests.conftest import mesh_of, small_config, train_steps
 from vgpt_jax import checkpoint, train_step
 from vgpt_jax.run import make_run
-from vgpt_jax.data.pipeline import train_dataset
+from vgpt_jax.data.pipeline import HostSlice, train_dataset
 
 cfg = small_config(**{"train.batch_size": 8})
 setup = make_run(cfg)
@@ -33,7 +33,7 @@ def steps(state, mesh, vs):
 
 big = mesh_of(8, 2, 2, 2)
 state, _ = steps(train_step.create_state(setup, big), big, videos[:2])
-data = iter(train_dataset(cfg.data, batch_size=8, seed=0))
+data = iter(train_dataset(cfg.data, 0, HostSlice(8)))
 with checkpoint.Checkpointer(WORKDIR, cfg.checkpoint) as ckpt:
   ckpt.save(2, state, data, cfg)
 _, expected = steps(state, big, videos[2:])
@@ -60,7 +60,7 @@ def _save_steps(workdir: Path, cfg, steps: tuple[int, ...]):
   setup = make_run(cfg)
   state = train_step.create_state(setup, mesh)
   step_fn = train_step.compile_train_step(setup, mesh)
-  data = iter(train_dataset(cfg.data, batch_size=cfg.train.batch_size, seed=0))
+  data = iter(train_dataset(cfg.data, 0, HostSlice(cfg.train.batch_size)))
   ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint)
   states = {}
   for s in range(1, max(steps) + 1):
@@ -268,7 +268,7 @@ def test_checkpoints_from_before_integrity_records_still_resume_and_are_never_mo
   mesh = parallel.make_mesh(cfg.mesh)
   setup = make_run(cfg)
   state = train_step.create_state(setup, mesh)
-  data = iter(train_dataset(cfg.data, batch_size=cfg.train.batch_size, seed=0))
+  data = iter(train_dataset(cfg.data, 0, HostSlice(cfg.train.batch_size)))
   old_train = {k: v for k, v in checkpoint._train_part(state).items() if k != "skipped_videos"}  # noqa: SLF001
   with checkpoint.Checkpointer(tmp_path, cfg.checkpoint) as ckpt:
     for step in (3, 5):

@@ -14,9 +14,11 @@ from vgpt_jax.data.held_out import held_out_clips
 from vgpt_jax.data.physics import PhysicsWorld, Scene, render_video, sample_scene, simulate, video_seed
 from vgpt_jax.data.pipeline import (
   VALID_SOURCES,
+  HostSlice,
   PhysicsVideoSource,
   _ClipOrSkip,
   default_data_config,
+  make_source,
   to_float,
   to_uint8,
   train_dataset,
@@ -215,7 +217,7 @@ def test_to_uint8_inverts_to_float():
 
 def test_train_batches_shape_range_and_content():
   cfg = small_config()
-  batch = next(iter(train_dataset(cfg, batch_size=3, seed=0)))
+  batch = next(iter(train_dataset(cfg, 0, HostSlice(3))))
   assert set(batch) == {"video", "skipped"}
   assert batch["skipped"].shape == (3, len(SKIP_REASONS)) and not batch["skipped"].any()
   video = batch["video"]
@@ -223,7 +225,7 @@ def test_train_batches_shape_range_and_content():
   assert video.min() >= -1.0 and video.max() <= 1.0
   # Each element is a strided window of the video whose index the index dataset yields.
   source = PhysicsVideoSource(cfg, "train")
-  indices = [index for _, index in train_index_dataset(cfg, seed=0, batch_size=3)[:3]]
+  indices = [index for _, index in train_index_dataset(len(make_source(cfg, "train")), 0, HostSlice(3))[:3]]
   for clip, index in zip(video, indices):
     full = to_float(source[index])
     windows = [full[s : s + 8 : 2] for s in range(12 - 8 + 1)]
@@ -234,29 +236,29 @@ def test_shards_are_disjoint_and_cover_the_data():
   cfg = small_config()
   firsts = []
   for shard in range(2):
-    ds = train_index_dataset(cfg, seed=5, batch_size=2, shard_index=shard, shard_count=2)
+    ds = train_index_dataset(len(make_source(cfg, "train")), 5, HostSlice(2, shard, 2))
     firsts.append({index for _, index in ds[:4]})  # first epoch: 8 videos over 2 hosts
     assert len(firsts[-1]) == 4
   assert not firsts[0] & firsts[1]
   assert firsts[0] | firsts[1] == set(range(8))
-  with pytest.raises(ValueError, match="shard_index"):
-    train_index_dataset(cfg, seed=5, batch_size=2, shard_index=2, shard_count=2)
+  with pytest.raises(ValueError, match="host index"):
+    train_index_dataset(len(make_source(cfg, "train")), 5, HostSlice(2, 2, 2))
 
 
 def test_global_batches_do_not_depend_on_the_number_of_hosts():
   """Two hosts' slices, concatenated, are exactly the one-host batches (same videos, windows, order)."""
   cfg = small_config(frame_stride=1, frame_stride_max=2)
-  single = take(iter(train_dataset(cfg, batch_size=4, seed=7)), 5)
-  hosts = [take(iter(train_dataset(cfg, batch_size=2, seed=7, shard_index=k, shard_count=2)), 5) for k in range(2)]
+  single = take(iter(train_dataset(cfg, 7, HostSlice(4))), 5)
+  hosts = [take(iter(train_dataset(cfg, 7, HostSlice(2, k, 2))), 5) for k in range(2)]
   for step in range(5):
     np.testing.assert_array_equal(np.concatenate([hosts[0][step], hosts[1][step]]), single[step])
 
 
 def test_train_dataset_is_deterministic_per_seed():
   cfg = small_config()
-  a = take(iter(train_dataset(cfg, batch_size=2, seed=1)), 3)
-  b = take(iter(train_dataset(cfg, batch_size=2, seed=1)), 3)
-  c = take(iter(train_dataset(cfg, batch_size=2, seed=2)), 3)
+  a = take(iter(train_dataset(cfg, 1, HostSlice(2))), 3)
+  b = take(iter(train_dataset(cfg, 1, HostSlice(2))), 3)
+  c = take(iter(train_dataset(cfg, 2, HostSlice(2))), 3)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
   assert any(not np.array_equal(x, z) for x, z in zip(a, c))
@@ -264,11 +266,11 @@ def test_train_dataset_is_deterministic_per_seed():
 
 def test_iterator_state_restores_exactly():
   cfg = small_config()
-  iterator = iter(train_dataset(cfg, batch_size=2, seed=3))
+  iterator = iter(train_dataset(cfg, 3, HostSlice(2)))
   take(iterator, 3)
   state = iterator.get_state()
   expected = take(iterator, 2)
-  fresh = iter(train_dataset(cfg, batch_size=2, seed=3))
+  fresh = iter(train_dataset(cfg, 3, HostSlice(2)))
   fresh.set_state(state)
   for x, y in zip(expected, take(fresh, 2)):
     np.testing.assert_array_equal(x, y)
@@ -276,12 +278,12 @@ def test_iterator_state_restores_exactly():
 
 def test_worker_processes_match_in_process():
   cfg = small_config(worker_count=1)
-  iterator = iter(train_dataset(cfg, batch_size=2, seed=4))
+  iterator = iter(train_dataset(cfg, 4, HostSlice(2)))
   try:
     with_workers = take(iterator, 2)
   finally:
     iterator.close()
-  in_process = take(iter(train_dataset(small_config(), batch_size=2, seed=4)), 2)
+  in_process = take(iter(train_dataset(small_config(), 4, HostSlice(2))), 2)
   for x, y in zip(with_workers, in_process):
     np.testing.assert_array_equal(x, y)
 
@@ -299,11 +301,11 @@ def test_held_out_clips():
 
 def test_config_validation_messages():
   with pytest.raises(ValueError, match="num_frames.*frame_stride.*video_frames"):
-    train_dataset(small_config(num_frames=7), batch_size=2, seed=0)
+    train_dataset(small_config(num_frames=7), 0, HostSlice(2))
   with pytest.raises(ValueError, match="video_frames"):
     held_out_clips(small_config(frame_stride=4), 1)
   with pytest.raises(ValueError, match="physics"):
-    train_dataset(small_config(source="mnist"), batch_size=2, seed=0)
+    train_dataset(small_config(source="mnist"), 0, HostSlice(2))
 
 
 def test_source_plugs_into_grain_map_dataset():

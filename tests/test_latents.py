@@ -94,8 +94,8 @@ def test_training_on_latents_equals_training_on_frames(encoded):
   latent_setup = make_run(latents_config(encoded))
   assert (pixel_setup.inputs, latent_setup.inputs) == ("video", "latents")
   assert latent_setup.input_shape(2) == (2, 5, 4, 4, 48)
-  video = next(iter(pipeline.train_dataset(physics_config().data, batch_size=2, seed=3)))["video"]
-  stored = next(iter(pipeline.train_dataset(latents_config(encoded).data, batch_size=2, seed=3)))["latents"]
+  video = next(iter(pipeline.train_dataset(physics_config().data, 3, pipeline.HostSlice(2))))["video"]
+  stored = next(iter(pipeline.train_dataset(latents_config(encoded).data, 3, pipeline.HostSlice(2))))["latents"]
   np.testing.assert_array_equal(stored, PixelTokenizer(4).encode(video))  # same global positions, same draws
   params = init_params(pixel_setup, jax.random.key(0))
   keys = jax.random.split(jax.random.key(1), 2)
@@ -105,20 +105,20 @@ def test_training_on_latents_equals_training_on_frames(encoded):
 
 def test_latent_pipeline_shards_orders_and_resumes(encoded):
   data = latents_config(encoded).data
-  single = iter(pipeline.train_dataset(data, batch_size=4, seed=7))
-  hosts = [iter(pipeline.train_dataset(data, batch_size=2, seed=7, shard_index=k, shard_count=2)) for k in range(2)]
+  single = iter(pipeline.train_dataset(data, 7, pipeline.HostSlice(4)))
+  hosts = [iter(pipeline.train_dataset(data, 7, pipeline.HostSlice(2, k, 2))) for k in range(2)]
   for _ in range(3):
     want = next(single)["latents"]
     np.testing.assert_array_equal(np.concatenate([next(h)["latents"] for h in hosts]), want)
-  again = [next(iter(pipeline.train_dataset(data, batch_size=4, seed=7)))["latents"] for _ in range(2)]
+  again = [next(iter(pipeline.train_dataset(data, 7, pipeline.HostSlice(4))))["latents"] for _ in range(2)]
   np.testing.assert_array_equal(again[0], again[1])
-  other = next(iter(pipeline.train_dataset(data, batch_size=4, seed=8)))["latents"]
+  other = next(iter(pipeline.train_dataset(data, 8, pipeline.HostSlice(4))))["latents"]
   assert not np.array_equal(other, again[0])
-  it = iter(pipeline.train_dataset(data, batch_size=4, seed=7))
+  it = iter(pipeline.train_dataset(data, 7, pipeline.HostSlice(4)))
   next(it)
   state = it.get_state()
   expected = [next(it)["latents"] for _ in range(3)]
-  resumed = iter(pipeline.train_dataset(data, batch_size=4, seed=7))
+  resumed = iter(pipeline.train_dataset(data, 7, pipeline.HostSlice(4)))
   resumed.set_state(state)
   for want in expected:
     np.testing.assert_array_equal(next(resumed)["latents"], want)

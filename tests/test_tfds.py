@@ -272,14 +272,14 @@ def test_cli_prepares_and_reading_never_imports_tensorflow(tmp_path):
 
 def test_tfds_source_through_the_training_pipeline(tmp_path):
   """data.source='tfds' on the prepared built-in dataset: batches and held-out videos come out of the pipeline."""
-  from vgpt_jax.data.pipeline import default_data_config, train_dataset, validate_data_config
+  from vgpt_jax.data.pipeline import HostSlice, default_data_config, train_dataset, validate_data_config
 
   world = PhysicsWorld(num_frames=12)  # 32x32, the pipeline's default frame size
   tfds_physics.prepare(tmp_path, world=world, num_train=8, num_eval=4)
   cfg = default_data_config()
   cfg.update(dict(source="tfds", tfds_name="vgpt_physics", tfds_data_dir=str(tmp_path), num_frames=4, frame_stride=2))
   validate_data_config(cfg)
-  batch = next(iter(train_dataset(cfg, batch_size=3, seed=0)))
+  batch = next(iter(train_dataset(cfg, 0, HostSlice(3))))
   assert batch["video"].shape == (3, 4, 32, 32, 3) and batch["video"].dtype == np.float32
   assert not batch["skipped"].any()
   held_out = held_out_clips(cfg, 2)

@@ -21,6 +21,7 @@ from tests.conftest import data_config
 from vgpt_jax.data import video_files
 from vgpt_jax.data.held_out import held_out_clips
 from vgpt_jax.data.pipeline import (
+  HostSlice,
   make_source,
   train_dataset,
   train_index_dataset,
@@ -258,12 +259,12 @@ def test_cover_crop_keeps_the_aspect_and_centres_the_crop():
 
 def test_pipeline_batches_shape_range_and_content(good_dir):
   cfg = video_config(good_dir)
-  batch = next(iter(train_dataset(cfg, batch_size=3, seed=0)))
+  batch = next(iter(train_dataset(cfg, 0, HostSlice(3))))
   assert batch["video"].shape == (3, 4, 16, 16, 3) and batch["video"].dtype == np.float32
   assert -1.0 <= batch["video"].min() and batch["video"].max() <= 1.0
   np.testing.assert_array_equal(batch["skipped"], np.zeros((3, len(SKIP_REASONS))))
   source = make_source(cfg, "train")
-  indices = [index for _, index in train_index_dataset(cfg, seed=0, batch_size=3)[:3]]
+  indices = [index for _, index in train_index_dataset(len(source), 0, HostSlice(3))[:3]]
   for clip, index in zip(batch["video"], indices):
     video, frames = identify(clip)
     assert int(Path(source.name(index)).stem[1:]) == video
@@ -274,7 +275,7 @@ def test_shards_are_disjoint_and_cover_the_videos(good_dir):
   cfg = video_config(good_dir, num_eval_videos=2)  # 6 train videos
   seen = []
   for shard in range(2):
-    ds = train_index_dataset(cfg, seed=3, batch_size=3, shard_index=shard, shard_count=2)
+    ds = train_index_dataset(len(make_source(cfg, "train")), 3, HostSlice(3, shard, 2))
     seen.append({index for _, index in ds[:3]})
   assert len(seen[0]) == len(seen[1]) == 3 and not seen[0] & seen[1] and seen[0] | seen[1] == set(range(6))
 
@@ -282,11 +283,8 @@ def test_shards_are_disjoint_and_cover_the_videos(good_dir):
 def test_global_batches_do_not_depend_on_the_number_of_hosts(mixed_dir, tmp_path):
   """With files failing at run time: two hosts' slices, concatenated, equal the one-host batches, skips included."""
   cfg, source = vanishing(mixed_dir, tmp_path, frame_stride=3, frame_stride_max=10)
-  single = take(iter(train_dataset(cfg, batch_size=4, seed=7, source=source)), 4)
-  hosts = [
-    take(iter(train_dataset(cfg, batch_size=2, seed=7, shard_index=k, shard_count=2, source=source)), 4)
-    for k in range(2)
-  ]
+  single = take(iter(train_dataset(cfg, 7, HostSlice(4), source=source)), 4)
+  hosts = [take(iter(train_dataset(cfg, 7, HostSlice(2, k, 2), source=source)), 4) for k in range(2)]
   for step in range(4):
     for key in ("video", "skipped"):
       np.testing.assert_array_equal(np.concatenate([h[step][key] for h in hosts]), single[step][key])
@@ -295,7 +293,7 @@ def test_global_batches_do_not_depend_on_the_number_of_hosts(mixed_dir, tmp_path
 
 def test_order_is_deterministic_per_seed(good_dir):
   cfg = video_config(good_dir)
-  a, b, c = (take(iter(train_dataset(cfg, batch_size=2, seed=s)), 3) for s in (1, 1, 2))
+  a, b, c = (take(iter(train_dataset(cfg, s, HostSlice(2))), 3) for s in (1, 1, 2))
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x["video"], y["video"])
   assert any(not np.array_equal(x["video"], z["video"]) for x, z in zip(a, c))
@@ -303,11 +301,11 @@ def test_order_is_deterministic_per_seed(good_dir):
 
 def test_iterator_state_restores_exactly(mixed_dir, tmp_path):
   cfg, source = vanishing(mixed_dir, tmp_path, frame_stride=3, frame_stride_max=10)
-  iterator = iter(train_dataset(cfg, batch_size=2, seed=3, source=source))
+  iterator = iter(train_dataset(cfg, 3, HostSlice(2), source=source))
   take(iterator, 3)
   state = iterator.get_state()
   expected = take(iterator, 3)
-  fresh = iter(train_dataset(cfg, batch_size=2, seed=3, source=source))
+  fresh = iter(train_dataset(cfg, 3, HostSlice(2), source=source))
   fresh.set_state(state)
   for x, y in zip(expected, take(fresh, 3)):
     np.testing.assert_array_equal(x["video"], y["video"])
@@ -316,12 +314,12 @@ def test_iterator_state_restores_exactly(mixed_dir, tmp_path):
 
 def test_worker_processes_match_in_process(mixed_dir):
   cfg = mixed_config(mixed_dir)
-  iterator = iter(train_dataset(mixed_config(mixed_dir, worker_count=1), batch_size=2, seed=4))
+  iterator = iter(train_dataset(mixed_config(mixed_dir, worker_count=1), 4, HostSlice(2)))
   try:
     with_workers = take(iterator, 3)
   finally:
     iterator.close()
-  for x, y in zip(with_workers, take(iter(train_dataset(cfg, batch_size=2, seed=4)), 3)):
+  for x, y in zip(with_workers, take(iter(train_dataset(cfg, 4, HostSlice(2))), 3)):
     np.testing.assert_array_equal(x["video"], y["video"])
     np.testing.assert_array_equal(x["skipped"], y["skipped"])
 
@@ -415,8 +413,8 @@ def test_files_failing_after_the_probe_are_replaced_and_counted_per_sample(mixed
   cfg, source = vanishing(mixed_dir, tmp_path)
   assert len(source) == 5  # only the good files are numbered
   batch_size, steps, seed = 4, 6, 11  # 24 samples: about five epochs of the 5 files
-  batches = take(iter(train_dataset(cfg, batch_size=batch_size, seed=seed, source=source)), steps)
-  elements = train_index_dataset(cfg, seed=seed, batch_size=batch_size, num_videos=len(source))
+  batches = take(iter(train_dataset(cfg, seed, HostSlice(batch_size), source=source)), steps)
+  elements = train_index_dataset(len(source), seed, HostSlice(batch_size))
   total: Counter = Counter()
   for step, batch in enumerate(batches):
     assert batch["skipped"].shape == (batch_size, len(SKIP_REASONS))
@@ -436,7 +434,7 @@ def test_only_bad_files_raise_a_clear_error_naming_each_reason(mixed_dir, tmp_pa
     os.link(mixed_dir / "train" / name, tmp_path / name)
   cfg = mixed_config(mixed_dir, path=str(tmp_path))
   with pytest.raises(NoUsableVideo) as err:
-    train_dataset(cfg, batch_size=2, seed=0)
+    train_dataset(cfg, 0, HostSlice(2))
   message = str(err.value)
   assert str(tmp_path) in message and "none of the 5 videos" in message
   assert "unreadable=2, no_video_stream=1, too_small=1, too_short=1" in message
@@ -447,7 +445,7 @@ def test_a_single_usable_file_among_many_bad_ones_is_enough(mixed_dir, tmp_path)
   for name in bad + ["good2.mp4"]:
     os.link(mixed_dir / "train" / name, tmp_path / name)
   cfg = mixed_config(mixed_dir, path=str(tmp_path))
-  batches = take(iter(train_dataset(cfg, batch_size=4, seed=0)), 3)
+  batches = take(iter(train_dataset(cfg, 0, HostSlice(4))), 3)
   assert all(identify(clip)[0] == 2 for batch in batches for clip in batch["video"])
   assert not any(batch["skipped"].any() for batch in batches)
 
@@ -461,7 +459,7 @@ def test_empty_directory_raises_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match=rf"no video files in directory {tmp_path}.*mp4"):
     VideoFileSource(cfg)
   with pytest.raises(ValueError, match="holds no video files"):
-    train_dataset(cfg, batch_size=2, seed=0)
+    train_dataset(cfg, 0, HostSlice(2))
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from vgpt_jax import checkpoint, media, parallel, preemption, train_step
 from vgpt_jax import config as config_lib
 from vgpt_jax.data.held_out import held_out_clips
-from vgpt_jax.data.pipeline import to_uint8, train_dataset
+from vgpt_jax.data.pipeline import HostSlice, to_uint8, train_dataset
 from vgpt_jax.data.sources import SKIP_REASONS, NoUsableVideo
 from vgpt_jax.metrics import video as video_metrics
 from vgpt_jax.run import Run, make_run
@@ -148,10 +148,8 @@ def _data_iterator(config: ml_collections.ConfigDict, seed: int, source=None):
   return iter(
     train_dataset(
       config.data,
-      batch_size=config.train.batch_size // jax.process_count(),
-      seed=seed,
-      shard_index=jax.process_index(),
-      shard_count=jax.process_count(),
+      seed,
+      HostSlice(config.train.batch_size // jax.process_count(), jax.process_index(), jax.process_count()),
       source=source,
     )
   )

@@ -32,7 +32,7 @@ import av
 import numpy as np
 
 from vgpt_jax.data import file_facts
-from vgpt_jax.data.pipeline import default_data_config, train_dataset, train_index_dataset
+from vgpt_jax.data.pipeline import HostSlice, default_data_config, make_source, train_dataset, train_index_dataset
 from vgpt_jax.data.video_files import INSPECT_VERSION, VideoFileSource, find_videos, inspect_file
 
 
@@ -88,7 +88,7 @@ def bench_config(args: argparse.Namespace, directory: str, decode_threads: int, 
 
 def _clips_todo(cfg, args: argparse.Namespace) -> list[tuple[int, int]]:
   """The (global position, video index) pairs that `pipeline_rate` times, for seed 0."""
-  elements = train_index_dataset(cfg, seed=0, batch_size=args.batch_size)
+  elements = train_index_dataset(len(make_source(cfg, "train")), 0, HostSlice(args.batch_size))
   first = (args.prefetch_batches + 2) * args.batch_size
   return [tuple(int(x) for x in elements[i]) for i in range(first, args.clips // args.batch_size * args.batch_size)]
 
@@ -134,7 +134,7 @@ def pipeline_rate(cfg, args: argparse.Namespace) -> float:
   while the first batch was made is used up (the consumer here takes batches
   at once, so after that every batch waits for the producers).
   """
-  iterator = iter(train_dataset(cfg, batch_size=args.batch_size, seed=0))
+  iterator = iter(train_dataset(cfg, 0, HostSlice(args.batch_size)))
   warm = args.prefetch_batches + 2
   timed = args.clips // args.batch_size - warm
   if timed < 4:

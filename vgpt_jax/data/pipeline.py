@@ -32,6 +32,7 @@ If every attempt fails the pipeline raises NoUsableVideo naming the source.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import grain
@@ -295,72 +296,58 @@ def _stack(elements: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   return {key: np.stack([e[key] for e in elements]), "skipped": np.stack([e["skipped"] for e in elements])}
 
 
-def train_index_dataset(
-  data_cfg: Any,
-  *,
-  seed: int,
-  batch_size: int,
-  shard_index: int = 0,
-  shard_count: int = 1,
-  num_videos: int | None = None,
-) -> grain.MapDataset:
+@dataclasses.dataclass(frozen=True)
+class HostSlice:
+  """This host's part of every global batch: `batch_size` samples, the `index`-th slice of `count` hosts."""
+
+  batch_size: int
+  index: int = 0
+  count: int = 1
+
+  def __post_init__(self):
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+    if not 0 <= self.index < self.count:
+      raise ValueError(f"Need 0 <= host index < host count, got {self.index}, {self.count}.")
+
+
+def train_index_dataset(num_videos: int, seed: int, host: HostSlice) -> grain.MapDataset:
   """This host's infinite stream of (global position, video index), reshuffled every epoch.
 
-  All hosts share one global stream (the train videos shuffled with `seed`,
-  epoch after epoch). Global batch g is positions [g*B, (g+1)*B), B =
-  batch_size * shard_count, and host k takes the k-th slice of batch_size of
-  each. So hosts never overlap, together they cover every video once per epoch,
-  and the global batches do not depend on the number of hosts. `num_videos`
-  defaults to the size of the train source.
+  All hosts share one global stream (the `num_videos` train videos shuffled
+  with `seed`, epoch after epoch). Global batch g is positions [g*B, (g+1)*B),
+  B = host.batch_size * host.count, and host k takes the k-th slice of
+  host.batch_size of each. So hosts never overlap, together they cover every
+  video once per epoch, and the global batches do not depend on the number of
+  hosts.
   """
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"Need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}.")
-  if num_videos is None:
-    num_videos = len(make_source(data_cfg, "train"))
-  if num_videos < shard_count:
-    raise ValueError(f"{num_videos} train videos < shard_count ({shard_count}): some hosts would get no videos.")
+  if num_videos < host.count:
+    raise ValueError(f"{num_videos} train videos < host count ({host.count}): some hosts would get no videos.")
   videos = grain.MapDataset.range(num_videos).seed(seed).shuffle().repeat()
-  global_batch = batch_size * shard_count
+  b = host.batch_size
 
   def locate(i: int) -> tuple[int, int]:
-    position = (i // batch_size) * global_batch + shard_index * batch_size + i % batch_size
+    position = (i // b) * b * host.count + host.index * b + i % b
     return position, videos[position]
 
-  return grain.MapDataset.range(len(videos) // shard_count).map(locate)
+  return grain.MapDataset.range(len(videos) // host.count).map(locate)
 
 
-def train_dataset(
-  data_cfg: Any,
-  *,
-  batch_size: int,
-  seed: int,
-  shard_index: int = 0,
-  shard_count: int = 1,
-  source: VideoSource | None = None,
-) -> grain.IterDataset:
+def train_dataset(data_cfg: Any, seed: int, host: HostSlice, source: VideoSource | None = None) -> grain.IterDataset:
   """This host's infinite, shuffled train stream of {"video": float32 [B, F, H, W, 3], "skipped": int32 [B, R]}
   ({"latents": float32 [B, F, h, w, C], ...} when data.source="latents").
 
-  B = batch_size is this host's part of the global batch (see
+  B = host.batch_size is this host's part of the global batch (see
   `train_index_dataset`). F = data_cfg.num_frames frames taken every k frames
   from a random start, k drawn from [frame_stride, frame_stride_max] (stages
   3-4). R = len(SKIP_REASONS): bad videos replaced for each sample, by reason.
   Deterministic given `seed`; the iterator's get_state()/set_state() resume
   exactly. `source`: the train source when the caller has built it already.
   """
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   source = make_source(data_cfg, "train") if source is None else source
   clip = _ClipOrSkip(source, seed, int(data_cfg.max_skip_tries), source.clip_shape)
-  ds = train_index_dataset(
-    data_cfg,
-    seed=seed,
-    batch_size=batch_size,
-    shard_index=shard_index,
-    shard_count=shard_count,
-    num_videos=len(source),
-  )
-  ds = ds.map(clip).batch(batch_size, drop_remainder=True, batch_fn=_stack)
+  ds = train_index_dataset(len(source), seed, host)
+  ds = ds.map(clip).batch(host.batch_size, drop_remainder=True, batch_fn=_stack)
   read_options = grain.ReadOptions(
     num_threads=int(data_cfg.read_threads),
     prefetch_buffer_size=int(data_cfg.prefetch_batches),

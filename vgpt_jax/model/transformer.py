@@ -9,7 +9,7 @@ from the token ids and handed to every layer (attention/select.py).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -91,6 +91,13 @@ def rope_tables(position: jax.Array, head_dim: int, theta: float) -> tuple[jax.A
   return jnp.cos(angles), jnp.sin(angles)
 
 
+class RopeAndPlan(NamedTuple):
+  """What the Decoder makes from the token ids once per forward pass and hands to every layer."""
+
+  rope: tuple[jax.Array, jax.Array]  # `rope_tables` (cos, sin)
+  plan: Plan  # the attention path's plan of the mask
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   """Rotate [B, T, H, Dh] by the tables of `rope_tables`."""
   half = x.shape[-1] // 2
@@ -115,11 +122,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(
-    self,
-    x: jax.Array,
-    rope: tuple[jax.Array, jax.Array],
-    plan: Plan,
-    cached: tuple[jax.Array, jax.Array] | None = None,
+    self, x: jax.Array, shared: RopeAndPlan, cached: tuple[jax.Array, jax.Array] | None = None
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     shape, axes = (x.shape[-1], self.num_heads, self.head_dim), ("embed", "heads", "kv")
 
@@ -131,13 +134,13 @@ class Attention(nn.Module):
 
     x = x.astype(self.dtype)
     q, k, v = (jnp.einsum("btd,dhk->bthk", x, kernel(name, shape, axes)) for name in ("query", "key", "value"))
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    q, k = apply_rope(q, *shared.rope), apply_rope(k, *shared.rope)
     q, k, v = (_named(a, name, HEAD_AXES) for a, name in zip((q, k, v), ("query", "key", "value")))
     if cached is None:
-      out = self.attend(q, k, v, plan)
+      out = self.attend(q, k, v, shared.plan)
     else:
       k_all, v_all = (jnp.concatenate([c.astype(self.dtype), new], axis=1) for c, new in zip(cached, (k, v)))
-      out = self.attend(q, k_all, v_all, plan)
+      out = self.attend(q, k_all, v_all, shared.plan)
     out = _named(out, "attention", HEAD_AXES)
     out = jnp.einsum("bthk,hkd->btd", out, kernel("out", shape[1:] + shape[:1], axes[1:] + axes[:1]))
     return out, (k, v)
@@ -184,17 +187,11 @@ class DecoderLayer(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(
-    self,
-    x: jax.Array,
-    rope: tuple[jax.Array, jax.Array],
-    plan: Plan,
-    cached: tuple[jax.Array, jax.Array] | None,
-  ):
+  def __call__(self, x: jax.Array, shared: RopeAndPlan, cached: tuple[jax.Array, jax.Array] | None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(self.norm_eps, name="attn_norm", **kw)(x)
     attn = Attention(self.num_heads, self.head_dim, self.attend, name="attn", **kw)
-    out, kv = attn(h, rope, plan, cached)
+    out, kv = attn(h, shared, cached)
     x = x + out
     h = RMSNorm(self.norm_eps, name="mlp_norm", **kw)(x)
     x = x + SwiGLU(self.mlp_dim, name="mlp", **kw)(h)
@@ -239,15 +236,15 @@ class Decoder(nn.Module):
       layer_cls,
       variable_axes={"params": 0},
       split_rngs={"params": True},
-      in_axes=(nn.broadcast, nn.broadcast, 0),
+      in_axes=(nn.broadcast, 0),
       length=self.num_layers,
       metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    rope = rope_tables(ids.position, self.head_dim, self.rope_theta)
     # The keys are the cached tokens (if any), then this call's own.
     k_ids = ids if cache is None else jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), cache_ids, ids)
     path = attention_path(self.attention, ids.frame.shape[1], k_ids.frame.shape[1], self.attention_block)
-    plan = path.plan(ids, k_ids)  # once for every layer, forward and backward
+    rope = rope_tables(ids.position, self.head_dim, self.rope_theta)
+    shared = RopeAndPlan(rope, path.plan(ids, k_ids))  # once for every layer, forward and backward
     layers = stack(
       self.num_heads,
       self.head_dim,
@@ -259,6 +256,6 @@ class Decoder(nn.Module):
       param_dtype=self.param_dtype,
       name="layers",
     )
-    x, kv = layers(x.astype(self.dtype), rope, plan, cache)
+    x, kv = layers(x.astype(self.dtype), shared, cache)
     x = RMSNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
     return (x, kv) if return_kv else x
