@@ -1,5 +1,6 @@
 """Shared test fixtures: small configs that compile quickly on CPU."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,11 +14,10 @@ from pathlib import Path
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "vgpt_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# The tests' programs are tiny: LLVM's optimisation passes cost more than they save (a cold run of the test job:
-# 34 s of CPU -> 17 s, the same losses). Every process of the session, and every one it starts, uses this.
-os.environ["XLA_FLAGS"] = " ".join(
-  dict.fromkeys([*os.environ.get("XLA_FLAGS", "").split(), "--xla_backend_optimization_level=0"])
-)
+# The tests' programs are tiny: XLA's optimisation passes cost more than they save (the train step of the test
+# model: 17 s of CPU to compile -> 6 s). Every process of the session, and every one it starts, compiles this way;
+# the few tests bound by running a real network (I3D) turn optimisation back on with the `optimized` fixture.
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 
 import ml_collections
 import pytest
@@ -63,12 +63,30 @@ def config() -> ml_collections.ConfigDict:
   return small_config()
 
 
+@contextlib.contextmanager
+def full_optimization():
+  """XLA's full optimisation inside: for the tests whose time goes to running a real network (I3D), not compiling."""
+  import jax
+
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture
+def optimized():
+  with full_optimization():
+    yield
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def run_python(code: str, devices: int = 1, timeout: int = 300) -> str:
   """Run `code` in a fresh interpreter with `devices` forced CPU devices; return stdout, fail on error."""
-  flags = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"  # the session's flags too
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
   env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
   proc = subprocess.run(

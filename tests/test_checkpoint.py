@@ -24,7 +24,8 @@ from vgpt_jax import checkpoint, train_step
 from vgpt_jax.run import make_run
 from vgpt_jax.data.pipeline import HostSlice, train_dataset
 
-cfg = small_config(**{"train.batch_size": 8})
+# The config and videos of test_parallel's SHARDED_VS_SINGLE (an EMA too), so its compiled steps are reused.
+cfg = small_config(**{"train.batch_size": 8, "train.ema_decay": 0.9})
 setup = make_run(cfg)
 videos = [np.asarray(jax.random.uniform(jax.random.key(i), (8, 5, 16, 16, 3), minval=-1, maxval=1)) for i in range(3)]
 
@@ -36,6 +37,7 @@ state, _ = steps(train_step.create_state(setup, big), big, videos[:2])
 data = iter(train_dataset(cfg.data, 0, HostSlice(8)))
 with checkpoint.Checkpointer(WORKDIR, cfg.checkpoint) as ckpt:
   ckpt.save(2, state, data, cfg)
+saved = jax.tree.leaves(jax.device_get(state))  # before the next step donates the state's buffers
 _, expected = steps(state, big, videos[2:])
 
 for n, shape in ((1, (1, 1, 1)), (4, (1, 2, 2)), (4, (4, 1, 1))):
@@ -45,6 +47,8 @@ for n, shape in ((1, (1, 1, 1)), (4, (1, 2, 2)), (4, (4, 1, 1))):
   assert data_ok and int(restored.step) == 2
   leaf = restored.params["decoder"]["layers"]["mlp"]["gate"]["kernel"]
   assert len(leaf.sharding.device_set) == n
+  for a, b in zip(jax.tree.leaves(jax.device_get(restored)), saved, strict=True):
+    np.testing.assert_array_equal(a, b)  # every array of the state, EMA and optimizer included, bit for bit
   _, losses = steps(restored, mesh, videos[2:])
   np.testing.assert_allclose(losses, expected, rtol=2e-5)
 print("ok")

@@ -27,7 +27,7 @@ def test_baselines_copy_and_extrapolate():
   np.testing.assert_allclose(evaluate.linear_extrapolation(ramp[:, :3], 6), ramp[:, 3:], atol=1e-6)  # exact on a line
 
 
-def test_score_ranks_a_perfect_prediction_first_and_includes_fvd():
+def test_score_ranks_a_perfect_prediction_first_and_includes_fvd(optimized):
   """A moving square: the truth itself scores perfectly; copying the last frame misses all motion."""
   frames = np.full((2, 9, 16, 16, 3), -1.0, np.float32)
   for b in range(2):

@@ -61,12 +61,12 @@ def reference(tmp_path_factory) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def stopped_at_8(tmp_path_factory) -> Path:
-  """A run stopped after step 8, checkpoints at 4 and 8 (the newest is the one the faults damage)."""
-  workdir = tmp_path_factory.mktemp("stopped_at_8")
-  result = run(workdir, steps=8)
+def stopped_at_12(tmp_path_factory) -> Path:
+  """A run stopped after step 12, checkpoints at 4, 8 and 12 (the faults damage the newest two)."""
+  workdir = tmp_path_factory.mktemp("stopped_at_12")
+  result = run(workdir, steps=12)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert committed(workdir) == [4, 8]
+  assert committed(workdir) == [4, 8, 12]
   return workdir
 
 
@@ -110,57 +110,69 @@ FAULTS = [
 ]
 
 
-@pytest.mark.parametrize(
-  "fault",
-  [f if f in ("params_flipped", "manifest_deleted") else pytest.param(f, marks=pytest.mark.slow) for f in FAULTS],
-)
-def test_a_corrupt_checkpoint_is_set_aside_and_training_goes_on_exactly(tmp_path, stopped_at_8, reference, fault):
+# Faults injected two at a time: the newest checkpoint (12) gets the first, the one before (8) the second; the run
+# must set both aside and resume from 4. Every fault is in one pair; the first pair runs by default.
+FAULT_PAIRS = [
+  ("params_flipped", "manifest_deleted"),
+  pytest.param("optimizer_state_flipped", "file_truncated", marks=pytest.mark.slow),
+  pytest.param("data_iterator_state_flipped", "params_flipped", marks=pytest.mark.slow),
+]
+assert {f for pair in FAULT_PAIRS for f in getattr(pair, "values", pair)} == set(FAULTS)
+
+
+@pytest.mark.parametrize("newest_fault, older_fault", FAULT_PAIRS)
+def test_corrupt_checkpoints_are_set_aside_and_training_goes_on_exactly(
+  tmp_path, stopped_at_12, reference, newest_fault, older_fault
+):
   workdir = tmp_path / "run"
-  shutil.copytree(stopped_at_8, workdir)
-  damage(workdir / "checkpoints" / "8", fault)
+  shutil.copytree(stopped_at_12, workdir)
+  damage(workdir / "checkpoints" / "12", newest_fault)
+  damage(workdir / "checkpoints" / "8", older_fault)
 
   result = run(workdir)
 
   out = result.stderr
   assert result.returncode == 0, out[-3000:]
-  assert "checkpoint 8 is corrupt" in out and f"moved it to {workdir}/checkpoints/corrupt/8" in out
+  for step in (12, 8):
+    assert f"checkpoint {step} is corrupt" in out and f"moved it to {workdir}/checkpoints/corrupt/{step}" in out
+    assert (workdir / "checkpoints" / "corrupt" / str(step) / "WHY_CORRUPT.txt").exists()
   assert "resuming at step 4" in out
   caught_by = {  # flipped bytes read back without an error: only the checksums catch them
     "params_flipped": "arrays differ from what was saved: params/",
     "optimizer_state_flipped": "arrays differ from what was saved: train/opt_state/",
     "data_iterator_state_flipped": "data iterator state of process 0 does not match its hash",
   }
-  assert caught_by.get(fault, "") in out
+  assert caught_by.get(newest_fault, "") in out and caught_by.get(older_fault, "") in out
   assert "Event loop is closed" not in out and "Traceback" not in out
-  assert (workdir / "checkpoints" / "corrupt" / "8" / "WHY_CORRUPT.txt").exists()
-  assert {8, STEPS} <= set(committed(workdir))  # step 8 saved again: no crash loop
+  assert {8, 12, STEPS} <= set(committed(workdir))  # steps 8 and 12 saved again: no crash loop
   losses = logged_losses(workdir)  # steps 5.. were run again after the fallback; the last record wins
   assert [losses[s] for s in range(5, STEPS + 1)] == [reference[s] for s in range(5, STEPS + 1)]
 
 
-def test_every_checkpoint_corrupt_stops_before_compiling_with_one_message(tmp_path, stopped_at_8):
+def test_every_checkpoint_corrupt_stops_before_compiling_with_one_message(tmp_path, stopped_at_12):
   workdir = tmp_path / "run"
-  shutil.copytree(stopped_at_8, workdir)
+  shutil.copytree(stopped_at_12, workdir)
   damage(workdir / "checkpoints" / "4", "params_flipped")
   damage(workdir / "checkpoints" / "8", "manifest_deleted")
+  damage(workdir / "checkpoints" / "12", "file_truncated")
 
   result = run(workdir)
 
   assert result.returncode == 1
-  assert "CheckpointError: none of the 2 checkpoints" in result.stderr
+  assert "CheckpointError: none of the 3 checkpoints" in result.stderr
   assert "compiling the train step" not in result.stderr and "Traceback" not in result.stderr
-  assert sorted(p.name for p in (workdir / "checkpoints" / "corrupt").iterdir()) == ["4", "8"]
+  assert sorted(p.name for p in (workdir / "checkpoints" / "corrupt").iterdir()) == ["12", "4", "8"]
   again = run(workdir, steps=2)  # a rerun starts from scratch, and says so
   assert again.returncode == 0 and "no usable checkpoint: starting from scratch" in again.stderr
 
 
-def test_a_checkpoint_of_another_model_is_refused_and_left_in_place(tmp_path, stopped_at_8):
+def test_a_checkpoint_of_another_model_is_refused_and_left_in_place(tmp_path, stopped_at_12):
   workdir = tmp_path / "run"
-  shutil.copytree(stopped_at_8, workdir)
+  shutil.copytree(stopped_at_12, workdir)
   result = run(workdir, "--config.model.mlp_dim=40")
   assert result.returncode == 1 and "holds another model's params" in result.stderr
   assert "checkpoint.init_from" in result.stderr and "Traceback" not in result.stderr
-  assert committed(workdir) == [4, 8] and not (workdir / "checkpoints" / "corrupt").exists()
+  assert committed(workdir) == [4, 8, 12] and not (workdir / "checkpoints" / "corrupt").exists()
 
 
 def _wait(predicate, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.conftest import full_optimization
 from vgpt_jax.metrics import fvd as F
 
 
@@ -114,6 +115,12 @@ def test_a_half_or_misshapen_checkpoint_is_refused():
 
 
 # --- I3D features and FVD ---
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _optimized():
+  with full_optimization():  # these tests run I3D: 3x faster to run fully optimised, for 1 s more of compiling
+    yield
 
 
 @pytest.fixture(scope="module")
