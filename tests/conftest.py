@@ -14,10 +14,16 @@ from pathlib import Path
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "vgpt_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# The tests' programs are tiny: XLA's optimisation passes cost more than they save (the train step of the test
-# model: 17 s of CPU to compile -> 6 s). Every process of the session, and every one it starts, compiles this way;
-# the few tests bound by running a real network (I3D) turn optimisation back on with the `optimized` fixture.
-os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+# The tests' programs are tiny: compiling them costs more than running them. Every process of the session, and
+# every one it starts, compiles the cheap way (`python -m vgpt_jax.benchmarks.compile_time`, BENCHMARKS.md: the
+# test model's train step 17 s of CPU -> 1.7 s). The few tests bound by running a real network (I3D) turn XLA's
+# optimisation passes back on with `full_optimization`. That module imports no JAX: this runs before JAX loads.
+from vgpt_jax.benchmarks.compile_time import CHEAP_COMPILES  # noqa: E402
+
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = CHEAP_COMPILES["JAX_DISABLE_MOST_OPTIMIZATIONS"]
+os.environ["XLA_FLAGS"] = " ".join(
+  dict.fromkeys([*os.environ.get("XLA_FLAGS", "").split(), *CHEAP_COMPILES["XLA_FLAGS"].split()])
+)
 
 import ml_collections
 import pytest
@@ -99,6 +105,27 @@ def run_python(code: str, devices: int = 1, timeout: int = 300) -> str:
 def train_command(workdir, *overrides: str, config: str = "tests/small_config.py") -> list[str]:
   """The main job's command line on a test config."""
   return [sys.executable, "-m", "vgpt_jax.train", f"--config={config}", f"--workdir={workdir}", *overrides]
+
+
+TRAINED_RUN = ("--config.train.steps=6", "--config.train.log_every=1", "--config.train.ema_decay=0.5")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+  """A 6-step run of the main job on the test config (with an EMA), every loss logged, made once for the whole
+  session (every xdist worker reads the same one, built by whichever asks first). Tests read it, write elsewhere."""
+  import fcntl
+
+  shared = tmp_path_factory.getbasetemp().parent  # the same folder for every worker of this session
+  workdir = shared / "trained_run"
+  with open(shared / "trained_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (workdir / "DONE").exists():
+      command = train_command(workdir, *TRAINED_RUN)
+      proc = subprocess.run(command, env=cpu_env(), capture_output=True, text=True)
+      assert proc.returncode == 0, proc.stderr[-3000:]
+      (workdir / "DONE").touch()
+  return workdir
 
 
 def cpu_env(**extra: str) -> dict:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
 import sys
 
-from vgpt_jax.benchmarks import op_profile, reference_step
+from vgpt_jax.benchmarks import compile_time, op_profile, reference_step
 from vgpt_jax.layout import interleaved_layout, training_layout
 
 TINY = ["--frames=4", "--size=16", "--layers=1", "--hidden=32", "--heads=2", "--mlp=64"]
@@ -40,3 +42,14 @@ def test_op_profile_splits_a_step_into_forward_and_backward_ops(monkeypatch, cap
   for p in ("forward", "backward"):
     block = out.split(f"top 3 ops, {p}")[1]
     assert len(re.findall(r"^\| [\d.]+ \| \S+ \|", block, flags=re.M)) >= 3
+
+
+def test_compile_time_measures_tracing_compiling_and_a_step():
+  """The in-process half of the compile-time benchmark (the table runs it once per setting, in fresh processes)."""
+  args = argparse.Namespace(preset="test", frames=5, size=16, batch_size=2, steps=2)
+  measured = compile_time.measure(args)
+  assert set(measured) == {"trace_lower_s", "compile_cpu_s", "step_s"}
+  assert all(value > 0 for value in measured.values()), measured
+  # This session compiles the way the table's last row measures.
+  assert os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1"
+  assert set(compile_time.CHEAP_COMPILES["XLA_FLAGS"].split()) <= set(os.environ["XLA_FLAGS"].split())

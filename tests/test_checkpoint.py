@@ -162,18 +162,15 @@ def _outputs(config, params) -> np.ndarray:
   return np.asarray(setup.model.apply({"params": params}, x, x, t, split, setup.layout))
 
 
-def test_export_and_load_round_trip_gives_identical_outputs(tmp_path):
-  from vgpt_jax.train import train
-
-  cfg = small_config(**{"train.steps": 3, "train.ema_decay": 0.5})
-  train(cfg, tmp_path / "run")
+def test_export_and_load_round_trip_gives_identical_outputs(tmp_path, trained_run):
+  cfg = small_config(**{"train.ema_decay": 0.5})  # trained_run's config
   for ema in (False, True):
-    out = export(tmp_path / "run", tmp_path / f"export_{ema}", ema=ema)
+    out = export(trained_run, tmp_path / f"export_{ema}", ema=ema)
     config, params = load_exported(out)
     assert config.model.preset == "test"
     target = train_step.abstract_state(make_run(cfg))
-    original, step = checkpoint.load_params(tmp_path / "run", target.params, ema=ema)
-    assert step == 3
+    original, step = checkpoint.load_params(trained_run, target.params, ema=ema)
+    assert step == 6
     np.testing.assert_array_equal(_outputs(config, params), _outputs(cfg, original))
   assert json.loads((out / "config.json").read_text())["train"]["ema_decay"] == 0.5
   # A weights file that does not fit its config is refused whole.
@@ -184,17 +181,15 @@ def test_export_and_load_round_trip_gives_identical_outputs(tmp_path):
     load_exported(out)
 
 
-def test_stage_init_loads_params_only_with_fresh_optimizer_and_step(tmp_path):
-  from vgpt_jax.train import _initial_state, train
+def test_stage_init_loads_params_only_with_fresh_optimizer_and_step(trained_run):
+  from vgpt_jax.train import _initial_state
 
-  first = small_config(**{"train.steps": 3})
-  train(first, tmp_path / "stage1")
-  second = small_config(**{"checkpoint.init_from": str(tmp_path / "stage1")})
+  second = small_config(**{"checkpoint.init_from": str(trained_run)})
   setup = make_run(second)
   mesh = parallel.make_mesh(second.mesh)
   target = train_step.sharded_abstract_state(setup, mesh)
   state = _initial_state(setup, mesh, target)
-  stage1, _ = checkpoint.load_params(tmp_path / "stage1", target.params)
+  stage1, _ = checkpoint.load_params(trained_run, target.params)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(stage1))
   assert int(state.step) == 0
   mu = state.opt_state[1][0].mu
@@ -203,16 +198,16 @@ def test_stage_init_loads_params_only_with_fresh_optimizer_and_step(tmp_path):
 
 
 def test_grad_accumulation_ema_and_nonfinite_skip():
-  cfg = small_config(**{"train.batch_size": 4})
   video = jax.random.uniform(jax.random.key(0), (4, 5, 16, 16, 3), minval=-1, maxval=1)
-  results = {}
+  results, steps, runs = {}, {}, {}
   for accum in (1, 2, 4):
     c = small_config(**{"train.batch_size": 4, "train.grad_accum_steps": accum, "train.ema_decay": 0.75})
-    setup = make_run(c)
+    runs[accum] = setup = make_run(c)
     mesh = parallel.make_mesh(c.mesh)
     state0 = train_step.create_state(setup, mesh)
     p0 = jax.device_get(state0.params)
-    state, metrics = train_step.compile_train_step(setup, mesh)(state0, video, train_step.no_skips(4))
+    steps[accum] = train_step.compile_train_step(setup, mesh)
+    state, metrics = steps[accum](state0, video, train_step.no_skips(4))
     results[accum] = (float(metrics["loss"]), jax.device_get(state.params), jax.device_get(state.ema), p0)
   for accum in (2, 4):  # micro-batches change memory, not the result
     assert results[accum][0] == pytest.approx(results[1][0], rel=1e-5)
@@ -220,11 +215,8 @@ def test_grad_accumulation_ema_and_nonfinite_skip():
   _, params, ema, p0 = results[1]
   jax.tree.map(lambda e, a, b: np.testing.assert_allclose(e, 0.75 * b + 0.25 * a, rtol=1e-6), ema, params, p0)
 
-  # A non-finite batch: the update is skipped and counted, then training goes on.
-  setup = make_run(cfg)
-  mesh = parallel.make_mesh(cfg.mesh)
-  step = train_step.compile_train_step(setup, mesh)
-  state = train_step.create_state(setup, mesh)
+  # A non-finite batch (accum=1's step): the update is skipped and counted, then training goes on.
+  step, state = steps[1], train_step.create_state(runs[1], mesh)
   before = jax.device_get(state.params)
   state, metrics = step(state, video.at[0, 0, 0, 0, 0].set(jnp.nan), train_step.no_skips(4))
   assert int(metrics["skipped_steps"]) == 1 and int(state.step) == 1

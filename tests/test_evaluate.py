@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import cpu_env, train_command
+from tests.conftest import cpu_env
 from vgpt_jax import checkpoint, evaluate
 from vgpt_jax.benchmarks import diagnose, learning_curve
 from vgpt_jax.rollouts import RolloutRequest
@@ -47,10 +47,8 @@ def test_score_ranks_a_perfect_prediction_first_and_includes_fvd(optimized):
   assert curves["mse"].shape == (5,)
 
 
-def test_evaluate_cli_end_to_end(tmp_path):
-  workdir, out = tmp_path / "run", tmp_path / "eval"
-  proc = subprocess.run(train_command(workdir, "--config.train.steps=2"), env=cpu_env(), capture_output=True, text=True)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+def test_evaluate_cli_end_to_end(tmp_path, trained_run):
+  workdir, out = trained_run, tmp_path / "eval"
   args = ["--num_videos=3", "--context_frames=2", "--frames=4", "--clip_frames=2", "--steps=2", "--nofvd"]
   cmd = [sys.executable, "-m", "vgpt_jax.evaluate", f"--checkpoint={workdir}", f"--output={out}", *args]
   proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=600)
@@ -71,12 +69,12 @@ def test_evaluate_cli_end_to_end(tmp_path):
   # The learning-curve and diagnosis tools on the same run: what they compute and write. Whether a trained
   # model beats copying under them is tests/test_learning.py's (slow) check.
   curve = learning_curve.learning_curve(request, tmp_path / "curve")
-  assert [r["step"] for r in curve["rows"]] == checkpoint.saved_steps(str(workdir)) == [2]
+  assert [r["step"] for r in curve["rows"]] == checkpoint.saved_steps(str(workdir)) == [6]
   row = curve["rows"][0]
   assert row["first_frame_vs_copy"] == row["first_frame_mse"] / curve["baselines"]["copy_last"]["first_frame_mse"]
-  for name in ("curve.json", "curve.md", "step_2/metrics.json"):
+  for name in ("curve.json", "curve.md", "step_6/metrics.json"):
     assert (tmp_path / "curve" / name).exists(), name
   diagnosis = diagnose.diagnose(str(workdir), videos=2, context_frames=2)
-  assert diagnosis["step"] == 2 and diagnosis["videos"] == 2 and diagnosis["rows"]
+  assert diagnosis["step"] == 6 and diagnosis["videos"] == 2 and diagnosis["rows"]
   assert all(np.isfinite(r["model"]) and np.isfinite(r["copy_last"]) for r in diagnosis["rows"])
   assert len(diagnose.format_rows(diagnosis["rows"]).splitlines()) == 2 + len(diagnosis["rows"])

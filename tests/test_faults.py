@@ -154,7 +154,7 @@ def test_every_checkpoint_corrupt_stops_before_compiling_with_one_message(tmp_pa
   shutil.copytree(stopped_at_12, workdir)
   damage(workdir / "checkpoints" / "4", "params_flipped")
   damage(workdir / "checkpoints" / "8", "manifest_deleted")
-  damage(workdir / "checkpoints" / "12", "file_truncated")
+  damage(workdir / "checkpoints" / "12", "optimizer_state_flipped")
 
   result = run(workdir)
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import cpu_env, small_config, train_command
+from tests.conftest import cpu_env, small_config
 from tests.test_video_files import encode as write_video
 from tests.test_video_files import flat_video
 from vgpt_jax import checkpoint
@@ -99,14 +99,6 @@ def test_impossible_sampling_is_refused(model):
     check_sampling(setup, SamplingConfig(clip_frames=1, window=6), 2)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("run")
-  proc = subprocess.run(train_command(workdir, "--config.train.steps=2"), env=cpu_env(), capture_output=True, text=True)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir
-
-
 def frame_count(path) -> int:
   with av.open(str(path)) as container:
     return sum(1 for _ in container.decode(video=0))
@@ -127,9 +119,16 @@ def test_unset_sampling_choices_default_to_the_runs_end_of_run_sample():
   assert with_run_defaults(checkpoint.with_fields_added_since(cfg), 1, 0, None)[2].clip_frames == 4
 
 
-def test_sample_cli_writes_videos_frames_and_truth(trained, tmp_path):
+def test_sample_cli_writes_videos_frames_and_truth(trained_run, tmp_path):
   out = tmp_path / "samples"
-  args = [f"--checkpoint={trained}", f"--output={out}", "--num_videos=2", "--frames=5", "--clip_frames=2", "--steps=2"]
+  args = [
+    f"--checkpoint={trained_run}",
+    f"--output={out}",
+    "--num_videos=2",
+    "--frames=5",
+    "--clip_frames=2",
+    "--steps=2",
+  ]
   proc = subprocess.run(
     [sys.executable, "-m", "vgpt_jax.sample", *args], env=cpu_env(), capture_output=True, text=True, timeout=300
   )
@@ -147,10 +146,10 @@ def test_sample_cli_writes_videos_frames_and_truth(trained, tmp_path):
   assert len(list((out / "heldout_0000_frames").glob("frame_*.png"))) == 7
 
 
-def test_sample_cli_continues_a_video_file(trained, tmp_path):
+def test_sample_cli_continues_a_video_file(trained_run, tmp_path):
   video = write_video(tmp_path / "in" / "clip.mp4", flat_video(1, frames=3, height=48, width=64))
   out = tmp_path / "samples"
-  args = [f"--checkpoint={trained}", f"--context={video}", f"--output={out}", "--frames=2", "--steps=2"]
+  args = [f"--checkpoint={trained_run}", f"--context={video}", f"--output={out}", "--frames=2", "--steps=2"]
   proc = subprocess.run(
     [sys.executable, "-m", "vgpt_jax.sample", *args], env=cpu_env(), capture_output=True, text=True, timeout=300
   )

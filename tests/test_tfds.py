@@ -20,8 +20,8 @@ from vgpt_jax.data import tfds_physics
 from vgpt_jax.data.held_out import held_out_clips
 from vgpt_jax.data.physics import PhysicsWorld, render_video, video_seed
 from vgpt_jax.data.pipeline import default_data_config
-from vgpt_jax.data.sources import BadVideo, choose_window
-from vgpt_jax.data.tfds_source import BUILTIN_NAME, TfdsNotPreparedError, TfdsVideoSource, fit_frames
+from vgpt_jax.data.sources import BadVideo, choose_window, fit_frames
+from vgpt_jax.data.tfds_source import BUILTIN_NAME, TfdsNotPreparedError, TfdsVideoSource
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = PhysicsWorld(height=16, width=16, num_frames=12)

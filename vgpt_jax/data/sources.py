@@ -22,6 +22,7 @@ import types
 from typing import Any, Callable, Mapping
 
 import numpy as np
+from PIL import Image
 
 # Why a video was skipped; the pipeline counts each. In the order the checks meet them: a file with
 # two faults is counted under the first.
@@ -43,10 +44,33 @@ def stride_range(data_cfg: Any) -> tuple[int, int]:
 
 def cover_crop(height: int, width: int, out_height: int, out_width: int) -> tuple[int, int, int, int]:
   """(scaled height, scaled width, top, left): a frame scaled, aspect kept, to the smallest size covering
-  out_height x out_width, then the centre crop's corner. Every source that resizes frames fits them this way."""
+  out_height x out_width, then the centre crop's corner. Every source that resizes frames fits them this way
+  (`fit_frames`, and the video-file decoder's scaler)."""
   scale = max(out_width / width, out_height / height)
   new_h, new_w = max(out_height, round(height * scale)), max(out_width, round(width * scale))
   return new_h, new_w, (new_h - out_height) // 2, (new_w - out_width) // 2
+
+
+def fit_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+  """uint8 [T, h, w, C] (C = 1 or 3) -> uint8 [T, height, width, 3]: the one resize of decoded frames.
+
+  Resized (PIL bicubic) to `cover_crop`'s size, then centre-cropped; frames
+  already that size are returned untouched, so stored pixels come back bit for
+  bit. Grey becomes RGB. (Video files are scaled the same way inside the
+  decoder, by swscale, so a 4K frame is never held at full size.)
+  """
+  t, h, w, c = frames.shape
+  if (h, w) != (height, width):
+    new_h, new_w, top, left = cover_crop(h, w, height, width)
+    out = np.empty((t, height, width, c), dtype=np.uint8)
+    for i in range(t):
+      image = Image.fromarray(frames[i, :, :, 0] if c == 1 else frames[i])
+      resized = np.asarray(image.resize((new_w, new_h), Image.Resampling.BICUBIC))
+      out[i] = resized.reshape(new_h, new_w, c)[top : top + height, left : left + width]
+    frames = out
+  if c == 1:
+    frames = np.repeat(frames, 3, axis=-1)
+  return frames
 
 
 def choose_window(

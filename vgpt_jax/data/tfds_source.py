@@ -18,8 +18,8 @@ Config fields read (config.data):
   tfds_eval_split: TFDS split read for the pipeline's "eval" (default "test", which
     vgpt_physics and most TFDS video datasets have). Any TFDS split spec works,
     e.g. "train[90%:]".
-  height, width: size of a clip's frames. A frame of another size is resized (PIL
-    bicubic) to cover height x width keeping its aspect, then centre-cropped.
+  height, width: size of a clip's frames. A frame of another size is fitted by
+    `sources.fit_frames` (bicubic cover, then centre crop).
   num_frames: frames per clip.
   frame_stride, frame_stride_max: a clip's stride is drawn from
     [frame_stride, max(frame_stride, frame_stride_max)], capped at what the video's
@@ -48,36 +48,14 @@ import types
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from vgpt_jax.data.sources import BadVideo, VideoSource, Window, cover_crop, stride_range
+from vgpt_jax.data.sources import BadVideo, VideoSource, Window, fit_frames, stride_range
 
 BUILTIN_NAME = "vgpt_physics"  # tfds_physics.NAME, kept here so reading needs no builder import
 
 
 class TfdsNotPreparedError(FileNotFoundError):
   """The TFDS dataset is not in data_dir; the message says how to prepare it."""
-
-
-def fit_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-  """uint8 [T, h, w, C] (C = 1 or 3) -> uint8 [T, height, width, 3].
-
-  Resized (PIL bicubic) so the frame covers height x width with its aspect
-  kept, then centre-cropped; frames already that size are returned untouched,
-  so stored pixels come back bit for bit. Grey becomes RGB.
-  """
-  t, h, w, c = frames.shape
-  if (h, w) != (height, width):
-    new_h, new_w, top, left = cover_crop(h, w, height, width)
-    out = np.empty((t, height, width, c), dtype=np.uint8)
-    for i in range(t):
-      image = Image.fromarray(frames[i, :, :, 0] if c == 1 else frames[i])
-      resized = np.asarray(image.resize((new_w, new_h), Image.Resampling.BICUBIC))
-      out[i] = resized.reshape(new_h, new_w, c)[top : top + height, left : left + width]
-    frames = out
-  if c == 1:
-    frames = np.repeat(frames, 3, axis=-1)
-  return frames
 
 
 def _import_tfds() -> Any:
