@@ -222,6 +222,11 @@ def compile_train_step(run: Run, mesh: Mesh) -> jax.stages.Compiled:
   inputs of `run.input_shape(train.batch_size)` (frames or pre-encoded latents), skipped_videos
   int32 [train.batch_size, len(SKIP_REASONS)] (`no_skips` for none).
   """
+  return lower_train_step(run, mesh).compile()
+
+
+def lower_train_step(run: Run, mesh: Mesh) -> jax.stages.Lowered:
+  """The train step traced and lowered for `mesh`, not yet compiled (`compile_train_step` compiles it)."""
   abstract = sharded_abstract_state(run, mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   inputs = jax.ShapeDtypeStruct(
@@ -237,7 +242,7 @@ def compile_train_step(run: Run, mesh: Mesh) -> jax.stages.Compiled:
     donate_argnums=0,
   )
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
-    return step.lower(abstract, inputs, skips).compile()
+    return step.lower(abstract, inputs, skips)
 
 
 def memory_summary(compiled: jax.stages.Compiled) -> dict[str, float]:

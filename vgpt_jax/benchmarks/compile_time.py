@@ -35,45 +35,24 @@ SETTINGS = (
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
   """In this process: trace + lower, compile, and the median step time of the compiled train step."""
-  import functools
-
-  import flax.linen as nn
   import jax
-  import jax.numpy as jnp
 
   from vgpt_jax import parallel, train_step
-  from vgpt_jax.benchmarks.train_step import step_config
+  from vgpt_jax.benchmarks.train_step import step_config, step_times
   from vgpt_jax.run import make_run
 
   config = step_config(args.preset, args.frames, args.size, args.batch_size)
   run = make_run(config)
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
-  abstract = train_step.sharded_abstract_state(run, mesh)
+  start = time.process_time()
+  lowered = train_step.lower_train_step(run, mesh)
+  traced = time.process_time()
+  compiled = lowered.compile()
+  done = time.process_time()
   batch = parallel.batch_sharding(mesh)
-  inputs = jax.ShapeDtypeStruct(run.input_shape(args.batch_size), jnp.float32, sharding=batch)
-  skips = jax.ShapeDtypeStruct(train_step.no_skips(args.batch_size).shape, jnp.int32, sharding=batch)
-  shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  step = jax.jit(
-    functools.partial(train_step.train_step, run),
-    in_shardings=(shardings, batch, batch),
-    out_shardings=(shardings, parallel.replicated(mesh)),
-    donate_argnums=0,
-  )
-  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
-    start = time.process_time()
-    lowered = step.trace(abstract, inputs, skips).lower()
-    traced = time.process_time()
-    compiled = lowered.compile()
-    done = time.process_time()
-  state = train_step.create_state(run, mesh)
-  video = jax.device_put(jax.random.uniform(jax.random.key(0), inputs.shape, minval=-1, maxval=1), batch)
-  no_skips = jax.device_put(train_step.no_skips(args.batch_size), batch)
-  times = []
-  for _ in range(args.steps):
-    t = time.perf_counter()
-    state, metrics = compiled(state, video, no_skips)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
+  video = jax.device_put(jax.random.uniform(jax.random.key(0), run.input_shape(args.batch_size), minval=-1), batch)
+  skips = jax.device_put(train_step.no_skips(args.batch_size), batch)
+  _, times = step_times(compiled, train_step.create_state(run, mesh), video, skips, args.steps)
   return {"trace_lower_s": traced - start, "compile_cpu_s": done - traced, "step_s": sorted(times)[len(times) // 2]}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,17 @@ def model_flops_per_step(run: Run, batch_size: int, samples: int = 32) -> float:
   return 3.0 * batch_size * (2 * matmul_params * tokens + attention)
 
 
+def step_times(step: Any, state: Any, video: jax.Array, skips: jax.Array, steps: int) -> tuple[Any, list[float]]:
+  """(the state after `steps` calls of the compiled `step`, the seconds each took, waiting for its result)."""
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = step(state, video, skips)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return state, times
+
+
 def measure(preset: str, args: argparse.Namespace) -> dict:
   config = bench_config(args, preset)
   mesh = parallel.make_mesh(config.mesh)
@@ -72,15 +84,8 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
     parallel.batch_sharding(mesh),
   )
   skips = jax.device_put(train_step.no_skips(args.batch_size), parallel.batch_sharding(mesh))
-  state, metrics = step(state, video, skips)  # warm-up
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(args.steps):
-    t0 = time.perf_counter()
-    state, metrics = step(state, video, skips)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
-  step_s = float(np.median(times))
+  state, _ = step_times(step, state, video, skips, 1)  # warm-up
+  step_s = float(np.median(step_times(step, state, video, skips, args.steps)[1]))
   flops = model_flops_per_step(run, args.batch_size)
   params = sum(x.size for x in jax.tree.leaves(state.params))
   row = {
