@@ -16,7 +16,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # The tests' programs are tiny: compiling them costs more than running them. Every process of the session, and
 # every one it starts, compiles the cheap way (`python -m vgpt_jax.benchmarks.compile_time`, BENCHMARKS.md: the
-# test model's train step 17 s of CPU -> 1.7 s). The few tests bound by running a real network (I3D) turn XLA's
+# test model's train step 19 s of CPU -> 1.6 s). The few tests bound by running a real network (I3D) turn XLA's
 # optimisation passes back on with `full_optimization`. That module imports no JAX: this runs before JAX loads.
 from vgpt_jax.benchmarks.compile_time import CHEAP_COMPILES  # noqa: E402
 
