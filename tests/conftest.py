@@ -116,7 +116,8 @@ def trained_run(tmp_path_factory) -> Path:
   session (every xdist worker reads the same one, built by whichever asks first). Tests read it, write elsewhere."""
   import fcntl
 
-  shared = tmp_path_factory.getbasetemp().parent  # the same folder for every worker of this session
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this session's folder, all workers'
   workdir = shared / "trained_run"
   with open(shared / "trained_run.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
