@@ -74,11 +74,12 @@ def full_optimization():
   """XLA's full optimisation inside: for the tests whose time goes to running a real network (I3D), not compiling."""
   import jax
 
+  before = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", False)
   try:
     yield
   finally:
-    jax.config.update("jax_disable_most_optimizations", True)
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture

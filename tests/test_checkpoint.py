@@ -163,12 +163,12 @@ def _outputs(config, params) -> np.ndarray:
 
 
 def test_export_and_load_round_trip_gives_identical_outputs(tmp_path, trained_run):
-  cfg = small_config(**{"train.ema_decay": 0.5})  # trained_run's config
+  cfg = checkpoint.saved_config(trained_run)
+  target = train_step.abstract_state(make_run(cfg))
   for ema in (False, True):
     out = export(trained_run, tmp_path / f"export_{ema}", ema=ema)
     config, params = load_exported(out)
     assert config.model.preset == "test"
-    target = train_step.abstract_state(make_run(cfg))
     original, step = checkpoint.load_params(trained_run, target.params, ema=ema)
     assert step == 6
     np.testing.assert_array_equal(_outputs(config, params), _outputs(cfg, original))
