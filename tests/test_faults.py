@@ -3,6 +3,7 @@ phase, bad configs. Each run is `python -m vgpt_jax.train` on the test config, c
 run of the same config: the losses must be the same bits.
 """
 
+import json
 import random
 import shutil
 import signal
@@ -56,22 +57,36 @@ def committed(workdir: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[int, float]:
-  """Losses of the uninterrupted run, step -> loss."""
+def reference_run(tmp_path_factory) -> Path:
+  """The uninterrupted run's folder: checkpoints every 4 steps, every loss logged."""
   workdir = tmp_path_factory.mktemp("reference")
   result = run(workdir)
   assert result.returncode == 0, result.stderr[-3000:]
-  losses = logged_losses(workdir)
+  assert committed(workdir) == list(range(4, STEPS + 1, 4))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict[int, float]:
+  """Losses of the uninterrupted run, step -> loss."""
+  losses = logged_losses(reference_run)
   assert sorted(losses) == list(range(1, STEPS + 1))
   return losses
 
 
 @pytest.fixture(scope="module")
-def stopped_at_12(tmp_path_factory) -> Path:
-  """A run stopped after step 12, checkpoints at 4, 8 and 12 (the faults damage the newest two)."""
+def stopped_at_12(tmp_path_factory, reference_run) -> Path:
+  """The reference run as it stood after step 12: checkpoints 4, 8 and 12 (the faults damage the newest two).
+  A checkpoint holds only its step's state, so cutting the later ones and their log lines is that run."""
   workdir = tmp_path_factory.mktemp("stopped_at_12")
-  result = run(workdir, steps=12)
-  assert result.returncode == 0, result.stderr[-3000:]
+  shutil.copytree(reference_run, workdir, dirs_exist_ok=True)
+  for step in range(16, STEPS + 1, 4):
+    shutil.rmtree(workdir / "checkpoints" / str(step))
+  metrics = workdir / "metrics.jsonl"
+  lines = metrics.read_text().splitlines(keepends=True)
+  metrics.write_text("".join(line for line in lines if json.loads(line)["step"] <= 12))
+  for name in ("summary.json", "loss.png", "sample.png", "sample.gif"):  # written at the end of the full run
+    (workdir / name).unlink(missing_ok=True)
   assert committed(workdir) == [4, 8, 12]
   return workdir
 

@@ -29,6 +29,26 @@ def test_train_job_loss_decreases_and_writes_outputs(tmp_path):
     with Image.open(tmp_path / name) as img:
       assert img.size[0] > 0 and getattr(img, "n_frames", 1) == frames
   assert json.loads((tmp_path / "config.json").read_text())["model"]["preset"] == "test"
+  (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+  scalars = tensorboard_scalars(events)
+  np.testing.assert_allclose([v for s, v in scalars["train/loss"]], losses, rtol=1e-6)
+  assert [s for s, v in scalars["train/loss"]] == list(range(1, 61))
+
+
+def tensorboard_scalars(path) -> dict[str, list[tuple[int, float]]]:
+  """tag -> [(step, value)] from a TensorBoard event file (TFRecord framing: length, CRC, Event proto, CRC)."""
+  import struct
+
+  from tensorboardX.proto.event_pb2 import Event
+
+  data, at, scalars = path.read_bytes(), 0, {}
+  while at < len(data):
+    (length,) = struct.unpack("<Q", data[at : at + 8])
+    event = Event.FromString(data[at + 12 : at + 12 + length])
+    at += 12 + length + 4
+    for value in event.summary.value:
+      scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
 
 
 def test_train_step_is_deterministic_and_compiles_once(tmp_path):
