@@ -238,7 +238,9 @@ def _steps_logged(workdir: Path) -> int:
 PHASES = [
   ("start-up", lambda w, o: True, "SIGTERM during start-up, before the first step"),
   ("compilation", lambda w, o: "compiling the train step" in o.text, "SIGTERM during compilation"),
-  ("first step", lambda w, o: "compiled train step" in o.text, "preempted: saved a checkpoint at step"),
+  # The progress bar's first line: the loop has begun (after "compiled train step" the job still checks for a
+  # SIGTERM that came during compilation, so that line alone is a race).
+  ("first step", lambda w, o: f"| 0/{STEPS} [" in o.text, "preempted: saved a checkpoint at step"),
   ("mid-run", lambda w, o: _steps_logged(w) >= 13, "preempted: saved a checkpoint at step"),
   ("during a save", lambda w, o: _saving(w), "preempted: saved a checkpoint at step"),
 ]
