@@ -151,13 +151,20 @@ def mesh_of(num_devices: int, data: int, fsdp: int, tensor: int):
   return parallel.make_mesh(parallel.mesh_config(data=data, fsdp=fsdp, tensor=tensor), jax.devices()[:num_devices])
 
 
+_COMPILED_STEPS: dict = {}
+
+
 def train_steps(setup, mesh, state, videos) -> tuple:
-  """Run the compiled train step on each video batch; return (state, losses)."""
+  """Run the compiled train step on each video batch; return (state, losses). The step is compiled once per
+  (config, mesh) in this process: checks that train the same config on the same mesh share it."""
   import jax
 
   from vgpt_jax import parallel, train_step
 
-  step = train_step.compile_train_step(setup, mesh)
+  key = (setup.config.to_json_best_effort(sort_keys=True), mesh)
+  if key not in _COMPILED_STEPS:
+    _COMPILED_STEPS[key] = train_step.compile_train_step(setup, mesh)
+  step = _COMPILED_STEPS[key]
   losses = []
   for video in videos:
     skips = jax.device_put(train_step.no_skips(len(video)), parallel.batch_sharding(mesh))

@@ -1,5 +1,7 @@
-"""Sharding over a device mesh and multi-process training give the single-device results."""
+"""Sharding over a device mesh and multi-process training give the single-device results; a checkpoint saved on
+8 devices restores on other meshes; checksums do not depend on the sharding."""
 
+import json
 import subprocess
 
 import pytest
@@ -82,11 +84,10 @@ print("hybrid losses", losses)
 """
 
 
-def test_sharded_train_step_matches_single_device():
+def test_sharded_train_step_matches_single_device(on_8_devices):
   """(data=2, fsdp=2, tensor=2) on 8 forced CPU devices == 1 device, for several steps, EMA included; the mesh
   follows mesh_utils' device order, and a hybrid mesh over 2 fake slices also equals 1 device."""
-  out = run_python(SHARDED_VS_SINGLE, devices=8)
-  assert "hybrid losses" in out
+  assert "hybrid losses" in on_8_devices("sharded")
 
 
 def test_two_processes_train_together_like_one(tmp_path, trained_run):
@@ -172,7 +173,110 @@ print("losses", losses)
 """
 
 
-def test_context_parallel_train_step_matches_single_device():
+def test_context_parallel_train_step_matches_single_device(on_8_devices):
   """(data=2, context=4) on 8 forced CPU devices == 1 device, chunked and dense attention; balanced work."""
-  out = run_python(CONTEXT_VS_SINGLE, devices=8)
-  assert "losses" in out
+  assert "losses" in on_8_devices("context")
+
+
+RESHARD = """
+import jax, numpy as np
+from tests.conftest import mesh_of, small_config, train_steps
+from vgpt_jax import checkpoint, train_step
+from vgpt_jax.run import make_run
+from vgpt_jax.data.pipeline import HostSlice, train_dataset
+
+# The config and videos of test_parallel's SHARDED_VS_SINGLE (an EMA too), so its compiled steps are reused.
+cfg = small_config(**{"train.batch_size": 8, "train.ema_decay": 0.9})
+setup = make_run(cfg)
+videos = [np.asarray(jax.random.uniform(jax.random.key(i), (8, 5, 16, 16, 3), minval=-1, maxval=1)) for i in range(3)]
+
+def steps(state, mesh, vs):
+  return train_steps(setup, mesh, state, vs)
+
+big = mesh_of(8, 2, 2, 2)
+state, _ = steps(train_step.create_state(setup, big), big, videos[:2])
+data = iter(train_dataset(cfg.data, 0, HostSlice(8)))
+with checkpoint.Checkpointer(workdir, cfg.checkpoint) as ckpt:
+  ckpt.save(2, state, data, cfg)
+saved = jax.tree.leaves(jax.device_get(state))  # before the next step donates the state's buffers
+_, expected = steps(state, big, videos[2:])
+
+for n, shape in ((1, (1, 1, 1)), (4, (1, 2, 2)), (4, (4, 1, 1))):
+  mesh = mesh_of(n, *shape)
+  with checkpoint.Checkpointer(workdir, cfg.checkpoint) as ckpt:
+    restored, data_ok = ckpt.restore(train_step.sharded_abstract_state(setup, mesh), data)
+  assert data_ok and int(restored.step) == 2
+  leaf = restored.params["decoder"]["layers"]["mlp"]["gate"]["kernel"]
+  assert len(leaf.sharding.device_set) == n
+  for a, b in zip(jax.tree.leaves(jax.device_get(restored)), saved, strict=True):
+    np.testing.assert_array_equal(a, b)  # every array of the state, EMA and optimizer included, bit for bit
+  _, losses = steps(restored, mesh, videos[2:])
+  np.testing.assert_allclose(losses, expected, rtol=2e-5)
+print("ok")
+"""
+
+
+def test_checkpoint_from_8_devices_restores_on_1_and_4_and_trains_on(on_8_devices):
+  assert "ok" in on_8_devices("reshard")
+
+
+CHECKSUMS = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from vgpt_jax import integrity
+from vgpt_jax.run import make_run
+mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("a", "b"))
+x = jax.random.normal(jax.random.key(0), (8, 12, 6))
+tree = {"x": x, "bf16": x.astype(jnp.bfloat16), "i": jnp.arange(5), "scalar": jnp.float32(3)}
+record = integrity.fingerprint(tree)
+for spec in (P("a", "b"), P(None, "a"), P("b")):
+  place = lambda a: jax.device_put(a, NamedSharding(mesh, spec))
+  sharded = dict(tree, x=place(x), bf16=place(tree["bf16"]))
+  assert integrity.fingerprint(sharded) == record, spec
+for leaf in ("x", "bf16"):
+  for seed in range(20):
+    bits = np.array(tree[leaf]).view(np.uint8).reshape(-1).copy()
+    where = np.random.default_rng(seed).integers(bits.size)
+    bits[where] ^= np.uint8(1 << (seed % 8))
+    changed = dict(tree, **{leaf: jnp.asarray(bits.view(tree[leaf].dtype).reshape(tree[leaf].shape))})
+    assert [m.split(":")[0] for m in integrity.mismatches(record, integrity.fingerprint(changed))] == [leaf]
+print("ok")
+"""
+
+
+def test_checksums_do_not_depend_on_the_sharding_and_catch_one_changed_bit(on_8_devices):
+  assert "ok" in on_8_devices("checksums")
+
+
+# The checks above need several devices. They run in one interpreter started with 8 forced CPU devices: one
+# start-up for all of them, and each (config, mesh) train step compiled once (conftest.train_steps).
+RUNNER = """
+import contextlib, io, json, sys, traceback
+report = {}
+for name, code in json.loads(CHECKS).items():
+  out = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(out):
+      exec(compile(code, f"<check {name}>", "exec"), {"__name__": f"check_{name}", "workdir": WORKDIR})
+    report[name] = {"ok": True, "log": out.getvalue()}
+  except BaseException:
+    report[name] = {"ok": False, "log": out.getvalue() + traceback.format_exc()}
+print("REPORT " + json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def on_8_devices(tmp_path_factory):
+  """name -> the check's printed output, asserting that it passed (its traceback otherwise)."""
+  checks = {"sharded": SHARDED_VS_SINGLE, "reshard": RESHARD, "context": CONTEXT_VS_SINGLE, "checksums": CHECKSUMS}
+  workdir = str(tmp_path_factory.mktemp("resharded_checkpoint"))
+  code = RUNNER.replace("WORKDIR", repr(workdir)).replace("CHECKS", repr(json.dumps(checks)))
+  out = run_python(code, devices=8, timeout=600)
+  report = json.loads(out[out.index("REPORT ") + len("REPORT ") :])
+  assert sorted(report) == sorted(checks)
+
+  def result(name: str) -> str:
+    assert report[name]["ok"], report[name]["log"][-6000:]
+    return report[name]["log"]
+
+  return result

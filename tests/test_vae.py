@@ -1,6 +1,7 @@
 """The Flax SDXL-style VAE against diffusers' AutoencoderKL; strict loading; the per-frame VAE tokenizer.
 
-diffusers and torch are test-only (requirements-test.txt); without them this file is skipped.
+diffusers and torch are test-only (requirements-test.txt); without them these tests are skipped. They are imported
+by the `reference` fixture, not at collection: the worker that runs other modules does not pay 3.4 s for them.
 """
 
 import shutil
@@ -12,12 +13,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-
-from vgpt_jax.model import tokenizer as tok  # noqa: E402
-from vgpt_jax.model.vae import WEIGHTS_NAME, AutoencoderKL, VaeConfig, load_vae  # noqa: E402
-from vgpt_jax.run import make_run  # noqa: E402
+from vgpt_jax.model import tokenizer as tok
+from vgpt_jax.model.vae import WEIGHTS_NAME, AutoencoderKL, VaeConfig, load_vae
+from vgpt_jax.run import make_run
 
 BLOCKS = (32, 32, 64, 64)  # four levels: 8x down like SDXL, at small widths
 SCALE, SHIFT = 0.13025, 0.1159
@@ -34,8 +32,10 @@ def nhwc(t) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, "torch.nn.Module"]:
-  """A seeded random diffusers VAE saved in diffusers format: (its directory, the torch model)."""
+def reference(tmp_path_factory) -> tuple[Path, object]:
+  """A seeded random diffusers VAE saved in diffusers format: (its directory, the torch nn.Module)."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
   torch.manual_seed(0)
   model = diffusers.AutoencoderKL(
     block_out_channels=BLOCKS,
@@ -80,6 +80,8 @@ def test_config_is_read_from_diffusers(loaded):
 
 
 def test_encoder_matches_diffusers(reference, loaded, images):
+  import torch
+
   _, model = reference
   config, params = loaded
   with torch.no_grad():
@@ -95,6 +97,8 @@ def test_encoder_matches_diffusers(reference, loaded, images):
 
 
 def test_decoder_matches_diffusers(reference, loaded):
+  import torch
+
   _, model = reference
   config, params = loaded
   z = torch.from_numpy(np.random.default_rng(1).normal(size=(3, 4, 4, 6)).astype(np.float32))
