@@ -96,3 +96,25 @@ def test_token_ids_gather_block_per_sample():
   assert ids.clip.shape == (2, lay.length)
   np.testing.assert_array_equal(np.asarray(ids.clip), split[:, lay.frame])
   np.testing.assert_array_equal(np.asarray(ids.position[1]), lay.position)
+
+
+def test_context_parallel_layout_is_balanced_with_sorted_slices():
+  """The same tokens padded and reordered: each device's slice sorted by (stream, frame), the devices' attention
+  work (visible entries of their queries) nearly equal, as contiguous slices of the training order are not."""
+  from vgpt_jax.attention.mask import dense_mask
+
+  frames, shards = 9, 4
+  plain = L.pad_layout(L.training_layout(frames, 6), 2 * shards)
+  balanced = L.context_parallel_layout(L.training_layout(frames, 6), shards)
+  rows = lambda lay: sorted(zip(lay.frame, lay.stream, lay.kind, lay.position, lay.source))  # noqa: E731
+  assert rows(balanced) == rows(plain)
+  for piece in np.split(np.arange(balanced.length), shards):
+    key = balanced.stream[piece] * frames + balanced.frame[piece]
+    assert (np.diff(key) >= 0).all()
+  split = np.array([[0, 0, 1, 1, 1, 2, 3, 3, 4]])
+
+  def work(layout):
+    ids = L.token_ids(layout, split)
+    return np.asarray(dense_mask(ids, ids))[0].sum(axis=1).reshape(shards, -1).sum(axis=1)
+
+  assert work(balanced).max() / work(balanced).min() < 1.2 < work(plain).max() / work(plain).min()

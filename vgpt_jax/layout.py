@@ -174,15 +174,20 @@ def context_parallel_layout(layout: Layout, shards: int) -> Layout:
   most. Clean and noisy segments are first interleaved frame by frame (the work
   then grows with the frame), then the sequence is dealt out in 2c chunks,
   device i taking chunk i and chunk 2c-1-i: a cheap early chunk with an
-  expensive late one. A length that 2c does not divide (the paper's stage 2 has
-  95 x 222 tokens) is first padded with PAD tokens, which the mask hides. The
-  mask depends on ids only, so any token order gives the same model.
+  expensive late one. Each device's slice is then sorted by (stream, frame):
+  the same tokens, so the same balance, but its query tiles again span few
+  frames of one stream, which keeps tile skipping (attention/accounting.py:
+  without this sort, context=4 computed 62% of the tiles at 48 frames instead
+  of 32%). A length that 2c does not divide (the paper's stage 2 has 95 x 222
+  tokens) is first padded with PAD tokens, which the mask hides. The mask
+  depends on ids only, so any token order gives the same model.
   """
   layout = pad_layout(layout, 2 * shards)
   t = layout.length
   by_frame = np.lexsort((np.arange(t), layout.stream, layout.frame))  # C0 N0 C1 N1 ...: work grows with the frame
   chunks = by_frame.reshape(2 * shards, t // (2 * shards))
-  order = np.concatenate([np.concatenate([chunks[i], chunks[2 * shards - 1 - i]]) for i in range(shards)])
+  slices = [np.concatenate([chunks[i], chunks[2 * shards - 1 - i]]) for i in range(shards)]
+  order = np.concatenate([s[np.lexsort((s, layout.frame[s], layout.stream[s]))] for s in slices])
   return Layout(
     layout.num_frames,
     layout.tokens_per_frame,

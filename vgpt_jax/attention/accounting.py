@@ -2,6 +2,12 @@
 
 Benchmarks use these so FLOPs and MFU count useful work only: a masked entry
 is not a FLOP the model needed, whatever a kernel spends on it.
+
+  python -m vgpt_jax.attention.accounting [--frames=48,80 --tokens=220 --blocks=128,512 --shards=4]
+
+prints the share of tiles the tiled paths compute on one device and with
+context parallelism (mesh.context = shards), at the paper's stage-2 and
+stage-4 lengths.
 """
 
 from __future__ import annotations
@@ -10,10 +16,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
 from vgpt_jax.attention.chunked import pad_ids, round_up, tile_map
+from vgpt_jax.attention.context_parallel import key_order
 from vgpt_jax.attention.mask import dense_mask
-from vgpt_jax.layout import TokenIds
+from vgpt_jax.layout import Layout, TokenIds, context_parallel_layout, sample_splits, token_ids, training_layout
 
 
 @functools.partial(jax.jit, static_argnames="block")
@@ -56,3 +65,60 @@ def attention_flops(visible: float, head_dim: int, num_heads: int, backward: boo
   times 3 with the backward pass (which does twice the forward's matmuls)."""
   forward = 2 * 2 * visible * head_dim * num_heads
   return 3 * forward if backward else forward
+
+
+def tiles_computed(layout: Layout, split: jax.Array, shards: int, block_q: int, block_k: int) -> float:
+  """Share of (query tile, key tile) pairs a tiled kernel computes, per sample, for the splits int32 [B, N].
+
+  shards = 1: one device, `layout`'s queries against its keys. shards > 1: as
+  context parallelism runs (attention/context_parallel.py), device i takes the
+  i-th contiguous slice of `layout`'s queries against every key in `key_order`;
+  pass the layout the model uses then (`layout.context_parallel_layout`).
+  """
+  ids = token_ids(layout, split)
+  keys = ids
+  if shards > 1:
+    order = key_order(ids)
+    keys = jax.tree.map(lambda x: x[:, order], ids)
+  local = layout.length // shards
+  lk = round_up(layout.length, block_k)
+  kept = total = 0
+  for i in range(shards):
+    queries = jax.tree.map(lambda x: x[:, i * local : (i + 1) * local], ids)
+    tiles = np.asarray(tile_map(pad_ids(queries, round_up(local, block_q)), pad_ids(keys, lk), block_q, block_k))
+    kept, total = kept + int(tiles.sum()), total + tiles.size
+  return kept / total
+
+
+def context_parallel_tiles(num_frames: int, tokens: int, shards: int, block: int, samples: int = 4) -> dict:
+  """Tiles computed on one device and over `shards` context devices, for `samples` random splits (seed 0)."""
+  split_cfg = ml_collections.ConfigDict(dict(split="random", min_clips=2, max_clips=-1))
+  split = sample_splits(jax.random.key(0), samples, num_frames, split_cfg)
+  layout = training_layout(num_frames, tokens)
+  single = tiles_computed(layout, split, 1, block, block)
+  context = tiles_computed(context_parallel_layout(layout, shards), split, shards, block, block)
+  return {"single_device": single, "context": context, "ratio": context / single}
+
+
+def main(argv: list[str]) -> None:
+  from absl import flags
+
+  del argv
+  f = flags.FLAGS
+  print(f"| frames | tokens | tile | one device | context={f.shards} | ratio |")
+  print("|---|---|---|---|---|---|")
+  for frames in map(int, f.frames):
+    for block in map(int, f.blocks):
+      r = context_parallel_tiles(frames, f.tokens, f.shards, block)
+      t = training_layout(frames, f.tokens).length
+      print(f"| {frames} | {t} | {block} | {r['single_device']:.1%} | {r['context']:.1%} | {r['ratio']:.2f} |")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+
+  flags.DEFINE_list("frames", ["48", "80"], "Frames per sample (paper stage 2: 48, stage 4: 80).")
+  flags.DEFINE_integer("tokens", 220, "Patch tokens per frame (176x320 frames: 11x20 patches).")
+  flags.DEFINE_list("blocks", ["128", "512"], "Tile sizes (query and key).")
+  flags.DEFINE_integer("shards", 4, "Devices of mesh.context.")
+  app.run(main)

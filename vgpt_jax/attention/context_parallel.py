@@ -9,12 +9,16 @@ activations between layers stay split along the sequence (logical axis
 every activation but one layer's K/V.
 
 The token order that balances the devices' work is the layout's
-(`layout.context_parallel_layout`).
+(`layout.context_parallel_layout`): each device's queries are a sorted slice.
+The gathered keys are put back in (stream, frame) order (`key_order`, once per
+forward pass), so key tiles, too, span few frames and tile skipping works as on
+one device (attention/accounting.py: `context_parallel_tiles`).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
@@ -37,6 +41,20 @@ def _split(mesh, batch: int, q_length: int, k_length: int) -> tuple[tuple[str, .
 
 def _gather(x: jax.Array) -> jax.Array:
   return jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
+
+
+def key_order(k_ids: TokenIds) -> jax.Array:
+  """int32 [Tk]: gathered keys -> (stream, frame) order. Each device's slice is sorted, but their concatenation
+  runs through the frames once per device, which would widen every key tile's frame range. Stream and frame
+  are the layout's, the same for every sample, so one order serves the batch."""
+  return jnp.lexsort((k_ids.frame[0], k_ids.stream[0])).astype(jnp.int32)
+
+
+def gather_keys(k_ids: TokenIds) -> tuple[TokenIds, jax.Array]:
+  """Inside shard_map: every device's key ids, in `key_order`, and that order."""
+  k_ids = jax.tree.map(_gather, k_ids)
+  order = key_order(k_ids)
+  return jax.tree.map(lambda x: x[:, order], k_ids), order
 
 
 def shard_path(path: AttentionPath) -> AttentionPath:
@@ -62,7 +80,11 @@ def shard_path(path: AttentionPath) -> AttentionPath:
     id_spec = P(axes or None, AXIS if context else None)
 
     def local(q_ids, k_ids):
-      made = path.plan(q_ids, jax.tree.map(_gather, k_ids) if context else k_ids)
+      if context:
+        k_ids, order = gather_keys(k_ids)
+        made = (order, path.plan(q_ids, k_ids))
+      else:
+        made = path.plan(q_ids, k_ids)
       return jax.tree.map(lambda x: x[None], made)
 
     return jax.shard_map(
@@ -83,7 +105,8 @@ def shard_path(path: AttentionPath) -> AttentionPath:
     def local(q, k, v, made):
       made = jax.tree.map(lambda x: x[0], made)
       if context:
-        k, v = _gather(k), _gather(v)
+        order, made = made
+        k, v = jnp.take(_gather(k), order, axis=1), jnp.take(_gather(v), order, axis=1)
       return path.attend(q, k, v, made)
 
     return jax.shard_map(
