@@ -24,8 +24,10 @@ tokens (`chunked.pad_ids`); a query that sees no key outputs 0.
 Constraints (checked by `gpu_plan` and `gpu_attend`, which raise a ValueError
 that names the fix):
   * q [B, Tq, H, D], k and v [B, Tk, H, D]: same B, H and D (no grouped heads);
-  * D a power of two >= 16 (Triton's tensor shapes are powers of two and its
-    `dot` needs every dimension >= 16): 16, 32, 64, 128 or 256;
+  * any head dim D up to 256. Triton's tensor shapes are powers of two and its
+    `dot` needs every dimension >= 16, so q, k, v are zero-padded to the next
+    such size (the paper's 96 -> 128; zeros change no dot product) and the
+    softmax scale stays D**-0.5;
   * block_q, block_k powers of two >= 16. They are capped at the padded
     lengths (so short sequences use small tiles); 64 or 128 suit an H100, larger
     tiles spill registers (and 256-wide heads want 32 or 64);
@@ -60,6 +62,7 @@ from vgpt_jax.attention.path import check_ids_match
 from vgpt_jax.layout import TokenIds
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+MAX_HEAD_DIM = 256
 _FIELDS = ("frame", "clip", "stream", "kind")  # the id fields the mask reads (positions are RoPE only)
 _NEG = -1e30  # masked score: finite so that a row with nothing visible yet never computes inf - inf
 _LOG2E = math.log2(math.e)
@@ -89,10 +92,10 @@ def _check(q: jax.Array, k: jax.Array, v: jax.Array, plan: "GpuPlan"):
       f"q, k, v must share one dtype among float32, bfloat16, float16; got {q.dtype}, {k.dtype}, {v.dtype}: "
       "cast them (e.g. .astype(jnp.bfloat16))"
     )
-  if d < 16 or not _is_pow2(d):
+  if d > MAX_HEAD_DIM:
     raise ValueError(
-      f"head dim D={d} is not supported by the Triton kernel, which needs a power of two >= 16 "
-      "(16, 32, 64, 128, 256): pick num_heads so that hidden / num_heads is one, or use attention='chunked'"
+      f"head dim D={d} is over the Triton kernel's {MAX_HEAD_DIM} (its tiles would not fit in shared memory): "
+      "use more heads or attention='chunked'"
     )
   planned = (plan.q_ids.shape[0], plan.q_length, plan.k_length)
   if (b, tq, k.shape[1]) != planned:
@@ -279,12 +282,12 @@ def _specs(b_tile: int, other: int, n_other: int, d: int, n_tiles: int):
   )
 
 
-def _forward(q, k, v, qids, kids, q_order, q_count, block_q, block_k, interpret):
+def _forward(q, k, v, qids, kids, q_order, q_count, block_q, block_k, scale, interpret):
   b, lq, h, d = q.shape
   lk = k.shape[1]
   nq, nk = lq // block_q, lk // block_k
   s = _specs(block_q, lk, nk, d, nq)
-  kernel = functools.partial(_forward_kernel, block_k=block_k, scale2=d**-0.5 * _LOG2E, precision=_precision(q.dtype))
+  kernel = functools.partial(_forward_kernel, block_k=block_k, scale2=scale * _LOG2E, precision=_precision(q.dtype))
   return pl.pallas_call(
     kernel,
     grid=(nq, b, h),
@@ -297,11 +300,12 @@ def _forward(q, k, v, qids, kids, q_order, q_count, block_q, block_k, interpret)
   )(qids, kids, q_order, q_count, q, k, v)
 
 
-def _backward(q, k, v, qids, kids, q_order, q_count, k_order, k_count, out, lse, do, block_q, block_k, interpret):
+def _backward(
+  q, k, v, qids, kids, q_order, q_count, k_order, k_count, out, lse, do, block_q, block_k, scale, interpret
+):
   b, lq, h, d = q.shape
   lk = k.shape[1]
   nq, nk = lq // block_q, lk // block_k
-  scale = d**-0.5
   common = dict(scale=scale, scale2=scale * _LOG2E, precision=_precision(q.dtype))
   # delta_i = sum_d dO_id O_id: the softmax-Jacobian term of every query row, float32 [B, H, Lq].
   delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
@@ -354,20 +358,20 @@ def _backward(q, k, v, qids, kids, q_order, q_count, k_order, k_count, out, lse,
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
-def _flash(q, k, v, qids, kids, q_order, q_count, k_order, k_count, block_q, block_k, interpret):
-  return _forward(q, k, v, qids, kids, q_order, q_count, block_q, block_k, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
+def _flash(q, k, v, qids, kids, q_order, q_count, k_order, k_count, block_q, block_k, scale, interpret):
+  return _forward(q, k, v, qids, kids, q_order, q_count, block_q, block_k, scale, interpret)[0]
 
 
-def _flash_fwd(q, k, v, qids, kids, q_order, q_count, k_order, k_count, block_q, block_k, interpret):
-  out, lse = _forward(q, k, v, qids, kids, q_order, q_count, block_q, block_k, interpret)
+def _flash_fwd(q, k, v, qids, kids, q_order, q_count, k_order, k_count, block_q, block_k, scale, interpret):
+  out, lse = _forward(q, k, v, qids, kids, q_order, q_count, block_q, block_k, scale, interpret)
   return out, (q, k, v, qids, kids, q_order, q_count, k_order, k_count, out, lse)
 
 
-def _flash_bwd(block_q, block_k, interpret, res, do):
+def _flash_bwd(block_q, block_k, scale, interpret, res, do):
   q, k, v, qids, kids, q_order, q_count, k_order, k_count, out, lse = res
   dq, dk, dv = _backward(
-    q, k, v, qids, kids, q_order, q_count, k_order, k_count, out, lse, do, block_q, block_k, interpret
+    q, k, v, qids, kids, q_order, q_count, k_order, k_count, out, lse, do, block_q, block_k, scale, interpret
   )
   return dq, dk, dv, None, None, None, None, None, None  # integer inputs: no cotangent
 
@@ -413,12 +417,14 @@ def gpu_attend(q: jax.Array, k: jax.Array, v: jax.Array, plan: GpuPlan, interpre
   """Masked softmax attention of q [B, Tq, H, D] over k, v [B, Tk, H, D] as `plan` says; differentiable."""
   _check(q, k, v, plan)
   lq, lk = plan.q_ids.shape[2], plan.k_ids.shape[2]
-  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
+  d = q.shape[-1]
+  dp = max(16, pl.next_power_of_2(d))  # Triton's dot: power-of-two sizes >= 16
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, dp - d)))  # noqa: E731
   out = _flash(
     pad(q, lq), pad(k, lk), pad(v, lk), plan.q_ids, plan.k_ids, plan.q_order, plan.q_count, plan.k_order,
-    plan.k_count, plan.block_q, plan.block_k, interpret,
+    plan.k_count, plan.block_q, plan.block_k, d**-0.5, interpret,
   )  # fmt: skip
-  return out[:, : plan.q_length]
+  return out[:, : plan.q_length, :, :d]
 
 
 def pallas_gpu_attention(
