@@ -53,3 +53,13 @@ def test_compile_time_measures_tracing_compiling_and_a_step():
   # This session compiles the way the table's last row measures.
   assert os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1"
   assert set(compile_time.CHEAP_COMPILES["XLA_FLAGS"].split()) <= set(os.environ["XLA_FLAGS"].split())
+
+
+def test_attention_benchmark_runs_in_the_dtype_asked_and_auto_is_float32_on_cpu():
+  from vgpt_jax.benchmarks import benchmark_dtype
+  from vgpt_jax.benchmarks.attention import measure
+
+  assert benchmark_dtype("auto") == "float32" and benchmark_dtype("bfloat16") == "bfloat16"
+  row = measure(4, 20, heads=1, head_dim=16, path="chunked", block=16, max_gib=1.0, dtype="bfloat16")
+  assert row["dtype"] == "bfloat16" and row["tokens"] == 154 and row["time (s)"] > 0
+  assert 0 < row["visible share"] <= row["tiles kept"] <= 1

@@ -1,7 +1,7 @@
 """Attention benchmark: dense vs chunked (forward + backward) at the paper's sequence lengths, reduced width.
 
   python -m vgpt_jax.benchmarks.attention [--frames=48,80 --tokens=220 --heads=1 --head_dim=64 --block=512]
-      [--paths=dense,chunked] [--max_dense_gib=10]
+      [--paths=dense,chunked] [--max_dense_gib=10] [--dtype=auto|float32|bfloat16]
 
 One sample of the training layout (clean frames, then noisy frames) with a
 random clip split. For each path: the compiled program's memory
@@ -24,17 +24,20 @@ from absl import app, flags
 
 from vgpt_jax.attention import accounting
 from vgpt_jax.attention.select import attention_path
+from vgpt_jax.benchmarks import DTYPES, benchmark_dtype
 from vgpt_jax.layout import sample_splits, token_ids, training_layout
 
 GIB = 1 << 30
 
 
-def measure(frames: int, tokens: int, heads: int, head_dim: int, path: str, block: int, max_gib: float) -> dict:
+def measure(
+  frames: int, tokens: int, heads: int, head_dim: int, path: str, block: int, max_gib: float, dtype: str = "float32"
+) -> dict:
   layout = training_layout(frames, tokens)
   split_cfg = ml_collections.ConfigDict(dict(split="random", min_clips=2, max_clips=-1))
   ids = token_ids(layout, sample_splits(jax.random.key(0), 1, frames, split_cfg))
   t = layout.length
-  q, k, v = (jax.random.normal(jax.random.key(i), (1, t, heads, head_dim)) for i in range(3))
+  q, k, v = (jax.random.normal(jax.random.key(i), (1, t, heads, head_dim), dtype) for i in range(3))
   fn = attention_path(path, t, t, block)
 
   def loss(q, k, v):
@@ -49,6 +52,7 @@ def measure(frames: int, tokens: int, heads: int, head_dim: int, path: str, bloc
     "frames": frames,
     "tokens": t,
     "path": path,
+    "dtype": dtype,
     "compiled GiB": gib,
     "time (s)": float("nan"),
     "TFLOP/s (visible)": float("nan"),
@@ -73,14 +77,16 @@ def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
   rows = []
+  dtype = benchmark_dtype(f.dtype)
   for frames in map(int, f.frames):
     for path in f.paths:
-      rows.append(measure(frames, f.tokens, f.heads, f.head_dim, path, f.block, f.max_dense_gib))
+      rows.append(measure(frames, f.tokens, f.heads, f.head_dim, path, f.block, f.max_dense_gib, dtype))
       print(rows[-1], flush=True)
   print(
     f"\nbackend: {jax.default_backend()}; {f.heads} heads x {f.head_dim}, tokens per frame {f.tokens}, block {f.block}"
   )
-  columns = ["frames", "tokens", "path", "compiled GiB", "time (s)", "TFLOP/s (visible)", "visible share", "tiles kept"]
+  columns = ["frames", "tokens", "path", "dtype", "compiled GiB", "time (s)", "TFLOP/s (visible)", "visible share"]
+  columns.append("tiles kept")
   print("| " + " | ".join(columns) + " |")
   print("|" + "---|" * len(columns))
   for row in rows:
@@ -96,4 +102,5 @@ if __name__ == "__main__":
   flags.DEFINE_integer("block", 512, "Tile size of the chunked path.")
   flags.DEFINE_list("paths", ["dense", "chunked"], "Attention paths.")
   flags.DEFINE_float("max_dense_gib", 10.0, "Only run a path whose compiled memory is below this.")
+  flags.DEFINE_enum("dtype", "auto", DTYPES, "q, k, v dtype; auto: bfloat16 on accelerators, float32 on CPU.")
   app.run(main)

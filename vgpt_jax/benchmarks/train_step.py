@@ -23,6 +23,7 @@ import numpy as np
 from configs import tiny
 from vgpt_jax import parallel, train_step
 from vgpt_jax.attention.accounting import visible_count
+from vgpt_jax.benchmarks import DTYPES, benchmark_dtype
 from vgpt_jax.layout import sample_splits, token_ids
 from vgpt_jax.model import model_config
 from vgpt_jax.model.transformer import REMAT_POLICIES
@@ -112,10 +113,11 @@ def main() -> None:
   parser.add_argument("--frames", type=int, default=8)
   parser.add_argument("--size", type=int, default=32, help="square frame size in pixels")
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on accelerators, else float32")
   parser.add_argument("--remat", default="none", choices=sorted(REMAT_POLICIES))
   parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak, for MFU (e.g. 989 for H100 bf16)")
   args = parser.parse_args()
+  args.dtype = benchmark_dtype(args.dtype)
   rows = [measure(p, args) for p in args.presets.split(",")]
   print(f"\n{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, {args.dtype}")
   keys = list(rows[0])
