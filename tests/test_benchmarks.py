@@ -63,3 +63,20 @@ def test_attention_benchmark_runs_in_the_dtype_asked_and_auto_is_float32_on_cpu(
   row = measure(4, 20, heads=1, head_dim=16, path="chunked", block=16, max_gib=1.0, dtype="bfloat16")
   assert row["dtype"] == "bfloat16" and row["tokens"] == 154 and row["time (s)"] > 0
   assert 0 < row["visible share"] <= row["tiles kept"] <= 1
+
+
+def test_device_check_runs_at_toy_sizes_and_writes_its_table_as_json(tmp_path, capsys):
+  """On CPU: the tiled path against dense (forward and gradients, bfloat16 and float32), the attention timings
+  and a train step, one table printed and the same rows in JSON."""
+  import json
+
+  from vgpt_jax.benchmarks import device_check
+
+  rows = device_check.main(["--output", str(tmp_path / "check.json")])
+  assert json.loads((tmp_path / "check.json").read_text()) == json.loads(json.dumps(rows))
+  correct = [r for r in rows if r["part"] == "correct"]
+  assert {(r["path"], r["dtype"]) for r in correct} == {("chunked", "bfloat16"), ("chunked", "float32")}
+  assert all(r["ok"] and r["max_rel_error"] < device_check.TOLERANCE[r["dtype"]] for r in correct)
+  assert {r["path"] for r in rows if r["part"] == "attention"} == {"dense", "chunked"}
+  (step,) = [r for r in rows if r["part"] == "train step"]
+  assert step["step (s)"] > 0 and "| correct | chunked |" in capsys.readouterr().out

@@ -21,6 +21,8 @@ _COMMON = dict(
 PRESETS: dict[str, dict] = {
   # 32 layers, hidden 3072, 32 heads of 96, SwiGLU 8192, latent patch 2: ~3.7B.
   "paper": dict(num_layers=32, hidden=3072, num_heads=32, mlp_dim=8192, patch_size=2, remat="full", dtype="bfloat16"),
+  # ~1.2B parameters, heads of 128: the device check's train step (benchmarks/device_check.py).
+  "1b": dict(num_layers=24, hidden=2048, num_heads=16, mlp_dim=5504, patch_size=2, remat="full", dtype="bfloat16"),
   # ~100M parameters: for scaling checks and benchmarks.
   "100m": dict(num_layers=12, hidden=768, num_heads=12, mlp_dim=2048, patch_size=2),
   # Trains on 2 CPU cores in minutes.
