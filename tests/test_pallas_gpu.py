@@ -37,8 +37,9 @@ def rel(a: jax.Array, b: jax.Array) -> float:
   return float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
 
 
-def kernel(block_q: int, block_k: int):
-  return lambda q, k, v, a, b: pallas_gpu_attention(q, k, v, a, b, block_q=block_q, block_k=block_k, interpret=True)
+def kernel(block_q: int, block_k: int, bwd_block_q: int | None = None, bwd_block_k: int | None = None):
+  blocks = dict(block_q=block_q, block_k=block_k, bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k)
+  return lambda q, k, v, a, b: pallas_gpu_attention(q, k, v, a, b, **blocks, interpret=True)
 
 
 def check_against_dense(fn, q, k, v, q_ids, k_ids, tol: float = 1e-5) -> None:
@@ -64,6 +65,15 @@ def test_forward_and_gradients_equal_dense(frames, tokens, dim, block_q, block_k
     t = ids.frame.shape[1]
     q, k, v = normal(seed + 10, *[(2, t, 2, dim)] * 3)
     check_against_dense(kernel(block_q, block_k), q, k, v, ids, ids)
+
+
+@pytest.mark.parametrize("blocks", [(32, 16, 16, 32), (16, 32, 32, 16)])
+def test_backward_tiles_of_their_own_give_the_same_gradients(blocks):
+  """Forward tiles (block_q, block_k) and backward tiles of other sizes (the dk/dv kernel's registers want smaller
+  ones on a GPU): lengths padded to all of them, gradients equal dense."""
+  ids = random_ids(11, 2, 4, 6)
+  q, k, v = normal(12, *[(2, ids.frame.shape[1], 2, 32)] * 3)
+  check_against_dense(kernel(*blocks), q, k, v, ids, ids)
 
 
 def test_skipped_tiles_are_never_read():
@@ -128,20 +138,22 @@ def test_a_new_split_does_not_recompile():
     (dict(dim=320), "head dim D=320 is over the Triton kernel's 256"),
     (dict(block_q=24), "block_q=24 must be a power of two"),
     (dict(block_k=8), "block_k=8 must be a power of two"),
+    (dict(bwd_block_q=48), "bwd_block_q=48 must be a power of two"),
     (dict(k_dtype=jnp.bfloat16), "cast them"),
     (dict(kv_heads=1), "repeat k/v heads"),
     (dict(ids_length=10), "expected \\(B, T\\)"),
   ],
 )
 def test_bad_sizes_raise_a_clear_error(change, message):
-  cfg = dict(dim=16, block_q=16, block_k=16, k_dtype=jnp.float32, kv_heads=2, ids_length=12)
+  cfg = dict(dim=16, block_q=16, block_k=16, bwd_block_q=16, k_dtype=jnp.float32, kv_heads=2, ids_length=12)
   cfg.update(change)
   ids = L.token_ids(L.training_layout(2, 2), jnp.asarray([[0, 1]]))  # 12 tokens
   q = jnp.zeros((1, 12, 2, cfg["dim"]))
   k = jnp.zeros((1, 12, cfg["kv_heads"], cfg["dim"]), cfg["k_dtype"])
   k_ids = ids[:, : cfg["ids_length"]]
   with pytest.raises(ValueError, match=message):
-    pallas_gpu_attention(q, k, k, ids, k_ids, block_q=cfg["block_q"], block_k=cfg["block_k"], interpret=True)
+    blocks = {name: cfg[name] for name in ("block_q", "block_k", "bwd_block_q")}
+    pallas_gpu_attention(q, k, k, ids, k_ids, **blocks, interpret=True)
 
 
 def test_kernels_lower_to_triton_for_cuda():
@@ -149,7 +161,8 @@ def test_kernels_lower_to_triton_for_cuda():
   at the paper's head size (96, padded to 128)."""
   ids = random_ids(0, 1, 5, 6)  # 72 tokens: 5 query tiles of 16, 3 key tiles of 32 (counts not powers of two)
   shape = jax.ShapeDtypeStruct((1, ids.frame.shape[1], 2, 96), jnp.bfloat16)
-  fn = lambda q, k, v: pallas_gpu_attention(q, k, v, ids, ids, block_q=16, block_k=32)  # noqa: E731
+  blocks = dict(block_q=16, block_k=32, bwd_block_q=32, bwd_block_k=16)  # backward tiles of their own
+  fn = lambda q, k, v: pallas_gpu_attention(q, k, v, ids, ids, **blocks)  # noqa: E731
   grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
   try:
     text = jax.jit(grad).trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()

@@ -9,7 +9,9 @@ Forward and backward are Pallas kernels tied together with `jax.custom_vjp`:
     batch element) becomes, outside the kernels and once per forward pass
     (`gpu_plan`, the path's plan), a list of the visible key tiles
     of every query tile and its length (and, for the dk/dv kernel, the visible
-    query tiles of every key tile). Each kernel's loop runs over its list only,
+    query tiles of every key tile). The backward kernels have their own,
+    smaller tiles (`bwd_block_*`, 64 from `select`) and lists for them. Each
+    kernel's loop runs over its list only,
     so the work is proportional to the kept tiles (about a quarter of a training
     sequence's) and no branch sits inside the loop;
   * softmax statistics (running max, normaliser, log-sum-exp) are float32 and
@@ -107,9 +109,11 @@ def _block(block: int, length: int) -> int:
   return min(block, max(16, pl.next_power_of_2(length)))
 
 
-def _padded(q_ids: TokenIds, k_ids: TokenIds, tq: int, tk: int, block_q: int, block_k: int):
+def _padded(q_ids: TokenIds, k_ids: TokenIds, tq: int, tk: int, block_q: int, block_k: int, multiple_q=1, multiple_k=1):
+  """Ids padded to multiples of the (capped) blocks and of `multiple_*` (the other pass's blocks: all are powers
+  of two, so the larger is a multiple of the smaller); and the capped blocks."""
   bq, bk = _block(block_q, tq), _block(block_k, tk)
-  return pad_ids(q_ids, round_up(tq, bq)), pad_ids(k_ids, round_up(tk, bk)), bq, bk
+  return pad_ids(q_ids, round_up(tq, max(bq, multiple_q))), pad_ids(k_ids, round_up(tk, max(bk, multiple_k))), bq, bk
 
 
 def visible_tiles(q_ids: TokenIds, k_ids: TokenIds, block_q: int = 64, block_k: int = 64) -> jax.Array:
@@ -358,58 +362,91 @@ def _backward(
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
-def _flash(q, k, v, qids, kids, q_order, q_count, k_order, k_count, block_q, block_k, scale, interpret):
-  return _forward(q, k, v, qids, kids, q_order, q_count, block_q, block_k, scale, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _flash(q, k, v, qids, kids, lists, static, interpret):
+  """lists: int32 visit lists (q_order, q_count at the forward tiles; dq_order, dq_count, dkv_order, dkv_count at
+  the backward tiles); static: (block_q, block_k, bwd_block_q, bwd_block_k, scale)."""
+  return _flash_fwd(q, k, v, qids, kids, lists, static, interpret)[0]
 
 
-def _flash_fwd(q, k, v, qids, kids, q_order, q_count, k_order, k_count, block_q, block_k, scale, interpret):
-  out, lse = _forward(q, k, v, qids, kids, q_order, q_count, block_q, block_k, scale, interpret)
-  return out, (q, k, v, qids, kids, q_order, q_count, k_order, k_count, out, lse)
+def _flash_fwd(q, k, v, qids, kids, lists, static, interpret):
+  block_q, block_k, _, _, scale = static
+  out, lse = _forward(q, k, v, qids, kids, lists[0], lists[1], block_q, block_k, scale, interpret)
+  return out, (q, k, v, qids, kids, lists, out, lse)
 
 
-def _flash_bwd(block_q, block_k, scale, interpret, res, do):
-  q, k, v, qids, kids, q_order, q_count, k_order, k_count, out, lse = res
+def _flash_bwd(static, interpret, res, do):
+  q, k, v, qids, kids, lists, out, lse = res
+  _, _, bwd_block_q, bwd_block_k, scale = static
+  _, _, dq_order, dq_count, dkv_order, dkv_count = lists
   dq, dk, dv = _backward(
-    q, k, v, qids, kids, q_order, q_count, k_order, k_count, out, lse, do, block_q, block_k, scale, interpret
-  )
-  return dq, dk, dv, None, None, None, None, None, None  # integer inputs: no cotangent
+    q, k, v, qids, kids, dq_order, dq_count, dkv_order, dkv_count, out, lse, do, bwd_block_q, bwd_block_k, scale,
+    interpret,
+  )  # fmt: skip
+  return dq, dk, dv, None, None, (None,) * len(lists)  # integer inputs: no cotangent
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["q_ids", "k_ids", "q_order", "q_count", "k_order",
-                   "k_count"], meta_fields=["q_length", "k_length", "block_q", "block_k"])  # fmt: skip
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["q_ids", "k_ids", "q_order", "q_count",
+                   "dq_order", "dq_count", "dkv_order", "dkv_count"], meta_fields=["q_length", "k_length", "block_q",
+                   "block_k", "bwd_block_q", "bwd_block_k"])  # fmt: skip
 @dataclasses.dataclass(frozen=True)
 class GpuPlan:
-  """What the kernels read besides q, k, v; made once per forward pass (`gpu_plan`), used by every layer."""
+  """What the kernels read besides q, k, v; made once per forward pass (`gpu_plan`), used by every layer.
 
-  q_ids: jax.Array  # int32 [B, 4, Lq]: packed id fields of the queries, padded to block_q
+  The backward kernels have their own, smaller tiles: the dk/dv kernel holds two float32 [bk, D] accumulators
+  and three float32 [bq, bk] intermediates, which at the forward's 128 x 128 spill registers or run out of
+  shared memory."""
+
+  q_ids: jax.Array  # int32 [B, 4, Lq]: packed id fields of the queries, padded to all blocks
   k_ids: jax.Array  # int32 [B, 4, Lk]
-  q_order: jax.Array  # int32 [B, nq, nk]: per query tile, its kept key tiles first
+  q_order: jax.Array  # int32 [B, nq, nk]: forward tiles: per query tile, its kept key tiles first
   q_count: jax.Array  # int32 [B, nq]
-  k_order: jax.Array  # int32 [B, nk, nq]: per key tile, the query tiles that see it first
-  k_count: jax.Array  # int32 [B, nk]
+  dq_order: jax.Array  # the same at the backward tiles (the dq kernel)
+  dq_count: jax.Array
+  dkv_order: jax.Array  # int32 [B, nk', nq']: backward tiles: per key tile, the query tiles that see it first
+  dkv_count: jax.Array  # int32 [B, nk']
   q_length: int  # Tq, Tk before padding
   k_length: int
   block_q: int
   block_k: int
+  bwd_block_q: int
+  bwd_block_k: int
 
 
-def gpu_plan(q_ids: TokenIds, k_ids: TokenIds, *, block_q: int = 64, block_k: int = 64) -> GpuPlan:
-  """The tiles to visit and the packed ids for queries and keys with these ids (blocks: powers of two >= 16)."""
-  for name, block in (("block_q", block_q), ("block_k", block_k)):
+def gpu_plan(
+  q_ids: TokenIds,
+  k_ids: TokenIds,
+  *,
+  block_q: int = 64,
+  block_k: int = 64,
+  bwd_block_q: int | None = None,
+  bwd_block_k: int | None = None,
+) -> GpuPlan:
+  """The tiles to visit and the packed ids for queries and keys with these ids (blocks: powers of two >= 16;
+  bwd_*: the backward kernels' tiles, by default the forward's)."""
+  bwd_block_q = block_q if bwd_block_q is None else bwd_block_q
+  bwd_block_k = block_k if bwd_block_k is None else bwd_block_k
+  blocks = dict(block_q=block_q, block_k=block_k, bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k)
+  for name, block in blocks.items():
     if not isinstance(block, int) or block < 16 or not _is_pow2(block):
       raise ValueError(f"{name}={block!r} must be a power of two >= 16 for Triton tiles, e.g. {name}=64")
   if q_ids.frame.shape[0] != k_ids.frame.shape[0]:
     raise ValueError(f"q_ids and k_ids must share the batch; got {q_ids.frame.shape} and {k_ids.frame.shape}")
   tq, tk = q_ids.frame.shape[1], k_ids.frame.shape[1]
-  pq_ids, pk_ids, bq, bk = _padded(q_ids, k_ids, tq, tk, block_q, block_k)
-  kept = tile_map(pq_ids, pk_ids, bq, bk)  # [B, nq, nk], per batch element
-  q_order, q_count = visit_lists(kept)
-  k_order, k_count = visit_lists(jnp.swapaxes(kept, 1, 2))
-  return GpuPlan(_pack(pq_ids), _pack(pk_ids), q_order, q_count, k_order, k_count, tq, tk, bq, bk)
+  bq, bk = _block(block_q, tq), _block(block_k, tk)
+  bwd_q, bwd_k = _block(bwd_block_q, tq), _block(bwd_block_k, tk)
+  pq_ids, pk_ids, _, _ = _padded(q_ids, k_ids, tq, tk, bq, bk, bwd_q, bwd_k)
+  q_order, q_count = visit_lists(tile_map(pq_ids, pk_ids, bq, bk))  # [B, nq, nk], per batch element
+  kept = tile_map(pq_ids, pk_ids, bwd_q, bwd_k)
+  dq_order, dq_count = visit_lists(kept)
+  dkv_order, dkv_count = visit_lists(jnp.swapaxes(kept, 1, 2))
+  return GpuPlan(
+    _pack(pq_ids), _pack(pk_ids), q_order, q_count, dq_order, dq_count, dkv_order, dkv_count, tq, tk, bq, bk,
+    bwd_q, bwd_k,
+  )  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
@@ -420,10 +457,9 @@ def gpu_attend(q: jax.Array, k: jax.Array, v: jax.Array, plan: GpuPlan, interpre
   d = q.shape[-1]
   dp = max(16, pl.next_power_of_2(d))  # Triton's dot: power-of-two sizes >= 16
   pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, dp - d)))  # noqa: E731
-  out = _flash(
-    pad(q, lq), pad(k, lk), pad(v, lk), plan.q_ids, plan.k_ids, plan.q_order, plan.q_count, plan.k_order,
-    plan.k_count, plan.block_q, plan.block_k, d**-0.5, interpret,
-  )  # fmt: skip
+  lists = (plan.q_order, plan.q_count, plan.dq_order, plan.dq_count, plan.dkv_order, plan.dkv_count)
+  static = (plan.block_q, plan.block_k, plan.bwd_block_q, plan.bwd_block_k, d**-0.5)
+  out = _flash(pad(q, lq), pad(k, lk), pad(v, lk), plan.q_ids, plan.k_ids, lists, static, interpret)
   return out[:, : plan.q_length, :, :d]
 
 
@@ -436,6 +472,8 @@ def pallas_gpu_attention(
   *,
   block_q: int = 64,
   block_k: int = 64,
+  bwd_block_q: int | None = None,
+  bwd_block_k: int | None = None,
   interpret: bool = False,
 ) -> jax.Array:
   """Masked softmax attention equal to `dense_attention`, as Pallas GPU kernels; differentiable (custom VJP).
@@ -446,6 +484,7 @@ def pallas_gpu_attention(
     q: [B, Tq, H, D]; k, v: [B, Tk, H, D] (any lengths: padded to the blocks inside).
     q_ids, k_ids: token ids with fields [B, Tq] and [B, Tk]; a new split needs no recompile.
     block_q, block_k: tile sizes, powers of two >= 16 (capped at the padded lengths).
+    bwd_block_q, bwd_block_k: the backward kernels' tile sizes (default: the forward's).
     interpret: run the kernels in Pallas interpret mode (any backend: how the CPU tests run them).
   Returns:
     [B, Tq, H, D] in q's dtype; a query that sees no key gives 0.
@@ -453,4 +492,5 @@ def pallas_gpu_attention(
     ValueError: shapes, dtypes or blocks the Triton kernels cannot take (see the module docstring).
   """
   check_ids_match(q, k, q_ids, k_ids)
-  return gpu_attend(q, k, v, gpu_plan(q_ids, k_ids, block_q=block_q, block_k=block_k), interpret=interpret)
+  blocks = dict(block_q=block_q, block_k=block_k, bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k)
+  return gpu_attend(q, k, v, gpu_plan(q_ids, k_ids, **blocks), interpret=interpret)

@@ -30,6 +30,7 @@ from vgpt_jax.attention.mask import dense_mask
 from vgpt_jax.attention.path import AttentionPath
 
 ATTENTIONS = ("dense", "chunked", "pallas_tpu", "pallas_gpu", "auto")
+GPU_BACKWARD_BLOCK = 64  # the Triton backward's tiles: its dk/dv kernel holds 2 [bk, D] + 3 [bq, bk] float32 tiles
 DENSE_LIMIT = 1 << 19  # Tq * Tk score entries up to which dense beats chunked on CPU (BENCHMARKS.md, issue 11)
 
 
@@ -58,7 +59,8 @@ def _path(name: str, block: int) -> AttentionPath:
     from vgpt_jax.attention import pallas_gpu
 
     b = _gpu_block(block)
-    plan = functools.partial(pallas_gpu.gpu_plan, block_q=b, block_k=b)
+    bwd = min(b, GPU_BACKWARD_BLOCK)
+    plan = functools.partial(pallas_gpu.gpu_plan, block_q=b, block_k=b, bwd_block_q=bwd, bwd_block_k=bwd)
     return AttentionPath("pallas_gpu", plan, pallas_gpu.gpu_attend)
   raise ValueError(f"unknown attention {name!r}; choose one of {list(ATTENTIONS)}")
 
