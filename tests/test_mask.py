@@ -103,3 +103,29 @@ def test_stage1_mode_is_one_frame_per_clip():
     expected_keys = (noisy & (lay.frame == f)) | ((lay.stream == L.CLEAN) & (lay.frame < f))
     assert not m[np.ix_(q, ~expected_keys)].any()
     assert m[np.ix_(q & (lay.kind == L.PATCH), expected_keys)].all()
+
+
+def test_interval_form_equals_the_rule_for_every_layout_and_split():
+  """`visible_by_rank` (one rank per key, two ranges per query: what the tiled kernels evaluate) equals `visible`
+  on random splits of the training, context-parallel and sampling layouts, padding tokens included."""
+  import jax
+  import ml_collections
+
+  from vgpt_jax.attention.chunked import pad_ids
+  from vgpt_jax.attention.mask import key_rank, query_bounds, visible, visible_by_rank
+
+  random = ml_collections.ConfigDict(dict(split="random", min_clips=1, max_clips=-1))
+  for frames, tokens in ((5, 3), (12, 2)):
+    splits = L.sample_splits(jax.random.key(frames), 16, frames, random)
+    layouts = (
+      L.training_layout(frames, tokens),
+      L.context_parallel_layout(L.training_layout(frames, tokens), 4),
+      L.sampling_layout(frames, tokens),
+    )
+    for lay in layouts:
+      ids = pad_ids(L.token_ids(lay, splits), lay.length + 5)
+      q = jax.tree.map(lambda x: x[:, :, None], ids)
+      k = jax.tree.map(lambda x: x[:, None, :], ids)
+      want = np.asarray(visible(q, k))
+      assert want.any() and not want.all()
+      np.testing.assert_array_equal(np.asarray(visible_by_rank(key_rank(k), query_bounds(q))), want)

@@ -28,7 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vgpt_jax.attention.mask import dense_mask
+from vgpt_jax.attention.mask import key_rank, query_bounds, visible_by_rank
 from vgpt_jax.attention.path import flash_vjp
 from vgpt_jax.layout import CLEAN, NOISY, PAD, TokenIds
 
@@ -127,7 +127,8 @@ def _tile_ids(ids: TokenIds, index: jax.Array, block: int) -> TokenIds:
 def _scores(q_i: jax.Array, k_j: jax.Array, q_ids: TokenIds, k_ids: TokenIds) -> jax.Array:
   """float32 [H, bq, bk] masked scores of one tile (q_i already scaled)."""
   s = jnp.einsum("hqd,hkd->hqk", q_i, k_j, preferred_element_type=jnp.float32)
-  mask = dense_mask(jax.tree.map(lambda x: x[None], q_ids), jax.tree.map(lambda x: x[None], k_ids))  # [1, bq, bk]
+  bounds = tuple(x[None, :, None] for x in query_bounds(q_ids))
+  mask = visible_by_rank(key_rank(k_ids)[None, None, :], bounds)  # [1, bq, bk]: 3 comparisons per entry
   return jnp.where(mask, s, _NEG)
 
 

@@ -1,10 +1,11 @@
 """Flash attention for GPUs in Pallas (Triton lowering), masked by per-token ids, empty tiles skipped.
 
 Forward and backward are Pallas kernels tied together with `jax.custom_vjp`:
-  * the mask is never stored: each kernel loads the id fields (frame, block,
-    stream, kind) of its query rows and key rows and evaluates `mask.visible`
-    on the broadcast [block_q, block_k] tile, the same predicate the dense
-    reference uses;
+  * the mask is never stored: each kernel loads the key ranks of its key rows
+    and the query bounds of its query rows (`mask.key_rank`, `mask.query_bounds`,
+    packed once per forward pass) and evaluates `mask.visible_by_rank` on the
+    [block_q, block_k] tile: the dense reference's rule, in 3 comparisons per
+    entry;
   * tiles with no visible entry are never visited: `chunked.tile_map` (per
     batch element) becomes, outside the kernels and once per forward pass
     (`gpu_plan`, the path's plan), a list of the visible key tiles
@@ -59,13 +60,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from vgpt_jax.attention.chunked import pad_ids, round_up, tile_map, visit_lists
-from vgpt_jax.attention.mask import visible
+from vgpt_jax.attention.mask import key_rank, query_bounds, visible_by_rank
 from vgpt_jax.attention.path import check_ids_match
 from vgpt_jax.layout import TokenIds
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_HEAD_DIM = 256
-_FIELDS = ("frame", "clip", "stream", "kind")  # the id fields the mask reads (positions are RoPE only)
+_FIELDS = 4  # packed per token: its key rank and its query bounds (mask.key_rank, mask.query_bounds)
 _NEG = -1e30  # masked score: finite so that a row with nothing visible yet never computes inf - inf
 _LOG2E = math.log2(math.e)
 
@@ -124,18 +125,23 @@ def visible_tiles(q_ids: TokenIds, k_ids: TokenIds, block_q: int = 64, block_k: 
 
 
 def _pack(ids: TokenIds) -> jax.Array:
-  """int32 [B, 4, T]: the fields the mask reads, one row each, so a kernel loads a tile's ids from one ref."""
-  return jnp.stack([getattr(ids, f).astype(jnp.int32) for f in _FIELDS], axis=1)
+  """int32 [B, 4, T]: each token's key rank and its three query bounds, one row each, so a kernel loads a tile's
+  mask inputs from one ref and builds the mask with 3 comparisons per entry (mask.visible_by_rank)."""
+  return jnp.stack([key_rank(ids), *query_bounds(ids)], axis=1)
 
 
 # ----------------------------------------------------------------------------
 # Kernel helpers (traced inside the kernels; plain jnp, so they also run in interpret mode).
 
 
-def _ids(ref, rows, axis: int) -> TokenIds:
-  """Ids of `rows` of a packed [4, T] ref, as TokenIds broadcastable along `axis` (1: queries, 0: keys)."""
-  f = [jnp.expand_dims(ref[i, rows], axis) for i in range(len(_FIELDS))]
-  return TokenIds(frame=f[0], clip=f[1], stream=f[2], kind=f[3], position=f[0])  # position: unused by the mask
+def _key_ranks(ref, rows) -> jax.Array:
+  """[1, n]: the key ranks of `rows` of a packed [4, T] ref."""
+  return ref[0, rows][None, :]
+
+
+def _query_bounds(ref, rows) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Three [n, 1]: the query bounds of `rows` of a packed [4, T] ref."""
+  return tuple(ref[i, rows][:, None] for i in (1, 2, 3))
 
 
 def _mm(a: jax.Array, b: jax.Array, precision, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
@@ -143,10 +149,10 @@ def _mm(a: jax.Array, b: jax.Array, precision, trans_a: bool = False, trans_b: b
   return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
-def _probs(q, k, q_ids: TokenIds, k_ids: TokenIds, lse, scale2: float, precision):
+def _probs(q, k, q_bounds, k_ranks, lse, scale2: float, precision):
   """Softmax probabilities [bq, bk] of a tile recomputed from the base-2 log-sum-exp; exact zeros where masked."""
   s = _mm(q, k, precision, trans_b=True) * scale2
-  return jnp.where(visible(q_ids, k_ids), jnp.exp2(s - lse[:, None]), 0.0)
+  return jnp.where(visible_by_rank(k_ranks, q_bounds), jnp.exp2(s - lse[:, None]), 0.0)
 
 
 # ----------------------------------------------------------------------------
@@ -160,13 +166,13 @@ def _forward_kernel(
   i = pl.program_id(0)
   q = q_ref[...]  # [bq, D]
   bq, d = q.shape
-  q_tok = _ids(qids_ref, slice(None), 1)
+  q_tok = _query_bounds(qids_ref, slice(None))
 
   def step(t, carry):
     m, l, acc = carry
     start = pl.multiple_of(order_ref[t] * block_k, block_k)
     rows = pl.ds(start, block_k)
-    mask = visible(q_tok, _ids(kids_ref, rows, 0))
+    mask = visible_by_rank(_key_ranks(kids_ref, rows), q_tok)
     s = jnp.where(mask, _mm(q, k_ref[rows, :], precision, trans_b=True) * scale2, _NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)  # explicit zeros: a fully masked row stays empty
@@ -203,14 +209,14 @@ def _dkdv_kernel(
   """One key tile against the query tiles that see it: dv = P^T dO, dk = scale * dS^T Q."""
   j = pl.program_id(0)
   k, v = k_ref[...], v_ref[...]  # [bk, D]
-  k_tok = _ids(kids_ref, slice(None), 0)
+  k_tok = _key_ranks(kids_ref, slice(None))
 
   def step(t, carry):
     dk, dv = carry
     start = pl.multiple_of(order_ref[t] * block_q, block_q)
     rows = pl.ds(start, block_q)
     q, do = q_ref[rows, :], do_ref[rows, :]
-    p = _probs(q, k, _ids(qids_ref, rows, 1), k_tok, lse_ref[rows], scale2, precision)  # [bq, bk]
+    p = _probs(q, k, _query_bounds(qids_ref, rows), k_tok, lse_ref[rows], scale2, precision)  # [bq, bk]
     dv = dv + _mm(p.astype(do.dtype), do, precision, trans_a=True)
     ds = p * (_mm(do, v, precision, trans_b=True) - delta_ref[rows][:, None])
     return dk + _mm(ds.astype(q.dtype), q, precision, trans_a=True), dv
@@ -243,13 +249,13 @@ def _dq_kernel(
   i = pl.program_id(0)
   q, do = q_ref[...], do_ref[...]  # [bq, D]
   lse, delta = lse_ref[...], delta_ref[...]
-  q_tok = _ids(qids_ref, slice(None), 1)
+  q_tok = _query_bounds(qids_ref, slice(None))
 
   def step(t, dq):
     start = pl.multiple_of(order_ref[t] * block_k, block_k)
     rows = pl.ds(start, block_k)
     k, v = k_ref[rows, :], v_ref[rows, :]
-    p = _probs(q, k, q_tok, _ids(kids_ref, rows, 0), lse, scale2, precision)
+    p = _probs(q, k, q_tok, _key_ranks(kids_ref, rows), lse, scale2, precision)
     ds = p * (_mm(do, v, precision, trans_b=True) - delta[:, None])
     return dq + _mm(ds.astype(k.dtype), k, precision)
 
@@ -275,8 +281,8 @@ def _specs(b_tile: int, other: int, n_other: int, d: int, n_tiles: int):
   tile = lambda: pl.BlockSpec((None, b_tile, None, d), lambda t, b, h: (b, t, h, 0))  # noqa: E731
   whole = lambda: pl.BlockSpec((None, other, None, d), lambda t, b, h: (b, 0, h, 0))  # noqa: E731
   return dict(
-    ids_tile=pl.BlockSpec((None, len(_FIELDS), b_tile), lambda t, b, h: (b, 0, t)),
-    ids_whole=pl.BlockSpec((None, len(_FIELDS), other), lambda t, b, h: (b, 0, 0)),
+    ids_tile=pl.BlockSpec((None, _FIELDS, b_tile), lambda t, b, h: (b, 0, t)),
+    ids_whole=pl.BlockSpec((None, _FIELDS, other), lambda t, b, h: (b, 0, 0)),
     order=pl.BlockSpec((None, None, n_other), lambda t, b, h: (b, t, 0)),
     count=pl.BlockSpec((None, n_tiles), lambda t, b, h: (b, 0)),
     tile=tile,
