@@ -49,8 +49,9 @@ def dense_mask(q: TokenIds, k: TokenIds) -> jax.Array:
 # `visible`, after O(block) work per tile. Clean keys rank by (clip, frame, kind), noisy keys by (clip, kind)
 # above every clean key, padding keys above everything. A clean query sees the clean ranks below its own + 1;
 # a noisy query sees the clean ranks of earlier clips and the noisy ranks of its clip up to its kind. Exact
-# when clips are contiguous runs of frames, as every split is (layout.py), with fewer than 4096 frames.
-_FRAMES = 1 << 12
+# when clips are contiguous runs of frames, as every split is (layout.py), with fewer than MAX_FRAMES frames.
+MAX_FRAMES = 1 << 13  # and clips: clean ranks stay below 2**28, noisy ones below 2**29
+_FRAMES = MAX_FRAMES
 _NOISY_BASE = 1 << 28
 _NEVER = int(jnp.iinfo(jnp.int32).max)
 

@@ -8,8 +8,9 @@ Same semantics as `dense_attention`, without any [Tq, Tk] mask in memory:
   * Mask: the id fields the mask needs (frame, block, stream, kind) are packed into one int32 per token
     (`_pack_ids`), laid out as the q side [B, Tq, 128] (replicated over lanes) and the k side [B, 8, Tk]
     (replicated over sublanes), the layouts Mosaic broadcasts cheaply. A kernel loads the codes of its tile's
-    query and key rows, unpacks them and calls `mask.visible` on the broadcast blocks: one predicate for
-    every path.
+    query and key rows, unpacks them and turns them into key ranks and query bounds (`mask.key_rank`,
+    `mask.query_bounds`) on the narrow blocks; the tile itself costs 3 int32 comparisons per entry
+    (`mask.visible_by_rank`, equal to `mask.visible`).
   * Skipping: once per forward pass (`tpu_plan`, the path's plan, shared by every layer), `chunked.tile_map`
     (per batch element) says which tiles may hold a visible entry, and `_full_map` which tiles surely are
     entirely visible. Per (b, query tile) the kept key tiles are compacted to
@@ -27,7 +28,7 @@ Same semantics as `dense_attention`, without any [Tq, Tk] mask in memory:
 
 Constraints (checked, ValueError): block_q and block_k positive multiples of 128 (the lane width; blocks are
 capped at the padded lengths, so short sequences are fine); q, k, v of one float dtype (float32 or bfloat16) with
-matching batch, heads and head dim; ids shaped [B, Tq] / [B, Tk]. Unchecked under jit: frame ids in [0, 16384)
+matching batch, heads and head dim; ids shaped [B, Tq] / [B, Tk]. Unchecked under jit: frame ids in [0, 8192)
 and clip ids in [0, 8192) (the packing; `_check_ranges` checks them when the ids are concrete). On TPU the VMEM
 per step is O(block_q * block_k) float32 (a few MiB at 512 x 512, most in the dK/dV kernel); if Mosaic runs out,
 use smaller blocks or raise `vmem_limit_bytes`. pallas_call is not auto-partitioned: under a sharded jit, call it
@@ -49,7 +50,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from vgpt_jax.attention.chunked import pad_ids, round_up, tile_map
-from vgpt_jax.attention.mask import visible
+from vgpt_jax.attention.mask import MAX_FRAMES as RANKED_FRAMES
+from vgpt_jax.attention.mask import key_rank, query_bounds, visible_by_rank
 from vgpt_jax.attention.path import check_ids_match
 from vgpt_jax.layout import CLEAN, NOISY, TokenIds
 
@@ -60,7 +62,7 @@ _EMPTY_LSE = 1e30  # logsumexp of a query with no visible key: exp(s - lse) = 0 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _KIND_BITS, _STREAM_BITS, _BLOCK_BITS = 2, 2, 13
-MAX_FRAMES = 1 << (31 - _KIND_BITS - _STREAM_BITS - _BLOCK_BITS)  # 16384
+MAX_FRAMES = min(1 << (31 - _KIND_BITS - _STREAM_BITS - _BLOCK_BITS), RANKED_FRAMES)  # 8192
 MAX_CLIPS = 1 << _BLOCK_BITS  # 8192
 
 Interpret = bool | pltpu.InterpretParams
@@ -172,12 +174,14 @@ def _compact(keep: jax.Array, full: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _tile_mask(q_code_ref: Any, k_code_ref: Any, block_k: int) -> jax.Array:
   """bool [bq, bk] from the tile's packed ids: q codes (bq, 128) lane-replicated, k codes (8, bk).
 
-  Unpacking happens on the narrow blocks ((bq, 128) and (1, bk)); only the predicate runs on the full tile.
+  Unpacking and the interval form (`mask.query_bounds`, `mask.key_rank`) happen on the narrow blocks
+  ((bq, 128) and (1, bk)); the full tile only sees int32 comparisons of widened fields (3 per entry), no
+  broadcast boolean masks.
   """
   widen = lambda x: jnp.tile(x, (1, block_k // LANES))  # noqa: E731  [bq, 128] -> [bq, bk]
-  q_ids = jax.tree.map(widen, _unpack_ids(q_code_ref[...]))
-  k_ids = _unpack_ids(k_code_ref[:1, :])  # [1, bk], broadcast over sublanes
-  return visible(q_ids, k_ids)
+  bounds = tuple(widen(x) for x in query_bounds(_unpack_ids(q_code_ref[...])))
+  ranks = key_rank(_unpack_ids(k_code_ref[:1, :]))  # [1, bk], broadcast over sublanes
+  return visible_by_rank(ranks, bounds)
 
 
 def _scores(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
