@@ -89,6 +89,14 @@ def test_odd_length_needs_padding_and_small_head_dim():
   check_against_dense(kernel(), q, k, v, ids, ids, seed=6)
 
 
+def test_query_and_key_tiles_of_different_sizes_at_the_papers_head_size():
+  """block_q = 128, block_k = 256, heads of 96 (zero-padded to 128 lanes): equal to dense, forward and gradients."""
+  ids = random_ids(seed=13, batch=1, frames=4, tokens=62)
+  t = ids.frame.shape[1]
+  q, k, v = qkv(14, 1, t, t, heads=1, dim=96)
+  check_against_dense(kernel(block_q=128, block_k=256), q, k, v, ids, ids, seed=15)
+
+
 def test_skipped_tiles_are_not_computed():
   """NaN values in key tiles that some query tiles skip: those rows (and their dq) stay finite, as 0 * NaN would
   poison a row that ran the tile, and equal dense attention without the NaNs. Plain Pallas interpreter."""
