@@ -76,6 +76,22 @@ def test_backward_tiles_of_their_own_give_the_same_gradients(blocks):
   check_against_dense(kernel(*blocks), q, k, v, ids, ids)
 
 
+def test_fully_visible_tiles_take_the_unmasked_branch_and_are_exact():
+  """The plan marks kept tiles whose every entry is visible (entry = 2 * tile + 1); the kernels skip their mask.
+  Both kinds occur here, and the result equals dense."""
+  from vgpt_jax.attention.pallas_gpu import gpu_plan
+
+  ids = random_ids(5, 2, 6, 6)
+  plan = gpu_plan(ids, ids, block_q=16, block_k=16)
+  for order, count in ((plan.q_order, plan.q_count), (plan.dkv_order, plan.dkv_count)):
+    order, count = np.asarray(order), np.asarray(count)
+    run = np.arange(order.shape[-1]) < count[..., None]
+    full = (order & 1).astype(bool)
+    assert (full & run).any() and (~full & run).any() and not (full & ~run).any()
+  q, k, v = normal(6, *[(2, ids.frame.shape[1], 2, 16)] * 3)
+  check_against_dense(kernel(16, 16), q, k, v, ids, ids)
+
+
 def test_skipped_tiles_are_never_read():
   """NaN in one key tile: query tiles whose map entry is False stay finite and exact (forward and dq)."""
   ids = random_ids(3, 2, 5, 6)

@@ -17,10 +17,10 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from vgpt_jax import layout as L
-from vgpt_jax.attention.chunked import pad_ids, tile_map
+from vgpt_jax.attention.chunked import full_tile_map, pad_ids, tile_map
 from vgpt_jax.attention.dense import dense_attention
 from vgpt_jax.attention.mask import dense_mask
-from vgpt_jax.attention.pallas_tpu import _compact, _full_map, pallas_tpu_attention
+from vgpt_jax.attention.pallas_tpu import _compact, pallas_tpu_attention
 
 TPU_INTERPRET = pltpu.InterpretParams()
 BLOCK = 128
@@ -188,7 +188,7 @@ def test_full_tiles_are_fully_visible(seed):
   """The tiles whose mask the kernel skips have every entry visible, and there are some (the fast path is used)."""
   ids = random_ids(seed=seed, batch=4, frames=6, tokens=14)  # 176 tokens, tiles of 16
   block = 16
-  full = np.asarray(_full_map(ids, ids, block, block))
+  full = np.asarray(full_tile_map(ids, ids, block, block))
   mask = np.asarray(dense_mask(ids, ids))
   b, t, _ = mask.shape
   tiles = mask.reshape(b, t // block, block, t // block, block).all(axis=(2, 4))

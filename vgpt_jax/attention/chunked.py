@@ -81,6 +81,49 @@ def tile_map(q_ids: TokenIds, k_ids: TokenIds, block_q: int, block_k: int) -> ja
   return clean_clean | noisy_clean | noisy_noisy
 
 
+def _tile_stats(ids: TokenIds, block: int) -> dict[str, jax.Array]:
+  """Per tile of `block` tokens, [B, tiles]: what `full_tile_map` needs (sentinels make absent streams harmless)."""
+  b, t = ids.frame.shape
+  tiles = lambda x: x.reshape(b, t // block, block)  # noqa: E731
+  big, small = _BIG, -1
+  stream, frame, blk, kind = (tiles(x) for x in (ids.stream, ids.frame, ids.clip, ids.kind))
+  return {
+    "all_clean": jnp.all(stream == CLEAN, axis=2),
+    "all_noisy": jnp.all(stream == NOISY, axis=2),
+    "frame_min": jnp.min(frame, axis=2),
+    "frame_max": jnp.max(frame, axis=2),
+    "block_min": jnp.min(blk, axis=2),
+    "block_max": jnp.max(blk, axis=2),
+    "kind_min": jnp.min(jnp.where(stream >= 0, kind, big), axis=2),
+    "kind_max": jnp.max(jnp.where(stream >= 0, kind, small), axis=2),
+  }
+
+
+def full_tile_map(q_ids: TokenIds, k_ids: TokenIds, block_q: int, block_k: int) -> jax.Array:
+  """bool [B, nq, nk]: True only where every (query, key) pair of the tile is visible, so its mask can be skipped.
+
+  Sufficient conditions from the rules in attention/mask.py (a False is always safe):
+    clean q, clean k: every key frame < every query frame, or <= with every key kind <= every query kind;
+    noisy q, clean k: every key clip < every query clip;
+    noisy q, noisy k: one clip on both sides and every key kind <= every query kind.
+  """
+  q, k = _tile_stats(q_ids, block_q), _tile_stats(k_ids, block_k)
+  qa = {name: x[:, :, None] for name, x in q.items()}
+  ka = {name: x[:, None, :] for name, x in k.items()}
+  kinds_ok = ka["kind_max"] <= qa["kind_min"]
+  clean = (
+    qa["all_clean"]
+    & ka["all_clean"]
+    & ((ka["frame_max"] < qa["frame_min"]) | ((ka["frame_max"] <= qa["frame_min"]) & kinds_ok))
+  )
+  noisy_clean = qa["all_noisy"] & ka["all_clean"] & (ka["block_max"] < qa["block_min"])
+  one_clip = (
+    (qa["block_min"] == qa["block_max"]) & (ka["block_min"] == ka["block_max"]) & (qa["block_min"] == ka["block_min"])
+  )
+  noisy_noisy = qa["all_noisy"] & ka["all_noisy"] & one_clip & kinds_ok
+  return clean | noisy_clean | noisy_noisy
+
+
 def visit_lists(kept: jax.Array) -> tuple[jax.Array, jax.Array]:
   """kept bool [B, n, m] -> int32 [B, n, m] each row's kept indices first (ascending), int32 [B, n] their count."""
   order = jnp.argsort(~kept, axis=-1, stable=True).astype(jnp.int32)

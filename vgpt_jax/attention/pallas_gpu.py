@@ -11,7 +11,9 @@ Forward and backward are Pallas kernels tied together with `jax.custom_vjp`:
     (`gpu_plan`, the path's plan), a list of the visible key tiles
     of every query tile and its length (and, for the dk/dv kernel, the visible
     query tiles of every key tile). The backward kernels have their own,
-    smaller tiles (`bwd_block_*`, 64 from `select`) and lists for them. Each
+    smaller tiles (`bwd_block_*`, 64 from `select`) and lists for them. A
+    list entry also says whether the tile is entirely visible
+    (`chunked.full_tile_map`); such a tile runs without its mask. Each
     kernel's loop runs over its list only,
     so the work is proportional to the kept tiles (about a quarter of a training
     sequence's) and no branch sits inside the loop;
@@ -59,7 +61,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from vgpt_jax.attention.chunked import pad_ids, round_up, tile_map, visit_lists
+from vgpt_jax.attention.chunked import full_tile_map, pad_ids, round_up, tile_map, visit_lists
 from vgpt_jax.attention.mask import key_rank, query_bounds, visible_by_rank
 from vgpt_jax.attention.path import check_ids_match
 from vgpt_jax.layout import TokenIds
@@ -124,6 +126,16 @@ def visible_tiles(q_ids: TokenIds, k_ids: TokenIds, block_q: int = 64, block_k: 
   return tile_map(pq, pk, bq, bk)
 
 
+def _entries(q_ids: TokenIds, k_ids: TokenIds, bq: int, bk: int, per_key_tile: bool = False):
+  """Visit lists per query tile (or per key tile): int32 [B, n, m] entries 2 * tile + full, kept tiles first
+  (full: every entry of the tile is visible, so the kernel skips its mask), and int32 [B, n] their count."""
+  kept, full = tile_map(q_ids, k_ids, bq, bk), full_tile_map(q_ids, k_ids, bq, bk)
+  if per_key_tile:
+    kept, full = jnp.swapaxes(kept, 1, 2), jnp.swapaxes(full, 1, 2)
+  order, count = visit_lists(kept)
+  return 2 * order + jnp.take_along_axis(full & kept, order, axis=-1).astype(jnp.int32), count
+
+
 def _pack(ids: TokenIds) -> jax.Array:
   """int32 [B, 4, T]: each token's key rank and its three query bounds, one row each, so a kernel loads a tile's
   mask inputs from one ref and builds the mask with 3 comparisons per entry (mask.visible_by_rank)."""
@@ -149,10 +161,22 @@ def _mm(a: jax.Array, b: jax.Array, precision, trans_a: bool = False, trans_b: b
   return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
-def _probs(q, k, q_bounds, k_ranks, lse, scale2: float, precision):
-  """Softmax probabilities [bq, bk] of a tile recomputed from the base-2 log-sum-exp; exact zeros where masked."""
-  s = _mm(q, k, precision, trans_b=True) * scale2
-  return jnp.where(visible_by_rank(k_ranks, q_bounds), jnp.exp2(s - lse[:, None]), 0.0)
+def _probs(q, k, visible, lse, scale2: float, precision):
+  """Softmax probabilities [bq, bk] of a tile recomputed from the base-2 log-sum-exp; exact zeros where masked.
+  visible: (query bounds, key ranks) of the tile, or None for a fully visible tile (no mask)."""
+  p = jnp.exp2(_mm(q, k, precision, trans_b=True) * scale2 - lse[:, None])
+  if visible is None:
+    return p
+  q_bounds, k_ranks = visible
+  return jnp.where(visible_by_rank(k_ranks, q_bounds), p, 0.0)
+
+
+def _visit(entry, block: int, tile, carry):
+  """Run `tile(rows, masked, carry)` on the tile a visit-list entry names (entry = 2 * tile + full): a fully
+  visible tile takes the branch without the mask."""
+  rows = pl.ds(pl.multiple_of((entry >> 1) * block, block), block)
+  full = (entry & 1) == 1
+  return jax.lax.cond(full, lambda c: tile(rows, False, c), lambda c: tile(rows, True, c), carry)
 
 
 # ----------------------------------------------------------------------------
@@ -168,17 +192,22 @@ def _forward_kernel(
   bq, d = q.shape
   q_tok = _query_bounds(qids_ref, slice(None))
 
-  def step(t, carry):
+  def tile(rows, masked: bool, carry):
     m, l, acc = carry
-    start = pl.multiple_of(order_ref[t] * block_k, block_k)
-    rows = pl.ds(start, block_k)
-    mask = visible_by_rank(_key_ranks(kids_ref, rows), q_tok)
-    s = jnp.where(mask, _mm(q, k_ref[rows, :], precision, trans_b=True) * scale2, _NEG)
+    s = _mm(q, k_ref[rows, :], precision, trans_b=True) * scale2
+    if masked:
+      mask = visible_by_rank(_key_ranks(kids_ref, rows), q_tok)
+      s = jnp.where(mask, s, _NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)  # explicit zeros: a fully masked row stays empty
+    p = jnp.exp2(s - m_new[:, None])
+    if masked:
+      p = jnp.where(mask, p, 0.0)  # explicit zeros: a fully masked row stays empty
     fix = jnp.exp2(m - m_new)
     v = v_ref[rows, :]
     return m_new, l * fix + jnp.sum(p, axis=1), acc * fix[:, None] + _mm(p.astype(v.dtype), v, precision)
+
+  def step(t, carry):
+    return _visit(order_ref[t], block_k, tile, carry)
 
   init = (jnp.full((bq,), _NEG, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, d), jnp.float32))
   m, l, acc = jax.lax.fori_loop(0, count_ref[i], step, init)
@@ -211,15 +240,17 @@ def _dkdv_kernel(
   k, v = k_ref[...], v_ref[...]  # [bk, D]
   k_tok = _key_ranks(kids_ref, slice(None))
 
-  def step(t, carry):
+  def tile(rows, masked: bool, carry):
     dk, dv = carry
-    start = pl.multiple_of(order_ref[t] * block_q, block_q)
-    rows = pl.ds(start, block_q)
     q, do = q_ref[rows, :], do_ref[rows, :]
-    p = _probs(q, k, _query_bounds(qids_ref, rows), k_tok, lse_ref[rows], scale2, precision)  # [bq, bk]
+    visible = _query_bounds(qids_ref, rows), k_tok
+    p = _probs(q, k, visible if masked else None, lse_ref[rows], scale2, precision)  # [bq, bk]
     dv = dv + _mm(p.astype(do.dtype), do, precision, trans_a=True)
     ds = p * (_mm(do, v, precision, trans_b=True) - delta_ref[rows][:, None])
     return dk + _mm(ds.astype(q.dtype), q, precision, trans_a=True), dv
+
+  def step(t, carry):
+    return _visit(order_ref[t], block_q, tile, carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = jax.lax.fori_loop(0, count_ref[j], step, (zeros, zeros))
@@ -251,13 +282,14 @@ def _dq_kernel(
   lse, delta = lse_ref[...], delta_ref[...]
   q_tok = _query_bounds(qids_ref, slice(None))
 
-  def step(t, dq):
-    start = pl.multiple_of(order_ref[t] * block_k, block_k)
-    rows = pl.ds(start, block_k)
+  def tile(rows, masked: bool, dq):
     k, v = k_ref[rows, :], v_ref[rows, :]
-    p = _probs(q, k, q_tok, _key_ranks(kids_ref, rows), lse, scale2, precision)
+    p = _probs(q, k, (q_tok, _key_ranks(kids_ref, rows)) if masked else None, lse, scale2, precision)
     ds = p * (_mm(do, v, precision, trans_b=True) - delta[:, None])
     return dq + _mm(ds.astype(k.dtype), k, precision)
+
+  def step(t, dq):
+    return _visit(order_ref[t], block_k, tile, dq)
 
   dq = jax.lax.fori_loop(0, count_ref[i], step, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
@@ -408,11 +440,11 @@ class GpuPlan:
 
   q_ids: jax.Array  # int32 [B, 4, Lq]: packed id fields of the queries, padded to all blocks
   k_ids: jax.Array  # int32 [B, 4, Lk]
-  q_order: jax.Array  # int32 [B, nq, nk]: forward tiles: per query tile, its kept key tiles first
+  q_order: jax.Array  # int32 [B, nq, nk]: forward tiles: per query tile, its kept key tiles first (2 * tile + full)
   q_count: jax.Array  # int32 [B, nq]
   dq_order: jax.Array  # the same at the backward tiles (the dq kernel)
   dq_count: jax.Array
-  dkv_order: jax.Array  # int32 [B, nk', nq']: backward tiles: per key tile, the query tiles that see it first
+  dkv_order: jax.Array  # int32 [B, nk', nq']: backward tiles: per key tile, the query tiles that see it (2 * t + full)
   dkv_count: jax.Array  # int32 [B, nk']
   q_length: int  # Tq, Tk before padding
   k_length: int
@@ -445,10 +477,9 @@ def gpu_plan(
   bq, bk = _block(block_q, tq), _block(block_k, tk)
   bwd_q, bwd_k = _block(bwd_block_q, tq), _block(bwd_block_k, tk)
   pq_ids, pk_ids, _, _ = _padded(q_ids, k_ids, tq, tk, bq, bk, bwd_q, bwd_k)
-  q_order, q_count = visit_lists(tile_map(pq_ids, pk_ids, bq, bk))  # [B, nq, nk], per batch element
-  kept = tile_map(pq_ids, pk_ids, bwd_q, bwd_k)
-  dq_order, dq_count = visit_lists(kept)
-  dkv_order, dkv_count = visit_lists(jnp.swapaxes(kept, 1, 2))
+  q_order, q_count = _entries(pq_ids, pk_ids, bq, bk)  # [B, nq, nk], per batch element
+  dq_order, dq_count = _entries(pq_ids, pk_ids, bwd_q, bwd_k)
+  dkv_order, dkv_count = _entries(pq_ids, pk_ids, bwd_q, bwd_k, per_key_tile=True)
   return GpuPlan(
     _pack(pq_ids), _pack(pk_ids), q_order, q_count, dq_order, dq_count, dkv_order, dkv_count, tq, tk, bq, bk,
     bwd_q, bwd_k,

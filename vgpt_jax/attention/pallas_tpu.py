@@ -12,7 +12,7 @@ Same semantics as `dense_attention`, without any [Tq, Tk] mask in memory:
     `mask.query_bounds`) on the narrow blocks; the tile itself costs 3 int32 comparisons per entry
     (`mask.visible_by_rank`, equal to `mask.visible`).
   * Skipping: once per forward pass (`tpu_plan`, the path's plan, shared by every layer), `chunked.tile_map`
-    (per batch element) says which tiles may hold a visible entry, and `_full_map` which tiles surely are
+    (per batch element) says which tiles may hold a visible entry, and `chunked.full_tile_map` which tiles surely are
     entirely visible. Per (b, query tile) the kept key tiles are compacted to
     the front of a list ([B * nq * nk] int32, entry = 2 * tile + full) with their count ([B * nq]); both go to
     SMEM by scalar prefetch (`PrefetchScalarGridSpec`). Grid step s of a row handles the s-th kept tile; the
@@ -49,11 +49,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from vgpt_jax.attention.chunked import pad_ids, round_up, tile_map
+from vgpt_jax.attention.chunked import full_tile_map, pad_ids, round_up, tile_map
 from vgpt_jax.attention.mask import MAX_FRAMES as RANKED_FRAMES
 from vgpt_jax.attention.mask import key_rank, query_bounds, visible_by_rank
 from vgpt_jax.attention.path import check_ids_match
-from vgpt_jax.layout import CLEAN, NOISY, TokenIds
+from vgpt_jax.layout import TokenIds
 
 LANES = 128
 SUBLANES = 8
@@ -107,49 +107,6 @@ def _check_ranges(ids: TokenIds, name: str) -> None:
     bad.append("kind ids must lie in [0, 3]")
   if bad:
     raise ValueError(f"{name}: " + "; ".join(bad) + " (use chunked_attention for other ids)")
-
-
-def _tile_stats(ids: TokenIds, block: int) -> dict[str, jax.Array]:
-  """Per tile of `block` tokens, [B, tiles]: what `_full_map` needs (sentinels make absent streams harmless)."""
-  b, t = ids.frame.shape
-  tiles = lambda x: x.reshape(b, t // block, block)  # noqa: E731
-  big, small = np.int32(np.iinfo(np.int32).max), np.int32(-1)
-  stream, frame, blk, kind = (tiles(x) for x in (ids.stream, ids.frame, ids.clip, ids.kind))
-  return {
-    "all_clean": jnp.all(stream == CLEAN, axis=2),
-    "all_noisy": jnp.all(stream == NOISY, axis=2),
-    "frame_min": jnp.min(frame, axis=2),
-    "frame_max": jnp.max(frame, axis=2),
-    "block_min": jnp.min(blk, axis=2),
-    "block_max": jnp.max(blk, axis=2),
-    "kind_min": jnp.min(jnp.where(stream >= 0, kind, big), axis=2),
-    "kind_max": jnp.max(jnp.where(stream >= 0, kind, small), axis=2),
-  }
-
-
-def _full_map(q_ids: TokenIds, k_ids: TokenIds, block_q: int, block_k: int) -> jax.Array:
-  """bool [B, nq, nk]: True only where every (query, key) pair of the tile is visible, so its mask can be skipped.
-
-  Sufficient conditions from the rules in attention/mask.py (a False is always safe):
-    clean q, clean k: every key frame < every query frame, or <= with every key kind <= every query kind;
-    noisy q, clean k: every key clip < every query clip;
-    noisy q, noisy k: one clip on both sides and every key kind <= every query kind.
-  """
-  q, k = _tile_stats(q_ids, block_q), _tile_stats(k_ids, block_k)
-  qa = {name: x[:, :, None] for name, x in q.items()}
-  ka = {name: x[:, None, :] for name, x in k.items()}
-  kinds_ok = ka["kind_max"] <= qa["kind_min"]
-  clean = (
-    qa["all_clean"]
-    & ka["all_clean"]
-    & ((ka["frame_max"] < qa["frame_min"]) | ((ka["frame_max"] <= qa["frame_min"]) & kinds_ok))
-  )
-  noisy_clean = qa["all_noisy"] & ka["all_clean"] & (ka["block_max"] < qa["block_min"])
-  one_clip = (
-    (qa["block_min"] == qa["block_max"]) & (ka["block_min"] == ka["block_max"]) & (qa["block_min"] == ka["block_min"])
-  )
-  noisy_noisy = qa["all_noisy"] & ka["all_noisy"] & one_clip & kinds_ok
-  return clean | noisy_clean | noisy_noisy
 
 
 def _compact(keep: jax.Array, full: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -558,7 +515,7 @@ def _tpu_plan(q_ids: TokenIds, k_ids: TokenIds, *, block_q: int, block_k: int) -
   lq, lk = round_up(tq, block_q), round_up(tk, block_k)
   q_ids, k_ids = pad_ids(q_ids, lq), pad_ids(k_ids, lk)
   keep = tile_map(q_ids, k_ids, block_q, block_k)  # [B, nq, nk]
-  full = keep & _full_map(q_ids, k_ids, block_q, block_k)
+  full = keep & full_tile_map(q_ids, k_ids, block_q, block_k)
   b = q_ids.frame.shape[0]
   return TpuPlan(
     q_code=jnp.broadcast_to(_pack_ids(q_ids)[:, :, None], (b, lq, LANES)),
@@ -607,7 +564,7 @@ def pallas_tpu_attention(
 
   Args:
     q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; one dtype, float32 or bfloat16. Any Tq, Tk and D (padded inside).
-    q_ids, k_ids: token ids with fields int32 [B, Tq] and [B, Tk] (frames < 16384, clips < 8192).
+    q_ids, k_ids: token ids with fields int32 [B, Tq] and [B, Tk] (frames < 8192, clips < 8192).
     block_q, block_k: tile sizes, positive multiples of 128 (capped at the padded lengths).
     interpret: run the kernels in Pallas interpret mode (True), or in TPU interpret mode with
       `pltpu.InterpretParams(...)` (simulates TPU memory; stricter, slower; jit the caller and block on the result,
