@@ -248,6 +248,56 @@ def test_checksums_do_not_depend_on_the_sharding_and_catch_one_changed_bit(on_8_
   assert "ok" in on_8_devices("checksums")
 
 
+KERNELS_CONTEXT_PARALLEL = """
+import functools, jax, jax.numpy as jnp, numpy as np, ml_collections
+from vgpt_jax import parallel
+from vgpt_jax.attention import pallas_gpu, pallas_tpu
+from vgpt_jax.attention.context_parallel import shard_path
+from vgpt_jax.attention.dense import dense_attention
+from vgpt_jax.attention.path import AttentionPath
+from vgpt_jax.layout import context_parallel_layout, sample_splits, token_ids, training_layout
+
+# Both kernels (interpret mode) run context-parallel over (data=2, context=4) and equal dense on one device:
+# queries split by device, keys gathered and put back in (stream, frame) order.
+layout = context_parallel_layout(training_layout(5, 37), 4)  # 333 tokens -> 336
+random = ml_collections.ConfigDict(dict(split="random", min_clips=2, max_clips=-1))
+split = sample_splits(jax.random.key(0), 2, 5, random)
+ids = token_ids(layout, split)
+t = layout.length
+q, k, v = (jax.random.normal(key, (2, t, 2, 96)) for key in jax.random.split(jax.random.key(1), 3))
+w = jax.random.normal(jax.random.key(2), q.shape)
+mesh = parallel.make_mesh(parallel.mesh_config(data=2, context=4))
+gpu_blocks = dict(block_q=16, block_k=16, bwd_block_q=32, bwd_block_k=16)
+paths = {
+  "pallas_gpu": AttentionPath(
+    "pallas_gpu", functools.partial(pallas_gpu.gpu_plan, **gpu_blocks),
+    functools.partial(pallas_gpu.gpu_attend, interpret=True),
+  ),
+  "pallas_tpu": AttentionPath(
+    "pallas_tpu", functools.partial(pallas_tpu.tpu_plan, block_q=128, block_k=128),
+    functools.partial(pallas_tpu.tpu_attend, interpret=True),
+  ),
+}
+def out_and_grads(path, q, k, v):
+  f = lambda q, k, v: path(q, k, v, ids, ids)
+  return f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, k, v)
+want = out_and_grads(dense_attention, q, k, v)
+for name, path in paths.items():
+  with jax.set_mesh(mesh):
+    got = jax.block_until_ready(jax.jit(functools.partial(out_and_grads, shard_path(path)))(q, k, v))
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    err = float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r))
+    assert err < 1e-5, (name, err)
+  print(name, "ok")
+"""
+
+
+def test_both_kernels_run_context_parallel_on_8_devices(on_8_devices):
+  """The Pallas GPU and TPU kernels (interpret mode), heads of 96, under (data=2, context=4) == dense on one
+  device, forward and gradients."""
+  assert "pallas_tpu ok" in on_8_devices("kernels")
+
+
 # The checks above need several devices. They run in one interpreter started with 8 forced CPU devices: one
 # start-up for all of them, and each (config, mesh) train step compiled once (conftest.train_steps).
 RUNNER = """
@@ -269,6 +319,7 @@ print("REPORT " + json.dumps(report))
 def on_8_devices(tmp_path_factory):
   """name -> the check's printed output, asserting that it passed (its traceback otherwise)."""
   checks = {"sharded": SHARDED_VS_SINGLE, "reshard": RESHARD, "context": CONTEXT_VS_SINGLE, "checksums": CHECKSUMS}
+  checks["kernels"] = KERNELS_CONTEXT_PARALLEL
   workdir = str(tmp_path_factory.mktemp("resharded_checkpoint"))
   code = RUNNER.replace("WORKDIR", repr(workdir)).replace("CHECKS", repr(json.dumps(checks)))
   out = run_python(code, devices=8, timeout=600)
