@@ -176,16 +176,22 @@ def train_steps(setup, mesh, state, videos) -> tuple:
 # The modules that take longest (BENCHMARKS.md, "Test suite"), heaviest first. pytest-xdist hands whole modules to
 # its workers in collection order (--dist loadscope), so starting with these lets the workers finish together.
 LONGEST_FIRST = (
-  "test_faults",
   "test_parallel",
+  "test_faults",
   "test_checkpoint",
-  "test_sampling",
-  "test_evaluate",
-  "test_fvd",
-  "test_train",
+  "test_attention",
   "test_pallas_tpu",
   "test_video_files",
+  "test_fvd",
+  "test_pallas_gpu",
+  "test_vae",
+  "test_model",
+  "test_sampling",
+  "test_benchmarks",
+  "test_evaluate",
   "test_latents",
+  "test_train",
+  "test_config",
 )
 
 
