@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging as logging_std
 import sys
 import threading
@@ -128,7 +129,8 @@ _noise_filter_installed = False
 def _drop_event_loop_noise() -> None:
   """A failed OCDBT read leaves TensorStore callbacks that hit Orbax's closed asyncio loop, each printing an
   "Event loop is closed" traceback (dozens per read), and sibling reads whose failures asyncio reports as
-  "exception was never retrieved", possibly after the read returned. They say nothing the one
+  "exception was never retrieved", or Python as "Exception ignored in" a collected coroutine, possibly after
+  the read returned. They say nothing the one
   corrupt-checkpoint report does not, so they are dropped for the life of the process; every other
   exception is reported as before."""
   global _noise_filter_installed
@@ -138,7 +140,9 @@ def _drop_event_loop_noise() -> None:
   previous = sys.unraisablehook
 
   def unraisable(info) -> None:
-    if not _is_event_loop_noise(info.exc_value):
+    # A sibling read dropped unfinished is reported when its coroutine is collected ("Exception ignored in").
+    abandoned_read = inspect.iscoroutine(info.object) and _from_orbax(info.exc_value)
+    if not (_is_event_loop_noise(info.exc_value) or abandoned_read):
       previous(info)
 
   sys.unraisablehook = unraisable
