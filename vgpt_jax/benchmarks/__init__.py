@@ -11,3 +11,19 @@ def benchmark_dtype(name: str) -> str:
   import jax
 
   return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def median_seconds(fn, *args, repeats: int = 3) -> float:
+  """Median wall time of `fn(*args)` over `repeats` calls after one warm-up call (compiles), each waited for."""
+  import time
+
+  import jax
+  import numpy as np
+
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))

@@ -14,17 +14,14 @@ its compiled memory is under --max_dense_gib (else its memory alone is shown).
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import app, flags
 
 from vgpt_jax.attention import accounting
 from vgpt_jax.attention.select import attention_path
-from vgpt_jax.benchmarks import DTYPES, benchmark_dtype
+from vgpt_jax.benchmarks import DTYPES, benchmark_dtype, median_seconds
 from vgpt_jax.layout import sample_splits, token_ids, training_layout
 
 GIB = 1 << 30
@@ -62,13 +59,7 @@ def measure(
     row["tiles kept"] = accounting.tile_fractions(ids, ids, block, block)["tiles_kept_fraction"]
   if gib > max_gib:
     return row
-  jax.block_until_ready(compiled(q, k, v))
-  times = []
-  for _ in range(2):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(q, k, v))
-    times.append(time.perf_counter() - start)
-  row["time (s)"] = float(np.median(times))
+  row["time (s)"] = median_seconds(compiled, q, k, v, repeats=2)
   row["TFLOP/s (visible)"] = accounting.attention_flops(visible, head_dim, heads) / row["time (s)"] / 1e12
   return row
 

@@ -39,6 +39,7 @@ from vgpt_jax.attention import accounting
 from vgpt_jax.attention.dense import dense_attention
 from vgpt_jax.attention.select import attention_path, resolve
 from vgpt_jax.benchmarks import attention as attention_bench
+from vgpt_jax.benchmarks import median_seconds
 from vgpt_jax.benchmarks import train_step as step_bench
 from vgpt_jax.layout import sample_splits, token_ids, training_layout
 
@@ -110,20 +111,10 @@ def flash_baseline(t: int, heads: int, head_dim: int, dtype: str) -> dict | None
   else:
     return None
   step = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) ** 2), (0, 1, 2)))
-  seconds = _median_time(step, q, k, v)
+  seconds = median_seconds(step, q, k, v)
   visible = t * (t + 1) / 2
   tflops = accounting.attention_flops(visible, head_dim, heads) / seconds / 1e12
   return {"path": name, "time (s)": seconds, "TFLOP/s (visible)": tflops}
-
-
-def _median_time(fn, *args, repeats: int = 3) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def attention_rows(frames_list, tokens: int, heads: int, head_dim: int, block: int, dtype: str, max_gib: float):

@@ -9,14 +9,14 @@ once to warm up, then `--repeats` times) and the speed-up.
 
 from __future__ import annotations
 
-import time
+import functools
 
 import flax.linen as nn
 import jax
-import numpy as np
 from absl import app, flags
 
 from configs import tiny
+from vgpt_jax.benchmarks import median_seconds
 from vgpt_jax.model import model_config
 from vgpt_jax.run import init_params, make_run
 from vgpt_jax.sampler import Sampler, SamplingConfig
@@ -35,13 +35,8 @@ def measure(
   frames = clips * clip_frames
   row = {"preset": preset, "frames/clip": clip_frames, "clips": clips, "steps": steps, "batch": batch}
   for name, cached in (("cached", True), ("recompute", False)):
-    sampler.rollout(params, context, keys, frames, cached=cached).block_until_ready()  # compile
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      sampler.rollout(params, context, keys, frames, cached=cached).block_until_ready()
-      times.append(time.perf_counter() - start)
-    row[f"{name} (s)"] = float(np.median(times))
+    rollout = functools.partial(sampler.rollout, cached=cached)
+    row[f"{name} (s)"] = median_seconds(rollout, params, context, keys, frames, repeats=repeats)
   row["speed-up"] = row["recompute (s)"] / row["cached (s)"]
   return row
 

@@ -16,8 +16,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from vgpt_jax.benchmarks import median_seconds
 from vgpt_jax.model.tokenizer import VaeTokenizer
 from vgpt_jax.model.vae import AutoencoderKL, VaeConfig
 
@@ -30,16 +30,6 @@ def random_tokenizer(frames_per_chunk: int) -> VaeTokenizer:
   return VaeTokenizer(params, SDXL, frames_per_chunk)
 
 
-def _time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # warm-up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
-
 def run(tokenizer: VaeTokenizer, height: int, width: int, args: argparse.Namespace) -> dict:
   frames = jax.random.uniform(jax.random.key(1), (args.frames, height, width, 3), minval=-1)
   encode = jax.jit(lambda t, x: t.encode(x))
@@ -50,7 +40,7 @@ def run(tokenizer: VaeTokenizer, height: int, width: int, args: argparse.Namespa
   one = VaeTokenizer(tokenizer.params, tokenizer.config, 0)
   cost = encode.lower(one, frames[:1]).compile().cost_analysis()
   flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", float("nan")))
-  encode_s = _time(compiled, tokenizer, frames, repeats=args.repeats)
+  encode_s = median_seconds(compiled, tokenizer, frames, repeats=args.repeats)
   h, w, c = tokenizer.latent_shape(height, width)
   row = {
     "frame": f"{height}x{width}",
@@ -67,7 +57,7 @@ def run(tokenizer: VaeTokenizer, height: int, width: int, args: argparse.Namespa
   if args.decode:
     z = compiled(tokenizer, frames)
     decode = jax.jit(lambda t, x: t.decode(x))
-    decode_s = _time(decode, tokenizer, z, repeats=args.repeats)
+    decode_s = median_seconds(decode, tokenizer, z, repeats=args.repeats)
     row["decode frames/s"] = f"{args.frames / decode_s:.2f}"
   return row
 
