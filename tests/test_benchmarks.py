@@ -80,3 +80,23 @@ def test_device_check_runs_at_toy_sizes_and_writes_its_table_as_json(tmp_path, c
   assert {r["path"] for r in rows if r["part"] == "attention"} == {"dense", "chunked"}
   (step,) = [r for r in rows if r["part"] == "train step"]
   assert step["step (s)"] > 0 and "| correct | chunked |" in capsys.readouterr().out
+
+
+def test_device_check_tpu_baseline_lowers_for_tpu_and_is_causal_attention():
+  """Without a TPU: the splash causal baseline of device_check, forward and backward, passes the Mosaic lowering
+  and equals causal attention (the GPU one, cuDNN, cannot lower without cuDNN present)."""
+  import jax
+  import jax.numpy as jnp
+
+  from vgpt_jax.benchmarks import device_check
+
+  name, attend = device_check.causal_flash("tpu", 512, 2, 128)
+  shape = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+  text = device_check.flash_step(attend).trace(shape, shape, shape).lower(lowering_platforms=("tpu",)).as_text()
+  assert name == "splash causal" and text.count("tpu_custom_call") >= 2  # forward and backward kernels
+  assert device_check.causal_flash("cpu", 512, 2, 128) is None
+  # And it computes causal attention (Pallas interpret mode on CPU).
+  _, attend = device_check.causal_flash("tpu", 256, 2, 128, interpret=True)
+  q, k, v = (jax.random.normal(jax.random.key(i), (1, 256, 2, 128)) for i in range(3))
+  got, want = jax.jit(attend)(q, k, v), jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-5

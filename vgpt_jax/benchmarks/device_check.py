@@ -91,29 +91,42 @@ def check_path(path: str, head_dim: int, dtype: str, frames: int, tokens: int, h
   }
 
 
-def flash_baseline(t: int, heads: int, head_dim: int, dtype: str) -> dict | None:
-  """The backend's own dense flash attention with a causal mask, forward + backward (None where it has none)."""
-  backend = jax.default_backend()
-  q, k, v = (jax.random.normal(jax.random.key(i), (1, t, heads, head_dim), dtype) for i in range(3))
+def causal_flash(backend: str, t: int, heads: int, head_dim: int, interpret: bool = False):
+  """(name, attend) of `backend`'s own dense flash attention with a causal mask over q, k, v [1, t, heads,
+  head_dim] (cuDNN on GPU, splash on TPU), or None where it has none. interpret: splash in Pallas interpret
+  mode (tests on CPU)."""
   if backend == "gpu":
-    attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # noqa: E731
-    name = "cudnn causal"
-  elif backend == "tpu":
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
-
-    causal = masks.MultiHeadMask([masks.CausalMask((t, t))] * heads)
-    kernel = splash.make_splash_mha(causal, head_shards=1, q_seq_shards=1)
-    attend = lambda q, k, v: jax.vmap(kernel)(  # noqa: E731
-      *(jnp.swapaxes(x, 1, 2) * (head_dim**-0.5 if x is q else 1) for x in (q, k, v))
-    ).swapaxes(1, 2)
-    name = "splash causal"
-  else:
+    return "cudnn causal", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+  if backend != "tpu":
     return None
-  step = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) ** 2), (0, 1, 2)))
-  seconds = median_seconds(step, q, k, v)
-  visible = t * (t + 1) / 2
-  tflops = accounting.attention_flops(visible, head_dim, heads) / seconds / 1e12
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+  causal = masks.MultiHeadMask([masks.CausalMask((t, t))] * heads)
+  # Per sample: q, k, v [heads, t, d], q not scaled by the kernel.
+  kernel = splash.make_splash_mha(causal, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+  def attend(q, k, v):
+    q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+    return jax.vmap(kernel)(*(jnp.swapaxes(x, 1, 2) for x in (q, k, v))).swapaxes(1, 2)
+
+  return "splash causal", attend
+
+
+def flash_step(attend):
+  """Forward + backward of `attend` (jitted), as the attention rows time every path."""
+  return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) ** 2), (0, 1, 2)))
+
+
+def flash_baseline(t: int, heads: int, head_dim: int, dtype: str) -> dict | None:
+  """Time and TFLOP/s (its visible half) of the backend's causal flash attention; None where it has none."""
+  found = causal_flash(jax.default_backend(), t, heads, head_dim)
+  if found is None:
+    return None
+  name, attend = found
+  q, k, v = (jax.random.normal(jax.random.key(i), (1, t, heads, head_dim), dtype) for i in range(3))
+  seconds = median_seconds(flash_step(attend), q, k, v)
+  tflops = accounting.attention_flops(t * (t + 1) / 2, head_dim, heads) / seconds / 1e12
   return {"path": name, "time (s)": seconds, "TFLOP/s (visible)": tflops}
 
 
