@@ -75,9 +75,11 @@ def check_path(path: str, head_dim: int, dtype: str, frames: int, tokens: int, h
     loss = lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) * weights)  # noqa: E731
     return attend(q, k, v), *jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-  got = jax.jit(lambda q, k, v: outputs(lambda *x: fn.attend(*x, fn.plan(ids, ids))))(q, k, v)
-  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-  want = jax.jit(lambda q, k, v: outputs(lambda *x: dense_attention(*x, ids, ids)))(*f32)
+  # Full-precision matmuls: a GPU's default TF32 or a TPU's default bf16 passes would be measured, not the path.
+  with jax.default_matmul_precision("highest"):
+    got = jax.jit(lambda q, k, v: outputs(lambda *x: fn.attend(*x, fn.plan(ids, ids))))(q, k, v)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = jax.jit(lambda q, k, v: outputs(lambda *x: dense_attention(*x, ids, ids)))(*f32)
   errors = {name: _rel(g, w) for name, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
   worst = max(errors.values())
   return {
