@@ -85,7 +85,6 @@ def _tile_stats(ids: TokenIds, block: int) -> dict[str, jax.Array]:
   """Per tile of `block` tokens, [B, tiles]: what `full_tile_map` needs (sentinels make absent streams harmless)."""
   b, t = ids.frame.shape
   tiles = lambda x: x.reshape(b, t // block, block)  # noqa: E731
-  big, small = _BIG, -1
   stream, frame, blk, kind = (tiles(x) for x in (ids.stream, ids.frame, ids.clip, ids.kind))
   return {
     "all_clean": jnp.all(stream == CLEAN, axis=2),
@@ -94,8 +93,8 @@ def _tile_stats(ids: TokenIds, block: int) -> dict[str, jax.Array]:
     "frame_max": jnp.max(frame, axis=2),
     "block_min": jnp.min(blk, axis=2),
     "block_max": jnp.max(blk, axis=2),
-    "kind_min": jnp.min(jnp.where(stream >= 0, kind, big), axis=2),
-    "kind_max": jnp.max(jnp.where(stream >= 0, kind, small), axis=2),
+    "kind_min": jnp.min(jnp.where(stream >= 0, kind, _BIG), axis=2),
+    "kind_max": jnp.max(jnp.where(stream >= 0, kind, -1), axis=2),
   }
 
 

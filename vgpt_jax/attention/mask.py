@@ -51,14 +51,13 @@ def dense_mask(q: TokenIds, k: TokenIds) -> jax.Array:
 # a noisy query sees the clean ranks of earlier clips and the noisy ranks of its clip up to its kind. Exact
 # when clips are contiguous runs of frames, as every split is (layout.py), with fewer than MAX_FRAMES frames.
 MAX_FRAMES = 1 << 13  # and clips: clean ranks stay below 2**28, noisy ones below 2**29
-_FRAMES = MAX_FRAMES
 _NOISY_BASE = 1 << 28
 _NEVER = int(jnp.iinfo(jnp.int32).max)
 
 
 def key_rank(k: TokenIds) -> jax.Array:
   """int32, k's field shape: each key's rank."""
-  clean = (k.clip * _FRAMES + k.frame) * 4 + k.kind
+  clean = (k.clip * MAX_FRAMES + k.frame) * 4 + k.kind
   noisy = _NOISY_BASE + k.clip * 4 + k.kind
   return jnp.where(k.stream == CLEAN, clean, jnp.where(k.stream == NOISY, noisy, _NEVER)).astype(jnp.int32)
 
@@ -66,7 +65,7 @@ def key_rank(k: TokenIds) -> jax.Array:
 def query_bounds(q: TokenIds) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(hi, lo2, hi2), int32, q's field shape: q sees the keys with rank < hi or lo2 <= rank < hi2."""
   clean, noisy = q.stream == CLEAN, q.stream == NOISY
-  hi = jnp.where(clean, (q.clip * _FRAMES + q.frame) * 4 + q.kind + 1, jnp.where(noisy, q.clip * _FRAMES * 4, 0))
+  hi = jnp.where(clean, (q.clip * MAX_FRAMES + q.frame) * 4 + q.kind + 1, jnp.where(noisy, q.clip * MAX_FRAMES * 4, 0))
   lo2 = jnp.where(noisy, _NOISY_BASE + q.clip * 4, 0)
   hi2 = jnp.where(noisy, lo2 + q.kind + 1, 0)
   return hi.astype(jnp.int32), lo2.astype(jnp.int32), hi2.astype(jnp.int32)

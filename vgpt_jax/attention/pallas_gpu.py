@@ -112,11 +112,9 @@ def _block(block: int, length: int) -> int:
   return min(block, max(16, pl.next_power_of_2(length)))
 
 
-def _padded(q_ids: TokenIds, k_ids: TokenIds, tq: int, tk: int, block_q: int, block_k: int, multiple_q=1, multiple_k=1):
-  """Ids padded to multiples of the (capped) blocks and of `multiple_*` (the other pass's blocks: all are powers
-  of two, so the larger is a multiple of the smaller); and the capped blocks."""
+def _padded(q_ids: TokenIds, k_ids: TokenIds, tq: int, tk: int, block_q: int, block_k: int):
   bq, bk = _block(block_q, tq), _block(block_k, tk)
-  return pad_ids(q_ids, round_up(tq, max(bq, multiple_q))), pad_ids(k_ids, round_up(tk, max(bk, multiple_k))), bq, bk
+  return pad_ids(q_ids, round_up(tq, bq)), pad_ids(k_ids, round_up(tk, bk)), bq, bk
 
 
 def visible_tiles(q_ids: TokenIds, k_ids: TokenIds, block_q: int = 64, block_k: int = 64) -> jax.Array:
@@ -476,7 +474,8 @@ def gpu_plan(
   tq, tk = q_ids.frame.shape[1], k_ids.frame.shape[1]
   bq, bk = _block(block_q, tq), _block(block_k, tk)
   bwd_q, bwd_k = _block(bwd_block_q, tq), _block(bwd_block_k, tk)
-  pq_ids, pk_ids, _, _ = _padded(q_ids, k_ids, tq, tk, bq, bk, bwd_q, bwd_k)
+  # Padded to the larger of each side's forward and backward tiles (powers of two: a multiple of the smaller).
+  pq_ids, pk_ids = pad_ids(q_ids, round_up(tq, max(bq, bwd_q))), pad_ids(k_ids, round_up(tk, max(bk, bwd_k)))
   q_order, q_count = _entries(pq_ids, pk_ids, bq, bk)  # [B, nq, nk], per batch element
   dq_order, dq_count = _entries(pq_ids, pk_ids, bwd_q, bwd_k)
   dkv_order, dkv_count = _entries(pq_ids, pk_ids, bwd_q, bwd_k, per_key_tile=True)
