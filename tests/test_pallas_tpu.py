@@ -17,10 +17,11 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from vgpt_jax import layout as L
+from vgpt_jax.attention import pallas_tpu
 from vgpt_jax.attention.chunked import full_tile_map, pad_ids, tile_map
 from vgpt_jax.attention.dense import dense_attention
 from vgpt_jax.attention.mask import dense_mask
-from vgpt_jax.attention.pallas_tpu import _compact, pallas_tpu_attention
+from vgpt_jax.attention.pallas_tpu import _work_list, pallas_tpu_attention, tpu_plan
 
 TPU_INTERPRET = pltpu.InterpretParams()
 BLOCK = 128
@@ -196,23 +197,74 @@ def test_full_tiles_are_fully_visible(seed):
   assert not (full & ~tiles).any()
 
 
-def test_compacted_lists_repeat_the_last_kept_tile():
-  """Kept tiles first in order, then the last kept one again (the pipeline re-fetches nothing); full bit kept."""
-  keep = jnp.asarray([[[False, True, False, True], [False, False, False, False], [True, True, True, True]]])
+def decode(items, steps: int, rows: int, cols: int) -> list[tuple[int, int, int, int]]:
+  """(b, row, column, flags) of each of the first `steps` work items."""
+  out = []
+  for item in np.asarray(items)[:steps]:
+    index, flags = int(item) >> 4, int(item) & 15
+    out.append((index // (rows * cols), index // cols % rows, index % cols, flags))
+  return out
+
+
+def test_work_list_has_one_step_per_kept_tile():
+  """Rows in order, each row's kept tiles ascending with the full bit; a row with nothing kept gets one step that
+  runs nothing (its output is still written); no step for a skipped tile (the grid is as long as the list)."""
+  keep = jnp.asarray([[[False, True, False, True], [False] * 4, [True] * 4]])
   full = jnp.asarray([[[False, True, False, False], [False] * 4, [True, False, True, False]]])
-  entries, counts = _compact(keep, full)
-  np.testing.assert_array_equal(counts, [2, 0, 4])
-  np.testing.assert_array_equal(np.asarray(entries).reshape(3, 4) >> 1, [[1, 3, 3, 3], [0, 0, 0, 0], [0, 1, 2, 3]])
-  np.testing.assert_array_equal(np.asarray(entries).reshape(3, 4) & 1, [[1, 0, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0]])
+  items, steps = _work_list(keep, full)
+  full_, first, last, run = 1, 2, 4, 8
+  assert int(steps) == 2 + 1 + 4
+  assert decode(items, int(steps), 3, 4) == [
+    (0, 0, 1, run | first | full_),
+    (0, 0, 3, run | last),
+    (0, 1, 0, first | last),
+    (0, 2, 0, run | first | full_),
+    (0, 2, 1, run),
+    (0, 2, 2, run | full_),
+    (0, 2, 3, run | last),
+  ]
+
+
+def test_grid_runs_only_kept_tiles():
+  """At 24 frames the plan's grids are as long as the kept tiles (plus one step per empty row), well under the
+  nq x nk steps of a grid over every tile."""
+  ids = random_ids(seed=3, batch=2, frames=24, tokens=62)
+  t = ids.frame.shape[1]
+  plan = tpu_plan(ids, ids, block_q=256, block_k=256)
+  lp = -(-t // 256) * 256
+  keep = np.asarray(tile_map(pad_ids(ids, lp), pad_ids(ids, lp), 256, 256))
+  empty_rows, empty_cols = (~keep.any(axis=2)).sum(), (~keep.any(axis=1)).sum()
+  assert int(plan.rows[1]) == keep.sum() + empty_rows
+  assert int(plan.cols[1]) == keep.sum() + empty_cols
+  assert int(plan.rows[1]) < 0.6 * keep.size
+
+
+def test_vmem_limit_follows_the_chip():
+  """The scoped VMEM limit is twice the estimate within 90% of the chip; too-large blocks are refused by name;
+  the default 512 blocks fit the smallest TPU VMEM (16 MiB, v4) at the paper's head size."""
+  need = pallas_tpu.vmem_bytes(512, 512, 96, 2)
+  assert need < 0.9 * 16 * 2**20
+  assert pallas_tpu.vmem_limit(need, None, (512, 512)) is None  # off TPU: Mosaic's default
+  assert pallas_tpu.vmem_limit(need, 128 * 2**20, (512, 512)) == 2 * need
+  assert pallas_tpu.vmem_limit(need, 16 * 2**20, (512, 512)) == int(0.9 * 16 * 2**20)
+  with pytest.raises(ValueError, match="smaller blocks"):
+    pallas_tpu.vmem_limit(pallas_tpu.vmem_bytes(2048, 2048, 128, 4), 16 * 2**20, (2048, 2048))
 
 
 @pytest.mark.parametrize("dtype, dim", [(jnp.bfloat16, 96), (jnp.float32, 128)])
-def test_forward_and_backward_lower_for_tpu(dtype, dim):
-  """Cross-platform lowering (no TPU needed): the three kernels pass Pallas' TPU checks and Mosaic lowering rules
-  at the default 512 blocks. Mosaic's own compiler (layouts, VMEM) runs only on a TPU host."""
+def test_forward_and_backward_lower_for_tpu(dtype, dim, monkeypatch):
+  """Cross-platform lowering (no TPU needed): the three kernels (dynamic grids over the work lists) pass Pallas'
+  TPU checks and Mosaic lowering rules at the default 512 blocks, each with the scoped VMEM limit of the chip in
+  use (here a 16 MiB one, as TPU v4 has). Mosaic's own compiler (layouts, VMEM) runs only on a TPU host."""
+  monkeypatch.setattr(pallas_tpu, "_vmem_capacity", lambda: 16 * 2**20)
   ids = random_ids(seed=13, batch=2, frames=5, tokens=62)
   t = ids.frame.shape[1]
   q, k, v = qkv(14, 2, t, t, heads=2, dim=dim, dtype=dtype)
   loss = lambda q, k, v: jnp.sum(pallas_tpu_attention(q, k, v, ids, ids).astype(jnp.float32))  # noqa: E731
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("tpu",))
-  assert lowered.as_text().count("tpu_custom_call") == 3  # forward, dq, dk/dv
+  text = lowered.as_text()
+  assert text.count("tpu_custom_call") == 3  # forward, dq, dk/dv
+  plan = tpu_plan(ids, ids)
+  need = pallas_tpu.vmem_bytes(plan.block_q, plan.block_k, dim, jnp.dtype(dtype).itemsize)
+  limit = pallas_tpu.vmem_limit(need, 16 * 2**20, (plan.block_q, plan.block_k))
+  assert text.count(f"\\22size\\22: {limit}}}") == 3

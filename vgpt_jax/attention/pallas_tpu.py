@@ -2,26 +2,30 @@
 
 Same semantics as `dense_attention`, without any [Tq, Tk] mask in memory:
 
-  * Layout: q, k, v move to [B, H, T, D] (one (b, h) pair per grid row, the tile's rows on sublanes and D on
-    lanes). T is padded to the blocks with invisible tokens (`chunked.pad_ids`) and D with zeros up to a multiple
-    of 128 (exact: zero columns add nothing to q.k, and the extra output columns are dropped).
+  * Layout: q, k, v move to [B, H, T, D] (a tile's rows on sublanes and D on lanes). T is padded to the blocks
+    with invisible tokens (`chunked.pad_ids`) and D with zeros up to a multiple of 128 (exact: zero columns add
+    nothing to q.k, and the extra output columns are dropped).
   * Mask: the id fields the mask needs (frame, block, stream, kind) are packed into one int32 per token
-    (`_pack_ids`), laid out as the q side [B, Tq, 128] (replicated over lanes) and the k side [B, 8, Tk]
-    (replicated over sublanes), the layouts Mosaic broadcasts cheaply. A kernel loads the codes of its tile's
-    query and key rows, unpacks them and turns them into key ranks and query bounds (`mask.key_rank`,
-    `mask.query_bounds`) on the narrow blocks; the tile itself costs 3 int32 comparisons per entry
-    (`mask.visible_by_rank`, equal to `mask.visible`).
+    (`_pack_ids`) and laid out twice per side: one token per sublane row replicated over lanes ([B, T, 128]) and one
+    token per lane replicated over sublanes ([B, 8, T]), the layouts Mosaic broadcasts cheaply. A kernel loads the
+    codes of its tile's rows and columns, unpacks them and turns them into key ranks and query bounds
+    (`mask.key_rank`, `mask.query_bounds`) on the narrow blocks; the tile itself costs 3 int32 comparisons per
+    entry (`mask.visible_by_rank`, equal to `mask.visible`).
   * Skipping: once per forward pass (`tpu_plan`, the path's plan, shared by every layer), `chunked.tile_map`
-    (per batch element) says which tiles may hold a visible entry, and `chunked.full_tile_map` which tiles surely are
-    entirely visible. Per (b, query tile) the kept key tiles are compacted to
-    the front of a list ([B * nq * nk] int32, entry = 2 * tile + full) with their count ([B * nq]); both go to
-    SMEM by scalar prefetch (`PrefetchScalarGridSpec`). Grid step s of a row handles the s-th kept tile; the
-    body runs under `pl.when(s < count)`, so a skipped tile costs one empty grid step and no compute. The K/V
-    (and key id) index maps read the list, and steps past the count repeat the last kept tile's index, so the
-    pipeline fetches no K/V block for them (splash's "data next" idea). Fully visible tiles skip the mask.
-    The grid keeps nk steps per row because the ids (random clip splits) are traced values: the number of kept
-    tiles is not known when the kernel is built. The dK/dV kernel uses the transposed lists (kept query tiles
-    per key tile). SMEM holds 2 * B * nq * nk + B * (nq + nk) int32 words (B * nq * nk <= ~16k is comfortable).
+    (per batch element) says which tiles may hold a visible entry, and `chunked.full_tile_map` which tiles surely
+    are entirely visible. `_work_list` turns them into one list of steps: each (b, query tile) row's kept key
+    tiles in order, rows one after another, with flags (fully visible, first and last step of the row). The grid
+    is (heads, steps) with the number of steps a traced value (a dynamic grid dimension, read from the plan), so
+    a skipped tile costs nothing: no grid step, no K/V fetch, no compute. A row with nothing kept gets one step
+    that only writes its output. The list and its length go to SMEM by scalar prefetch; the index maps decode
+    (b, row tile, column tile) from it. Fully visible tiles skip the mask. SMEM holds the two lists, 2 * B * nq * nk
+    int32 words (checked against the chip's SMEM on a TPU).
+  * dK/dV: its list runs over (b, key tile) rows and the query tiles that keep them, and the kernel works on the
+    transposed tile [bk, bq] (scores k q^T), so p^T and dS^T feed the dV and dK matmuls directly (no in-kernel
+    transposes) and the query side's logsumexp, D_i and ids are (1, bq) / (8, bq) rows, not lane-replicated blocks.
+  * VMEM: `vmem_bytes` estimates one step of the largest kernel; on a TPU the scoped limit is set to twice that,
+    at most 90% of the chip's VMEM (`pltpu.get_tpu_info`), and blocks whose estimate does not fit are refused
+    before compiling.
   * Numerics: scores, online-softmax statistics, accumulators and gradients in float32; p is cast to V's dtype
     before the PV matmul, as the dense reference does. A query that sees no key outputs 0 (and gets no
     gradient). The backward saves logsumexp [B, H, 1, Tq] (float32) and recomputes p (flash attention).
@@ -30,8 +34,8 @@ Constraints (checked, ValueError): block_q and block_k positive multiples of 128
 capped at the padded lengths, so short sequences are fine); q, k, v of one float dtype (float32 or bfloat16) with
 matching batch, heads and head dim; ids shaped [B, Tq] / [B, Tk]. Unchecked under jit: frame ids in [0, 8192)
 and clip ids in [0, 8192) (the packing; `_check_ranges` checks them when the ids are concrete). On TPU the VMEM
-per step is O(block_q * block_k) float32 (a few MiB at 512 x 512, most in the dK/dV kernel); if Mosaic runs out,
-use smaller blocks or raise `vmem_limit_bytes`. pallas_call is not auto-partitioned: under a sharded jit, call it
+per step is O(block_q * block_k) float32 (about 12 MiB at 512 x 512 and head dim 128 in float32, most in the
+dK/dV kernel). pallas_call is not auto-partitioned: under a sharded jit, call it
 inside shard_map. In TPU interpret mode on CPU, jit the caller and block on the result before dispatching other
 work: the interpreter runs jnp ops inside io_callbacks, which can deadlock a small CPU thread pool otherwise.
 """
@@ -64,6 +68,8 @@ _NN = (((1,), (0,)), ((), ()))  # a @ b
 _KIND_BITS, _STREAM_BITS, _BLOCK_BITS = 2, 2, 13
 MAX_FRAMES = min(1 << (31 - _KIND_BITS - _STREAM_BITS - _BLOCK_BITS), RANKED_FRAMES)  # 8192
 MAX_CLIPS = 1 << _BLOCK_BITS  # 8192
+_FULL, _FIRST, _LAST, _RUN = 1, 2, 4, 8  # flags of a work item (`_work_list`)
+_FLAG_BITS = 4
 
 Interpret = bool | pltpu.InterpretParams
 
@@ -109,89 +115,79 @@ def _check_ranges(ids: TokenIds, name: str) -> None:
     raise ValueError(f"{name}: " + "; ".join(bad) + " (use chunked_attention for other ids)")
 
 
-def _compact(keep: jax.Array, full: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per row of keep [B, R, C]: the kept columns first (ascending), then the last kept column repeated.
+def _work_list(keep: jax.Array, full: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The grid's steps for keep [B, R, C] (rows = the tiles a kernel accumulates into, columns = the tiles it visits).
 
-  Returns (entries int32 [B * R * C] with entry = 2 * column + full, counts int32 [B * R]); 1-D for SMEM.
-  A row with nothing kept lists column 0 (never run).
+  Each row's kept columns in ascending order, rows one after another (b, then row); a row with nothing kept gets
+  one step that runs nothing (its output is still written). Returns (items int32 [B * R * C], only the first
+  `steps` used, and steps int32 []: the grid length). An item packs ((b * R + row) * C + column) << 4 with the
+  flags full (1), first step of its row (2), last step of its row (4) and run (8).
   """
-  cols = keep.shape[-1]
+  b, rows, cols = keep.shape
   order = jnp.argsort(jnp.logical_not(keep).astype(jnp.int32), axis=-1, stable=True).astype(jnp.int32)
-  count = jnp.sum(keep, axis=-1, dtype=jnp.int32)
-  step = jnp.minimum(jnp.arange(cols, dtype=jnp.int32), jnp.maximum(count - 1, 0)[..., None])
-  column = jnp.take_along_axis(order, step, axis=-1)
-  is_full = jnp.take_along_axis(full, column, axis=-1).astype(jnp.int32)
-  return (2 * column + is_full).reshape(-1), count.reshape(-1)
+  count = jnp.sum(keep, axis=-1, dtype=jnp.int32)  # [B, R]
+  steps = jnp.maximum(count, 1)
+  t = jnp.arange(cols, dtype=jnp.int32)
+  run = t < count[..., None]
+  column = jnp.where(run, order, 0)
+  is_full = jnp.take_along_axis(full, column, axis=-1) & run
+  index = (jnp.arange(b * rows, dtype=jnp.int32).reshape(b, rows, 1) * cols + column) << _FLAG_BITS
+  flags = is_full * _FULL + (t == 0) * _FIRST + (t == steps[..., None] - 1) * _LAST + run * _RUN
+  start = (jnp.cumsum(steps.reshape(-1)) - steps.reshape(-1)).reshape(b, rows, 1)
+  position = jnp.where(t < steps[..., None], start + t, b * rows * cols)  # past the end: dropped
+  items = (
+    jnp.zeros(b * rows * cols, jnp.int32)
+    .at[position.reshape(-1)]
+    .set((index | flags).astype(jnp.int32).reshape(-1), mode="drop")
+  )
+  return items, jnp.sum(steps, dtype=jnp.int32)
 
 
 # ----------------------------------------------------------------------------
-# Kernels. Grid rows are (b, h, tile); the last grid axis walks the row's compacted list.
+# Kernels. Grid (head, step): step s handles one (row tile, visited tile) pair of the work list.
 
 
-def _tile_mask(q_code_ref: Any, k_code_ref: Any, block_k: int) -> jax.Array:
-  """bool [bq, bk] from the tile's packed ids: q codes (bq, 128) lane-replicated, k codes (8, bk).
+def _flags(items_ref: Any) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(full, first, last, run) of this grid step's work item."""
+  item = items_ref[pl.program_id(1)]
+  return tuple((item & flag) != 0 for flag in (_FULL, _FIRST, _LAST, _RUN))
 
-  Unpacking and the interval form (`mask.query_bounds`, `mask.key_rank`) happen on the narrow blocks
-  ((bq, 128) and (1, bk)); the full tile only sees int32 comparisons of widened fields (3 per entry), no
-  broadcast boolean masks.
+
+def _tile_mask(row_code_ref: Any, col_code_ref: Any, width: int, queries_on_rows: bool) -> jax.Array:
+  """bool [rows, width] from the tile's packed ids: row codes (rows, 128) lane-replicated, column codes (8, width).
+
+  Queries on rows (forward, dq) or keys on rows (dk/dv, the transposed tile). Unpacking and the interval form
+  (`mask.query_bounds`, `mask.key_rank`) happen on the narrow blocks; the tile itself only sees int32
+  comparisons of widened fields (3 per entry), no broadcast boolean masks.
   """
-  widen = lambda x: jnp.tile(x, (1, block_k // LANES))  # noqa: E731  [bq, 128] -> [bq, bk]
-  bounds = tuple(widen(x) for x in query_bounds(_unpack_ids(q_code_ref[...])))
-  ranks = key_rank(_unpack_ids(k_code_ref[:1, :]))  # [1, bk], broadcast over sublanes
-  return visible_by_rank(ranks, bounds)
+  widen = lambda x: jnp.tile(x, (1, width // LANES))  # noqa: E731  [rows, 128] -> [rows, width]
+  rows, cols = _unpack_ids(row_code_ref[...]), _unpack_ids(col_code_ref[:1, :])  # cols: [1, width]
+  if queries_on_rows:
+    return visible_by_rank(key_rank(cols), tuple(widen(x) for x in query_bounds(rows)))
+  return visible_by_rank(widen(key_rank(rows)), query_bounds(cols))
 
 
-def _scores(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
-  return lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32, precision=_precision(q)) * scale
+def _dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+  """float32 matmul; full float32 passes for float32 inputs (TPU's default would round them to bfloat16)."""
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
 
 
-def _precision(x: jax.Array) -> lax.Precision:
-  """Full float32 matmuls for float32 inputs (TPU's default would round them to bfloat16 passes)."""
-  return lax.Precision.HIGHEST if x.dtype == jnp.float32 else lax.Precision.DEFAULT
+def _fwd_kernel(items_ref, q_code_ref, k_code_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
+                block_k: int, scale: float) -> None:  # fmt: skip
+  """Online softmax of one query tile over its kept key tiles; out and logsumexp written at the row's last step."""
+  full, first, last, run = _flags(items_ref)
 
-
-def _lookup(entries_ref: Any, counts_ref: Any, b: jax.Array, row: jax.Array, step: jax.Array, rows: int, width: int):
-  """(full?, run?) of grid step `step` of row (b, row) in the compacted lists; the index maps read the tile."""
-  r = b * rows + row
-  entry = entries_ref[r * width + step]
-  return (entry & 1) == 1, step < counts_ref[r]
-
-
-def _fwd_kernel(
-  entries_ref,
-  counts_ref,
-  q_code_ref,
-  k_code_ref,
-  q_ref,
-  k_ref,
-  v_ref,
-  o_ref,
-  lse_ref,
-  m_sc,
-  l_sc,
-  acc_sc,
-  *,
-  nq: int,
-  nk: int,
-  block_k: int,
-  scale: float,
-) -> None:
-  """One (b, h, query tile) row: online softmax over its kept key tiles; writes out and logsumexp at the end."""
-  b, i, s = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-
-  @pl.when(s == 0)
+  @pl.when(first)
   def _init():
     m_sc[...] = jnp.full_like(m_sc, _MASK)
     l_sc[...] = jnp.zeros_like(l_sc)
     acc_sc[...] = jnp.zeros_like(acc_sc)
 
-  full, run = _lookup(entries_ref, counts_ref, b, i, s, nq, nk)
-
   def step(masked: bool) -> None:
-    q, k, v = q_ref[...], k_ref[...], v_ref[...]
-    scores = _scores(q, k, scale)  # [bq, bk]
+    scores = _dot(q_ref[...], k_ref[...], _NT) * scale  # [bq, bk]
     if masked:
-      mask = _tile_mask(q_code_ref, k_code_ref, block_k)
+      mask = _tile_mask(q_code_ref, k_code_ref, block_k, queries_on_rows=True)
       scores = jnp.where(mask, scores, _MASK)
     m_prev, l_prev = m_sc[...], l_sc[...]  # [bq, 128], equal lanes
     m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
@@ -201,13 +197,13 @@ def _fwd_kernel(
     alpha = jnp.exp(m_prev - m_new)
     l_sc[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
     m_sc[...] = m_new
-    pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32, precision=_precision(v))
-    acc_sc[...] = acc_sc[...] * jnp.tile(alpha, (1, acc_sc.shape[1] // LANES)) + pv
+    v = v_ref[...]
+    acc_sc[...] = acc_sc[...] * jnp.tile(alpha, (1, acc_sc.shape[1] // LANES)) + _dot(p.astype(v.dtype), v, _NN)
 
   pl.when(run & full)(lambda: step(False))
   pl.when(run & jnp.logical_not(full))(lambda: step(True))
 
-  @pl.when(s == nk - 1)
+  @pl.when(last)
   def _finish():
     l, m = l_sc[...], m_sc[...]
     seen = l > 0.0
@@ -217,106 +213,56 @@ def _fwd_kernel(
     lse_ref[...] = jnp.transpose(lse)[:1, :]  # one row [1, bq]: no lane-replicated copy in HBM
 
 
-def _probs(q, k, lse_ref, q_code_ref, k_code_ref, masked: bool, scale: float, block_k: int) -> jax.Array:
-  """p [bq, bk] of the forward pass, recomputed from the saved logsumexp."""
-  p = jnp.exp(_scores(q, k, scale) - jnp.expand_dims(lse_ref[0], -1))
-  if masked:
-    p = jnp.where(_tile_mask(q_code_ref, k_code_ref, block_k), p, 0.0)
-  return p
+def _dq_kernel(items_ref, q_code_ref, k_code_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_sc, *,
+               block_k: int, scale: float) -> None:  # fmt: skip
+  """dq of one query tile, accumulated over the same kept key tiles as the forward pass."""
+  full, first, last, run = _flags(items_ref)
 
-
-def _dq_kernel(
-  entries_ref,
-  counts_ref,
-  q_code_ref,
-  k_code_ref,
-  q_ref,
-  k_ref,
-  v_ref,
-  do_ref,
-  lse_ref,
-  di_ref,
-  dq_ref,
-  dq_sc,
-  *,
-  nq: int,
-  nk: int,
-  block_k: int,
-  scale: float,
-) -> None:
-  """One (b, h, query tile) row: dq accumulated over the same kept key tiles as the forward pass."""
-  b, i, s = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-
-  @pl.when(s == 0)
+  @pl.when(first)
   def _init():
     dq_sc[...] = jnp.zeros_like(dq_sc)
 
-  full, run = _lookup(entries_ref, counts_ref, b, i, s, nq, nk)
-
   def step(masked: bool) -> None:
-    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    p = _probs(q, k, lse_ref, q_code_ref, k_code_ref, masked, scale, block_k)
-    dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32, precision=_precision(v))
-    ds = p * (dp - jnp.expand_dims(di_ref[0], -1))
-    dq_sc[...] += lax.dot_general(
-      ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32, precision=_precision(k)
-    )
+    k = k_ref[...]
+    p = jnp.exp(_dot(q_ref[...], k, _NT) * scale - jnp.expand_dims(lse_ref[0], -1))  # [bq, bk]
+    if masked:
+      p = jnp.where(_tile_mask(q_code_ref, k_code_ref, block_k, queries_on_rows=True), p, 0.0)
+    ds = p * (_dot(do_ref[...], v_ref[...], _NT) - jnp.expand_dims(di_ref[0], -1))
+    dq_sc[...] += _dot(ds.astype(k.dtype), k, _NN)
 
   pl.when(run & full)(lambda: step(False))
   pl.when(run & jnp.logical_not(full))(lambda: step(True))
 
-  @pl.when(s == nk - 1)
+  @pl.when(last)
   def _finish():
     dq_ref[...] = (dq_sc[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(
-  entries_ref,
-  counts_ref,
-  q_code_ref,
-  k_code_ref,
-  q_ref,
-  k_ref,
-  v_ref,
-  do_ref,
-  lse_ref,
-  di_ref,
-  dk_ref,
-  dv_ref,
-  dk_sc,
-  dv_sc,
-  *,
-  nq: int,
-  nk: int,
-  block_k: int,
-  scale: float,
-) -> None:
-  """One (b, h, key tile) row: dk and dv accumulated over the query tiles that keep this key tile."""
-  b, j, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+def _dkv_kernel(items_ref, k_code_ref, q_code_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref,
+                dk_sc, dv_sc, *, block_q: int, scale: float) -> None:  # fmt: skip
+  """dk and dv of one key tile over the query tiles that keep it, on the transposed tile [bk, bq]: the scores are
+  k q^T, so p^T and ds^T come out as the dV and dK matmuls need them (no in-kernel transposes), and the query
+  side's logsumexp, D_i and ids are rows broadcast over sublanes."""
+  full, first, last, run = _flags(items_ref)
 
-  @pl.when(t == 0)
+  @pl.when(first)
   def _init():
     dk_sc[...] = jnp.zeros_like(dk_sc)
     dv_sc[...] = jnp.zeros_like(dv_sc)
 
-  full, run = _lookup(entries_ref, counts_ref, b, j, t, nk, nq)
-
   def step(masked: bool) -> None:
-    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    p = _probs(q, k, lse_ref, q_code_ref, k_code_ref, masked, scale, block_k)  # [bq, bk]
-    dv_sc[...] += lax.dot_general(
-      p.T.astype(do.dtype), do, _NN, preferred_element_type=jnp.float32, precision=_precision(do)
-    )
-    dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32, precision=_precision(v))
-    ds = p * (dp - jnp.expand_dims(di_ref[0], -1))
-    dk_sc[...] += lax.dot_general(
-      ds.T.astype(q.dtype), q, _NN, preferred_element_type=jnp.float32, precision=_precision(q)
-    )
+    q, do = q_ref[...], do_ref[...]
+    p_t = jnp.exp(_dot(k_ref[...], q, _NT) * scale - lse_ref[...])  # [bk, bq]
+    if masked:
+      p_t = jnp.where(_tile_mask(k_code_ref, q_code_ref, block_q, queries_on_rows=False), p_t, 0.0)
+    dv_sc[...] += _dot(p_t.astype(do.dtype), do, _NN)
+    ds_t = p_t * (_dot(v_ref[...], do, _NT) - di_ref[...])
+    dk_sc[...] += _dot(ds_t.astype(q.dtype), q, _NN)
 
   pl.when(run & full)(lambda: step(False))
   pl.when(run & jnp.logical_not(full))(lambda: step(True))
 
-  @pl.when(t == nq - 1)
+  @pl.when(last)
   def _finish():
     dk_ref[...] = (dk_sc[...] * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
@@ -332,127 +278,165 @@ class _Config:
   block_k: int
   scale: float
   interpret: Interpret
+  vmem_limit: int | None
 
 
-def _semantics() -> pltpu.CompilerParams:
-  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+def _call(cfg: _Config, kernel, name: str, work, in_specs, out_specs, scratch, out_shape, *args):
+  """pallas_call on grid (heads, work steps) over args (ids, ids, q, ...): the heads split across TensorCores,
+  the steps run in order. The number of steps is a traced value (dynamic grid): it depends on the clip split."""
+  items, steps = work
+  heads = args[2].shape[1]
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+    num_scalar_prefetch=1, grid=(heads, steps), in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch
+  )
+  params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=cfg.vmem_limit)
+  return pl.pallas_call(
+    kernel, grid_spec=grid_spec, out_shape=out_shape, compiler_params=params, interpret=cfg.interpret, name=name
+  )(items, *args)
 
 
-def _code_specs(cfg: _Config, q_tile, k_tile) -> list[pl.BlockSpec]:
-  """BlockSpecs of the packed ids, q side [B, Lq, 128] and k side [B, 8, Lk], given tile index functions."""
-  return [
-    pl.BlockSpec((None, cfg.block_q, LANES), lambda b, h, x, y, e, c: (b, q_tile(b, x, y, e), 0)),
-    pl.BlockSpec((None, SUBLANES, cfg.block_k), lambda b, h, x, y, e, c: (b, 0, k_tile(b, x, y, e))),
-  ]
+def _tiles(items: Any, s: jax.Array, rows: int, cols: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(b, row tile, column tile) of work item s."""
+  index = items[s] >> _FLAG_BITS
+  return lax.div(index, rows * cols), lax.rem(lax.div(index, cols), rows), lax.rem(index, cols)
 
 
-def _forward(cfg: _Config, q, k, v, q_code, k_code, rows, cols):
+def _specs(cfg: _Config, d: int, nq: int, nk: int, queries_are_rows: bool):
+  """BlockSpecs (query ids, key ids, query-side [.., bq, d], key-side [.., bk, d], query rows [.., 1, bq]).
+
+  Query-row lists (forward, dq) carry query ids lane-replicated (bq, 128) and key ids as (8, bk); the dK/dV
+  list (key tiles as rows) carries key ids (bk, 128) and query ids (8, bq)."""
+  rows, cols = (nq, nk) if queries_are_rows else (nk, nq)
+
+  def q_tile(s, e):
+    b, r, c = _tiles(e, s, rows, cols)
+    return b, (r if queries_are_rows else c)
+
+  def k_tile(s, e):
+    b, r, c = _tiles(e, s, rows, cols)
+    return b, (c if queries_are_rows else r)
+
+  bq, bk = cfg.block_q, cfg.block_k
+  if queries_are_rows:
+    codes = [
+      pl.BlockSpec((None, bq, LANES), lambda h, s, e: (*q_tile(s, e), 0)),
+      pl.BlockSpec((None, SUBLANES, bk), lambda h, s, e: (k_tile(s, e)[0], 0, k_tile(s, e)[1])),
+    ]
+  else:
+    codes = [
+      pl.BlockSpec((None, bk, LANES), lambda h, s, e: (*k_tile(s, e), 0)),
+      pl.BlockSpec((None, SUBLANES, bq), lambda h, s, e: (q_tile(s, e)[0], 0, q_tile(s, e)[1])),
+    ]
+  q_spec = pl.BlockSpec((None, None, bq, d), lambda h, s, e: (q_tile(s, e)[0], h, q_tile(s, e)[1], 0))
+  k_spec = pl.BlockSpec((None, None, bk, d), lambda h, s, e: (k_tile(s, e)[0], h, k_tile(s, e)[1], 0))
+  row_spec = pl.BlockSpec((None, None, 1, bq), lambda h, s, e: (q_tile(s, e)[0], h, 0, q_tile(s, e)[1]))
+  return codes, q_spec, k_spec, row_spec
+
+
+def _forward(cfg: _Config, q, k, v, plan: "TpuPlan"):
   """(out [B, H, Lq, D], logsumexp [B, H, 1, Lq] float32)."""
   b, h, lq, d = q.shape
-  lk = k.shape[2]
-  nq, nk = lq // cfg.block_q, lk // cfg.block_k
-  entries, counts = rows
-  kv_tile = lambda bi, i, s, e: e[(bi * nq + i) * nk + s] >> 1  # noqa: E731
-  q_tile = lambda bi, i, s, e: i  # noqa: E731
-  q_spec = pl.BlockSpec((None, None, cfg.block_q, d), lambda bi, hi, i, s, e, c: (bi, hi, i, 0))
-  kv_spec = pl.BlockSpec((None, None, cfg.block_k, d), lambda bi, hi, i, s, e, c: (bi, hi, kv_tile(bi, i, s, e), 0))
-  lse_spec = pl.BlockSpec((None, None, 1, cfg.block_q), lambda bi, hi, i, s, e, c: (bi, hi, 0, i))
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-    num_scalar_prefetch=2,
-    grid=(b, h, nq, nk),
-    in_specs=[*_code_specs(cfg, q_tile, kv_tile), q_spec, kv_spec, kv_spec],
-    out_specs=[q_spec, lse_spec],
-    scratch_shapes=[
-      pltpu.VMEM((cfg.block_q, LANES), jnp.float32),
-      pltpu.VMEM((cfg.block_q, LANES), jnp.float32),
-      pltpu.VMEM((cfg.block_q, d), jnp.float32),
-    ],
-  )
-  kernel = functools.partial(_fwd_kernel, nq=nq, nk=nk, block_k=cfg.block_k, scale=cfg.scale)
-  return pl.pallas_call(
-    kernel,
-    grid_spec=grid_spec,
-    out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, 1, lq), jnp.float32)],
-    compiler_params=_semantics(),
-    interpret=cfg.interpret,
-    name="vgpt_attention_fwd",
-  )(entries, counts, q_code, k_code, q, k, v)
-
-
-def _backward_dq(cfg: _Config, q, k, v, do, lse, di, q_code, k_code, rows):
-  b, h, lq, d = q.shape
   nq, nk = lq // cfg.block_q, k.shape[2] // cfg.block_k
-  entries, counts = rows
-  kv_tile = lambda bi, i, s, e: e[(bi * nq + i) * nk + s] >> 1  # noqa: E731
-  q_tile = lambda bi, i, s, e: i  # noqa: E731
-  q_spec = pl.BlockSpec((None, None, cfg.block_q, d), lambda bi, hi, i, s, e, c: (bi, hi, i, 0))
-  kv_spec = pl.BlockSpec((None, None, cfg.block_k, d), lambda bi, hi, i, s, e, c: (bi, hi, kv_tile(bi, i, s, e), 0))
-  row_spec = pl.BlockSpec((None, None, 1, cfg.block_q), lambda bi, hi, i, s, e, c: (bi, hi, 0, i))
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-    num_scalar_prefetch=2,
-    grid=(b, h, nq, nk),
-    in_specs=[*_code_specs(cfg, q_tile, kv_tile), q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
-    out_specs=q_spec,
-    scratch_shapes=[pltpu.VMEM((cfg.block_q, d), jnp.float32)],
-  )
-  kernel = functools.partial(_dq_kernel, nq=nq, nk=nk, block_k=cfg.block_k, scale=cfg.scale)
-  return pl.pallas_call(
-    kernel,
-    grid_spec=grid_spec,
-    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-    compiler_params=_semantics(),
-    interpret=cfg.interpret,
-    name="vgpt_attention_dq",
-  )(entries, counts, q_code, k_code, q, k, v, do, lse, di)
+  codes, q_spec, k_spec, row_spec = _specs(cfg, d, nq, nk, queries_are_rows=True)
+  scratch = [
+    pltpu.VMEM((cfg.block_q, LANES), jnp.float32),
+    pltpu.VMEM((cfg.block_q, LANES), jnp.float32),
+    pltpu.VMEM((cfg.block_q, d), jnp.float32),
+  ]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, 1, lq), jnp.float32)]
+  kernel = functools.partial(_fwd_kernel, block_k=cfg.block_k, scale=cfg.scale)
+  return _call(cfg, kernel, "vgpt_attention_fwd", plan.rows, [*codes, q_spec, k_spec, k_spec], [q_spec, row_spec],
+               scratch, out_shape, plan.q_rows, plan.k_lanes, q, k, v)  # fmt: skip
 
 
-def _backward_dkv(cfg: _Config, q, k, v, do, lse, di, q_code, k_code, cols):
-  b, h, lq, d = q.shape
-  lk = k.shape[2]
-  nq, nk = lq // cfg.block_q, lk // cfg.block_k
-  entries, counts = cols
-  q_tile = lambda bi, j, t, e: e[(bi * nk + j) * nq + t] >> 1  # noqa: E731
-  kv_tile = lambda bi, j, t, e: j  # noqa: E731
-  q_spec = pl.BlockSpec((None, None, cfg.block_q, d), lambda bi, hi, j, t, e, c: (bi, hi, q_tile(bi, j, t, e), 0))
-  kv_spec = pl.BlockSpec((None, None, cfg.block_k, d), lambda bi, hi, j, t, e, c: (bi, hi, j, 0))
-  row_spec = pl.BlockSpec((None, None, 1, cfg.block_q), lambda bi, hi, j, t, e, c: (bi, hi, 0, q_tile(bi, j, t, e)))
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-    num_scalar_prefetch=2,
-    grid=(b, h, nk, nq),
-    in_specs=[*_code_specs(cfg, q_tile, kv_tile), q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
-    out_specs=[kv_spec, kv_spec],
-    scratch_shapes=[pltpu.VMEM((cfg.block_k, d), jnp.float32), pltpu.VMEM((cfg.block_k, d), jnp.float32)],
-  )
-  kernel = functools.partial(_dkv_kernel, nq=nq, nk=nk, block_k=cfg.block_k, scale=cfg.scale)
-  return pl.pallas_call(
-    kernel,
-    grid_spec=grid_spec,
-    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-    compiler_params=_semantics(),
-    interpret=cfg.interpret,
-    name="vgpt_attention_dkv",
-  )(entries, counts, q_code, k_code, q, k, v, do, lse, di)
+def _backward_dq(cfg: _Config, q, k, v, do, lse, di, plan: "TpuPlan"):
+  d = q.shape[3]
+  nq, nk = q.shape[2] // cfg.block_q, k.shape[2] // cfg.block_k
+  codes, q_spec, k_spec, row_spec = _specs(cfg, d, nq, nk, queries_are_rows=True)
+  in_specs = [*codes, q_spec, k_spec, k_spec, q_spec, row_spec, row_spec]
+  kernel = functools.partial(_dq_kernel, block_k=cfg.block_k, scale=cfg.scale)
+  return _call(cfg, kernel, "vgpt_attention_dq", plan.rows, in_specs, q_spec,
+               [pltpu.VMEM((cfg.block_q, d), jnp.float32)], jax.ShapeDtypeStruct(q.shape, q.dtype),
+               plan.q_rows, plan.k_lanes, q, k, v, do, lse, di)  # fmt: skip
+
+
+def _backward_dkv(cfg: _Config, q, k, v, do, lse, di, plan: "TpuPlan"):
+  d = q.shape[3]
+  nq, nk = q.shape[2] // cfg.block_q, k.shape[2] // cfg.block_k
+  codes, q_spec, k_spec, row_spec = _specs(cfg, d, nq, nk, queries_are_rows=False)
+  in_specs = [*codes, q_spec, k_spec, k_spec, q_spec, row_spec, row_spec]
+  scratch = [pltpu.VMEM((cfg.block_k, d), jnp.float32), pltpu.VMEM((cfg.block_k, d), jnp.float32)]
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  kernel = functools.partial(_dkv_kernel, block_q=cfg.block_q, scale=cfg.scale)
+  return _call(cfg, kernel, "vgpt_attention_dkv", plan.cols, in_specs, [k_spec, k_spec], scratch, out_shape,
+               plan.k_rows, plan.q_lanes, q, k, v, do, lse, di)  # fmt: skip
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg: _Config, q, k, v, q_code, k_code, rows, cols):
-  return _forward(cfg, q, k, v, q_code, k_code, rows, cols)[0]
+def _attention(cfg: _Config, q, k, v, plan: "TpuPlan"):
+  return _forward(cfg, q, k, v, plan)[0]
 
 
-def _attention_fwd(cfg: _Config, q, k, v, q_code, k_code, rows, cols):
-  out, lse = _forward(cfg, q, k, v, q_code, k_code, rows, cols)
-  return out, (q, k, v, out, lse, q_code, k_code, rows, cols)
+def _attention_fwd(cfg: _Config, q, k, v, plan: "TpuPlan"):
+  out, lse = _forward(cfg, q, k, v, plan)
+  return out, (q, k, v, out, lse, plan)
 
 
 def _attention_bwd(cfg: _Config, res, do):
-  q, k, v, out, lse, q_code, k_code, rows, cols = res
+  q, k, v, out, lse, plan = res
   di = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[:, :, None, :]  # [B, H, 1, Lq]
-  dq = _backward_dq(cfg, q, k, v, do, lse, di, q_code, k_code, rows)
-  dk, dv = _backward_dkv(cfg, q, k, v, do, lse, di, q_code, k_code, cols)
-  return dq, dk, dv, None, None, None, None
+  dq = _backward_dq(cfg, q, k, v, do, lse, di, plan)
+  dk, dv = _backward_dkv(cfg, q, k, v, do, lse, di, plan)
+  return dq, dk, dv, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ----------------------------------------------------------------------------
+# VMEM: what one grid step holds, checked against the chip before compiling.
+
+
+def vmem_bytes(block_q: int, block_k: int, head_dim: int, itemsize: int) -> int:
+  """Upper estimate of one step's VMEM in the largest kernel (dK/dV): double-buffered blocks, scratch, and
+  about eight float32 [bq, bk] intermediates (scores, p, dp, ds, the widened mask fields)."""
+  d = round_up(head_dim, LANES)
+  blocks = (2 * block_q + 4 * block_k) * d * itemsize  # q, do in; k, v in; dk, dv out
+  blocks += block_k * LANES * 4 + SUBLANES * block_q * 4 + 2 * SUBLANES * block_q * 4  # ids, lse, D_i
+  return 2 * blocks + 2 * block_k * d * 4 + 8 * block_q * block_k * 4
+
+
+def vmem_limit(need: int, capacity: int | None, blocks: tuple[int, int]) -> int | None:
+  """The scoped VMEM limit for the kernels: twice the estimate, at most 90% of the chip's VMEM (None off TPU:
+  Mosaic's default). Refuses blocks whose estimate alone exceeds that, before compiling."""
+  if capacity is None:
+    return None
+  cap = int(0.9 * capacity)
+  if need > cap:
+    raise ValueError(
+      f"block_q, block_k = {blocks}: one step needs about {need / 2**20:.1f} MiB of VMEM, more than this TPU's "
+      f"{capacity / 2**20:.0f} MiB allows; use smaller blocks (e.g. 512 or 256)"
+    )
+  return min(2 * need, cap)
+
+
+def _vmem_capacity() -> int | None:
+  """VMEM bytes per TensorCore of the TPU in use, None without a TPU."""
+  if jax.default_backend() != "tpu":
+    return None
+  return pltpu.get_tpu_info().vmem_capacity_bytes
+
+
+def _check_smem(plan: "TpuPlan") -> None:
+  """The work lists live in SMEM; refuse, before compiling, lists that would take more than half of it."""
+  if jax.default_backend() != "tpu":
+    return
+  words, capacity = plan.rows[0].size + plan.cols[0].size, pltpu.get_tpu_info().smem_capacity_bytes
+  if 4 * words > capacity // 2:
+    raise ValueError(
+      f"the tile lists take {4 * words / 2**10:.0f} KiB of SMEM (B * nq * nk = {plan.rows[0].size}), more than "
+      f"half of this TPU's {capacity / 2**10:.0f} KiB: use larger blocks or fewer sequences per device"
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -472,21 +456,30 @@ def _check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, plan: "TpuPlan") -> 
     raise ValueError(f"q {q.shape} and k, v {k.shape}, {v.shape} must share batch, heads and head dim")
   if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.float32, jnp.bfloat16):
     raise ValueError(f"q, k, v must share one dtype, float32 or bfloat16; got {q.dtype}, {k.dtype}, {v.dtype}")
-  planned = (plan.q_code.shape[0], plan.q_length, plan.k_length)
+  planned = (plan.q_rows.shape[0], plan.q_length, plan.k_length)
   if (q.shape[0], q.shape[1], k.shape[1]) != planned:
     raise ValueError(f"q {q.shape} and k {k.shape} do not match the plan's (B, Tq, Tk) = {planned}: plan their ids")
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["q_code", "k_code", "rows", "cols"],
-                   meta_fields=["q_length", "k_length", "block_q", "block_k"])  # fmt: skip
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["q_rows", "k_lanes", "k_rows", "q_lanes", "rows", "cols"],
+  meta_fields=["q_length", "k_length", "block_q", "block_k"],
+)
 @dataclasses.dataclass(frozen=True)
 class TpuPlan:
-  """What the kernels read besides q, k, v; made once per forward pass (`tpu_plan`), used by every layer."""
+  """What the kernels read besides q, k, v; made once per forward pass (`tpu_plan`), used by every layer.
 
-  q_code: jax.Array  # int32 [B, Lq, 128]: packed ids of the queries, replicated over lanes
-  k_code: jax.Array  # int32 [B, 8, Lk]: packed ids of the keys, replicated over sublanes
-  rows: tuple[jax.Array, jax.Array]  # per (b, query tile): kept key tiles (2 * tile + full) and their count
-  cols: tuple[jax.Array, jax.Array]  # per (b, key tile): the query tiles that see it, for the dK/dV kernel
+  Packed ids in the two layouts a tile needs (one token per sublane row, replicated over lanes; or one token per
+  lane, replicated over sublanes), for queries on the tile's rows (forward, dq) and keys on them (dK/dV).
+  """
+
+  q_rows: jax.Array  # int32 [B, Lq, 128]
+  k_lanes: jax.Array  # int32 [B, 8, Lk]
+  k_rows: jax.Array  # int32 [B, Lk, 128]
+  q_lanes: jax.Array  # int32 [B, 8, Lq]
+  rows: tuple[jax.Array, jax.Array]  # work list over (b, query tile) rows and their kept key tiles, and its length
+  cols: tuple[jax.Array, jax.Array]  # the same over (b, key tile) rows and the query tiles that see them (dK/dV)
   q_length: int  # Tq, Tk before padding
   k_length: int
   block_q: int
@@ -513,15 +506,21 @@ def _tpu_plan(q_ids: TokenIds, k_ids: TokenIds, *, block_q: int, block_k: int) -
   tq, tk = q_ids.frame.shape[1], k_ids.frame.shape[1]
   block_q, block_k = min(block_q, round_up(tq, LANES)), min(block_k, round_up(tk, LANES))
   lq, lk = round_up(tq, block_q), round_up(tk, block_k)
+  if q_ids.frame.shape[0] * (lq // block_q) * (lk // block_k) >= 1 << (31 - _FLAG_BITS):
+    raise ValueError(f"B * nq * nk tiles = {q_ids.frame.shape[0]} * {lq // block_q} * {lk // block_k} is too many "
+                     "for the work list's int32 items; use larger blocks")  # fmt: skip
   q_ids, k_ids = pad_ids(q_ids, lq), pad_ids(k_ids, lk)
   keep = tile_map(q_ids, k_ids, block_q, block_k)  # [B, nq, nk]
   full = keep & full_tile_map(q_ids, k_ids, block_q, block_k)
   b = q_ids.frame.shape[0]
+  q_code, k_code = _pack_ids(q_ids), _pack_ids(k_ids)
   return TpuPlan(
-    q_code=jnp.broadcast_to(_pack_ids(q_ids)[:, :, None], (b, lq, LANES)),
-    k_code=jnp.broadcast_to(_pack_ids(k_ids)[:, None, :], (b, SUBLANES, lk)),
-    rows=_compact(keep, full),
-    cols=_compact(jnp.swapaxes(keep, 1, 2), jnp.swapaxes(full, 1, 2)),
+    q_rows=jnp.broadcast_to(q_code[:, :, None], (b, lq, LANES)),
+    k_lanes=jnp.broadcast_to(k_code[:, None, :], (b, SUBLANES, lk)),
+    k_rows=jnp.broadcast_to(k_code[:, :, None], (b, lk, LANES)),
+    q_lanes=jnp.broadcast_to(q_code[:, None, :], (b, SUBLANES, lq)),
+    rows=_work_list(keep, full),
+    cols=_work_list(jnp.swapaxes(keep, 1, 2), jnp.swapaxes(full, 1, 2)),
     q_length=tq,
     k_length=tk,
     block_q=block_q,
@@ -534,16 +533,17 @@ def tpu_attend(q: jax.Array, k: jax.Array, v: jax.Array, plan: TpuPlan, interpre
   """Masked softmax attention of q [B, Tq, H, D] over k, v [B, Tk, H, D] as `plan` says; differentiable."""
   _check_inputs(q, k, v, plan)
   d = q.shape[3]
-  lq, lk, dp = plan.q_code.shape[1], plan.k_code.shape[2], round_up(d, LANES)
+  lq, lk, dp = plan.q_rows.shape[1], plan.k_lanes.shape[2], round_up(d, LANES)
 
   def to_kernel(x: jax.Array, length: int) -> jax.Array:
     x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dp - d)))
     return jnp.transpose(x, (0, 2, 1, 3))  # [B, H, L, Dp]
 
-  cfg = _Config(plan.block_q, plan.block_k, float(d) ** -0.5, interpret)
-  out = _attention(
-    cfg, to_kernel(q, lq), to_kernel(k, lk), to_kernel(v, lk), plan.q_code, plan.k_code, plan.rows, plan.cols
-  )
+  _check_smem(plan)
+  need = vmem_bytes(plan.block_q, plan.block_k, d, q.dtype.itemsize)
+  limit = vmem_limit(need, _vmem_capacity(), (plan.block_q, plan.block_k))
+  cfg = _Config(plan.block_q, plan.block_k, float(d) ** -0.5, interpret, limit)
+  out = _attention(cfg, to_kernel(q, lq), to_kernel(k, lk), to_kernel(v, lk), plan)
   return jnp.transpose(out, (0, 2, 1, 3))[:, : plan.q_length, :, :d]
 
 
