@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # only for annotations: sampling reads checkpoints without im
   from vgpt_jax.train_step import TrainState
 
 CORRUPT_DIR = "corrupt"  # checkpoints found corrupt are moved to checkpoints/corrupt/STEP
+WEIGHTS_ONLY = "weights_only"  # integrity-record flag of a checkpoint without train state (`save_weights`)
 
 
 class CheckpointError(RuntimeError):
@@ -336,6 +337,25 @@ class Checkpointer:
     self.close()
 
 
+def save_weights(workdir: str | epath.PathLike, params: Any, config: ml_collections.ConfigDict, step: int = 0) -> None:
+  """A weights-only checkpoint (params, config, integrity record; no optimizer or data state) at `step`.
+
+  What `convert` writes for an imported model: `load_params`, `load_model` (sample, evaluate), `export` and
+  `checkpoint.init_from` read it; resuming a run from it is refused with the init_from fix.
+  """
+  directory = checkpoint_dir(workdir)
+  settings = config.to_dict()
+  record = {"params": integrity.fingerprint(params), "config": integrity.digest(settings), WEIGHTS_ONLY: True}
+  items = {
+    "params": ocp.args.StandardSave(params),
+    "config": ocp.args.JsonSave(settings),
+    "integrity": ocp.args.JsonSave(record),
+  }
+  with contextlib.closing(ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))) as m:
+    m.save(step, args=ocp.args.Composite(**items), force=True)
+    m.wait_until_finished()
+
+
 def _has_record(directory: epath.Path, step: int) -> bool:
   return (directory / str(step) / "integrity").exists()
 
@@ -354,6 +374,11 @@ def _integrity_record(manager: ocp.CheckpointManager, directory: epath.Path, ste
 
 
 def _check_compatible(record: dict, items: dict[str, Any], where: epath.Path) -> None:
+  if record.get(WEIGHTS_ONLY) and "train" in items:
+    raise IncompatibleCheckpoint(
+      f"{where} holds weights only (an imported model: no optimizer or data state to resume); start a run from "
+      "them with --config.checkpoint.init_from=<that workdir> and a new --workdir"
+    )
   for name, tree in items.items():
     if name not in record:
       raise IncompatibleCheckpoint(
@@ -473,6 +498,7 @@ def saved_config(path: str | epath.PathLike, step: int = -1) -> ml_collections.C
 FIELDS_ADDED = {
   ("train", "sample_clip_frames"): 0,  # 0: all the generated frames in one clip, as runs before it sampled
   ("model", "remat_save"): (),
+  ("model", "rope_scaling"): None,
   ("mesh", "dcn"): {"data": 1, "fsdp": 1, "tensor": 1, "context": 1},
 }
 

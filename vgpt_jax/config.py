@@ -19,7 +19,7 @@ from vgpt_jax.data import latents
 from vgpt_jax.data.pipeline import make_source, validate_data_config
 from vgpt_jax.layout import SPLITS
 from vgpt_jax.model.tokenizer import TOKENIZERS
-from vgpt_jax.model.transformer import REMAT_POLICIES, SAVEABLE
+from vgpt_jax.model.transformer import REMAT_POLICIES, SAVEABLE, RopeScaling
 from vgpt_jax.model.video_gpt import DTYPES
 
 
@@ -126,6 +126,15 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     problems.append(f"head dim model.hidden/model.num_heads={m.hidden // m.num_heads} must be even for RoPE")
   if m.hidden % 4:
     problems.append(f"model.hidden={m.hidden} must be divisible by 4 (2D sin-cos table)")
+  try:
+    scaling = RopeScaling.from_config(m.rope_scaling)
+  except (ValueError, TypeError) as e:
+    problems.append(str(e))
+  else:
+    if scaling is not None and not m.hidden % m.num_heads:
+      half = m.hidden // m.num_heads // 2
+      if len(scaling.short_factor) != half or len(scaling.long_factor) != half:
+        problems.append(f"model.rope_scaling factors must have head_dim / 2 = {half} entries each")
   for name in ("num_layers", "hidden", "num_heads", "mlp_dim", "patch_size"):
     if m[name] < 1:
       problems.append(f"model.{name}={m[name]} must be >= 1")

@@ -46,7 +46,8 @@ def sincos_2d_table(dim: int, grid_h: int, grid_w: int, max_size: int = 192, bas
     raise ValueError(f"hidden size {dim} must be divisible by 4 for the 2D sin-cos table")
   if grid_h > max_size or grid_w > max_size:
     raise ValueError(f"patch grid {grid_h}x{grid_w} exceeds pos_embed_max_size={max_size}")
-  coords = np.arange(max_size, dtype=np.float64) * (base_size / max_size)
+  # Coordinates rounded to float32 first, as the reference computes its table (so the tables agree bit for bit).
+  coords = (np.arange(max_size, dtype=np.float32) / np.float32(max_size / base_size)).astype(np.float64)
   top, left = (max_size - grid_h) // 2, (max_size - grid_w) // 2
   rows, cols = np.meshgrid(coords[top : top + grid_h], coords[left : left + grid_w], indexing="ij")
   table = np.concatenate([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], axis=1)

@@ -7,6 +7,7 @@ import ml_collections
 _COMMON = dict(
   norm_eps=1e-5,
   rope_theta=10000.0,
+  rope_scaling=None,  # Phi-3 LongRoPE fields (transformer.RopeScaling), as an imported checkpoint's config says
   time_freq_dim=256,
   pos_embed_max_size=192,
   pos_embed_base_size=64,

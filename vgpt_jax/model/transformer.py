@@ -9,6 +9,7 @@ from the token ids and handed to every layer (attention/select.py).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple
 
 import flax.linen as nn
@@ -83,12 +84,61 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def rope_tables(position: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """cos, sin float32 [B, T, 1, head_dim] for integer positions [B, T] (rotate-half RoPE)."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Phi-3's LongRoPE (`rope_scaling` type "su" / "longrope", as transformers computes it).
+
+  Each frequency i is divided by a factor: `long_factor[i]` when the sequence is longer than
+  `original_max_positions`, else `short_factor[i]`; cos and sin are multiplied by `attention_factor`.
+  `config.model.rope_scaling` holds these fields (None: plain RoPE); convert.py reads them from a Phi-3 config.
+  """
+
+  short_factor: tuple[float, ...]
+  long_factor: tuple[float, ...]
+  original_max_positions: int
+  attention_factor: float
+
+  FIELDS = ("short_factor", "long_factor", "original_max_positions", "attention_factor")
+
+  @classmethod
+  def from_config(cls, cfg) -> "RopeScaling | None":
+    """From config.model.rope_scaling (a mapping with exactly FIELDS, or None)."""
+    if cfg is None:
+      return None
+    values = dict(cfg)
+    if set(values) != set(cls.FIELDS):
+      raise ValueError(
+        f"model.rope_scaling needs exactly {list(cls.FIELDS)}; missing {sorted(set(cls.FIELDS) - set(values))}, "
+        f"unknown {sorted(set(values) - set(cls.FIELDS))}"
+      )
+    return cls(
+      tuple(float(x) for x in values["short_factor"]),
+      tuple(float(x) for x in values["long_factor"]),
+      int(values["original_max_positions"]),
+      float(values["attention_factor"]),
+    )
+
+
+def rope_tables(
+  position: jax.Array, head_dim: int, theta: float, scaling: RopeScaling | None = None, length: int = 0
+) -> tuple[jax.Array, jax.Array]:
+  """cos, sin float32 [B, T, 1, head_dim] for integer positions [B, T] (rotate-half RoPE).
+
+  With `scaling`, `length` (static: one more than the largest position of the sequence, as transformers takes
+  it from the position ids) picks the long or the short factors.
+  """
+  wavelength = theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  scale = 1.0
+  if scaling is not None:
+    factors = scaling.long_factor if length > scaling.original_max_positions else scaling.short_factor
+    if len(factors) != head_dim // 2:
+      raise ValueError(f"rope_scaling has {len(factors)} factors; heads of {head_dim} need {head_dim // 2}")
+    wavelength = jnp.asarray(factors, jnp.float32) * wavelength
+    scale = scaling.attention_factor
+  inv_freq = 1.0 / wavelength
   angles = position.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-  return jnp.cos(angles), jnp.sin(angles)
+  return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
 class RopeAndPlan(NamedTuple):
@@ -212,6 +262,7 @@ class Decoder(nn.Module):
   attention_block: int  # tile size of the tiled paths
   remat: str = "none"
   remat_save: tuple[str, ...] = ()
+  rope_scaling: RopeScaling | None = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -223,11 +274,13 @@ class Decoder(nn.Module):
     cache: KVCache | None = None,
     cache_ids: TokenIds | None = None,
     return_kv: bool = False,
+    rope_length: int = 0,
   ) -> jax.Array | tuple[jax.Array, KVCache]:
     """x: [B, T, D] embeddings; ids: fields [B, T]. Returns [B, T, D].
 
     With `cache` (and `cache_ids`, fields [B, Tc]) the tokens also attend to the
     cached earlier tokens; with `return_kv` it returns (x, this call's KVCache).
+    rope_length (static): the sequence's extent in positions, for `rope_scaling`.
     """
     layer_cls = DecoderLayer
     if self.remat != "none":
@@ -243,7 +296,7 @@ class Decoder(nn.Module):
     # The keys are the cached tokens (if any), then this call's own.
     k_ids = ids if cache is None else jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), cache_ids, ids)
     path = attention_path(self.attention, ids.frame.shape[1], k_ids.frame.shape[1], self.attention_block)
-    rope = rope_tables(ids.position, self.head_dim, self.rope_theta)
+    rope = rope_tables(ids.position, self.head_dim, self.rope_theta, self.rope_scaling, rope_length)
     shared = RopeAndPlan(rope, path.plan(ids, k_ids))  # once for every layer, forward and backward
     layers = stack(
       self.num_heads,

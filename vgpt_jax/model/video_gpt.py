@@ -19,7 +19,7 @@ import numpy as np
 
 from vgpt_jax.layout import NUM_SPECIAL, Layout, token_ids
 from vgpt_jax.model.embeddings import FinalLayer, PatchEmbed, TimestepEmbedder, patchify, sincos_2d_table, unpatchify
-from vgpt_jax.model.transformer import Decoder, KVCache
+from vgpt_jax.model.transformer import Decoder, KVCache, RopeScaling
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -34,6 +34,7 @@ class VideoGPT(nn.Module):
   patch_size: int
   norm_eps: float
   rope_theta: float
+  rope_scaling: RopeScaling | None  # Phi-3 LongRoPE (transformer.RopeScaling); None: plain RoPE
   time_freq_dim: int
   pos_embed_max_size: int
   pos_embed_base_size: int
@@ -53,7 +54,8 @@ class VideoGPT(nn.Module):
     missing, unknown = sorted(fields - set(values) - {"preset"}), sorted(set(values) - fields)
     if missing or unknown:
       raise ValueError(f"config.model lacks {missing} and has unknown fields {unknown} (model/presets.py lists them)")
-    return cls(**{**values, "remat_save": tuple(values["remat_save"])})
+    scaling = RopeScaling.from_config(values["rope_scaling"])
+    return cls(**{**values, "remat_save": tuple(values["remat_save"]), "rope_scaling": scaling})
 
   @nn.compact
   def __call__(
@@ -145,9 +147,10 @@ class VideoGPT(nn.Module):
       self.attention_block,
       self.remat,
       self.remat_save,
+      self.rope_scaling,
       name="decoder",
       **kw,
-    )(x, ids, cache, cache_ids, return_kv)
+    )(x, ids, cache, cache_ids, return_kv, rope_length=int(layout.position.max()) + 1)
     x, kv = decoded if return_kv else (decoded, None)
 
     # Sequence index (within `tokens`) of each noisy patch, for the frames whose patches are all there.
