@@ -95,6 +95,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       sample_context_frames=4,
       sample_steps=25,
       sample_clip_frames=0,  # frames generated per clip (0: all the rest in one clip); also sample/evaluate's default
+      sample_window=0,  # frames the model sees at once when sampling (0: data.num_frames); also sample/evaluate's
+      sample_guidance=1.0,  # classifier-free guidance scale (1: off); also sample/evaluate's default
+      sample_context_noise=False,  # noise context frames as training does (diffusion.context_t_*); off: reference
     )
   )
   return c

@@ -11,13 +11,19 @@ from tests.conftest import small_config
 from vgpt_jax.config import ConfigError, validate
 
 
-@pytest.mark.parametrize(
-  "get",
-  [base.get_config, tiny.get_config, tiny_learn.get_config]
-  + [(lambda s=s: paper.get_config(f"stage={s}")) for s in (1, 2, 3, 4)],
-)
+@pytest.mark.parametrize("get", [base.get_config, tiny.get_config, tiny_learn.get_config])
 def test_shipped_configs_are_valid(get):
   validate(get())
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_paper_configs_lack_only_their_paths(stage):
+  """The paper stages have no default data or VAE path: validating names those two overrides and nothing else."""
+  with pytest.raises(ConfigError) as refused:
+    validate(paper.get_config(f"stage={stage}"))
+  problems = str(refused.value).split("\n  - ")[1:]
+  assert len(problems) == 2, problems
+  assert "tokenizer.vae_path" in problems[0] + problems[1] and "data.path" in problems[0] + problems[1]
 
 
 def test_paper_stages_follow_the_recipe():
@@ -35,8 +41,17 @@ def test_paper_stages_follow_the_recipe():
     0.1,
     1.0,
   )
-  # 320x176 frames -> 20x11 = 220 patch tokens, 222 per segment.
+  # 320x176 frames -> 20x11 = 220 patch tokens, 222 per segment; the SDXL VAE's 8x down.
   assert (c.data.width // 16) * (c.data.height // 16) == 220
+  assert (c.tokenizer.kind, c.tokenizer.downsample, c.data.source) == ("vae", 8, "video_files")
+  # Stage 1's script builds AdamW without its betas/eps (torch defaults); all stages warm up 1000 steps.
+  s1 = paper.get_config("stage=1")
+  assert (s1.optim.b1, s1.optim.b2, s1.optim.eps, s1.optim.warmup_steps) == (0.9, 0.999, 1e-8, 1000)
+  # Sampling as the reference's inference script: guidance 1.5, 50 steps, clips of 24 in a window of 80.
+  s4 = paper.get_config("stage=4")
+  tr = s4.train
+  assert (tr.sample_guidance, tr.sample_steps, tr.sample_clip_frames, tr.sample_window) == (1.5, 50, 24, 80)
+  assert tr.sample_context_frames == 56 and not tr.sample_context_noise
   with pytest.raises(ValueError, match="stage=1..4"):
     paper.get_config("stage=5")
 

@@ -245,24 +245,44 @@ def test_special_token_ids_come_from_the_tokenizer_or_a_flag(tmp_path):
     convert.special_token_ids(tmp_path / "nothing")
 
 
-def test_weights_only_checkpoint_refuses_resume(imported):
-  """A run pointed at the imported workdir is told to use init_from instead of resuming."""
-  _, workdir, run, _ = imported
-  from vgpt_jax import train_step
+def test_weights_only_checkpoint_starts_runs_but_refuses_resume(imported):
+  """A new run's stage-to-stage init (checkpoint.init_from) takes the imported weights; a run pointed at the
+  imported workdir itself is told to use init_from instead of resuming."""
+  _, workdir, run, params = imported
+  from vgpt_jax import parallel, train, train_step
 
+  config = run.config.copy_and_resolve_references()
+  config.checkpoint.init_from = str(workdir)
+  new_run = train.make_run(config)
+  mesh = parallel.make_mesh(config.mesh)
+  state = train._initial_state(new_run, mesh, train_step.sharded_abstract_state(new_run, mesh))
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(state.step) == 0
   with checkpoint.Checkpointer(workdir, run.config.checkpoint) as ckpt:
     with pytest.raises(checkpoint.IncompatibleCheckpoint, match="init_from"):
       ckpt.restore(train_step.abstract_state(run), data_iter=None)
 
 
-@pytest.mark.parametrize("imported", [False], indirect=True, ids=["plain_rope"])
-def test_sample_runs_on_an_imported_checkpoint(imported, tmp_path):
-  """`python -m vgpt_jax.sample --checkpoint=IMPORTED` end to end (the run's held-out physics videos)."""
-  _, workdir, _, _ = imported
-  command = [sys.executable, "-m", "vgpt_jax.sample", f"--checkpoint={workdir}", f"--output={tmp_path}",
-             "--num_videos=1", "--batch_size=1", "--context_frames=2", "--frames=2", "--steps=2"]  # fmt: skip
-  done = subprocess.run(
-    command, capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+def test_the_readme_commands_import_sample_and_export(torch_ref, tmp_path):
+  """From the command line: convert reference-to-jax, `sample --checkpoint=IMPORTED` end to end (on the run's
+  held-out physics videos), then convert jax-to-reference."""
+  make_reference(torch_ref, tmp_path / "released", scaling=True)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+  def run(*args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+  imported, samples, exported = tmp_path / "imported", tmp_path / "samples", tmp_path / "exported"
+  run("vgpt_jax.convert", "reference-to-jax", f"--reference={tmp_path / 'released'}", f"--out={imported}",
+      "--config=configs/tiny.py")  # fmt: skip
+  run("vgpt_jax.sample", f"--checkpoint={imported}", f"--output={samples}", "--num_videos=1", "--batch_size=1",
+      "--context_frames=2", "--frames=2", "--steps=2")  # fmt: skip
+  assert list(samples.glob("*.mp4"))
+  run("vgpt_jax.convert", "jax-to-reference", f"--workdir={imported}", f"--out={exported}")
+  assert json.loads((exported / "config.json").read_text())["rope_scaling"]["long_factor"] == pytest.approx(
+    LONGROPE["long_factor"]
   )
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert list(tmp_path.glob("*.mp4"))
+  assert json.loads((exported / "added_tokens.json").read_text())["<|diffusion|>"] == SPECIAL_IDS[2]

@@ -61,6 +61,23 @@ def test_cached_rollout_equals_recomputing_everything(model, context_frames, cli
   np.testing.assert_allclose(cached, recomputed, rtol=1e-5, atol=2e-5)
 
 
+def test_context_noise_noises_what_the_model_reads_not_what_it_returns(model):
+  """With context_noise the context (given and generated) is fed noised as training feeds it: the clips change,
+  the cached and recomputed paths still agree (each frame is noised once, when it joins), and the run's
+  train.sample_context_noise is the default when the flag is unset."""
+  setup, params = model
+  context = latents(setup, 2, 2, 2)
+  keys = jax.random.split(jax.random.key(3), 2)
+  noised = Sampler(setup, SamplingConfig(steps=2, clip_frames=2, context_noise=True))
+  clean = Sampler(setup, SamplingConfig(steps=2, clip_frames=2))
+  a, b = (noised.rollout(params, context, keys, 5, cached=c) for c in (True, False))
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+  assert float(jnp.max(jnp.abs(a - clean.rollout(params, context, keys, 5)))) > 1e-3
+  cfg = small_config(**{"train.sample_context_noise": True})
+  assert with_run_defaults(cfg, 0, 0, None)[2].context_noise is True
+  assert with_run_defaults(cfg, 0, 0, SamplingConfig(context_noise=False))[2].context_noise is False
+
+
 def test_a_denoising_step_is_the_teacher_forced_prediction(model):
   """The cached step's output for clip (m | g) equals the training layout's output for the same inputs."""
   setup, params = model

@@ -225,3 +225,44 @@ def test_vae_latents_are_encoded_once_and_must_match_the_tokenizer(reference, tm
   lat_cfg.tokenizer.vae_path = str(other)
   with pytest.raises(ValueError, match="scaling_factor: encoded with 0.13025, configured 0.5"):
     make_run(lat_cfg)
+
+
+def test_paper_stage_trains_on_vae_latents_and_refuses_without_paths(reference, tmp_path):
+  """configs/paper.py:stage=2 from the command line: without data and VAE paths it stops before compiling,
+  naming both overrides; with a tiny latents directory (this VAE) and the model and frames shrunk by overrides
+  it trains a few steps and writes its end-of-run sample."""
+  import json
+  import subprocess
+  import sys
+
+  from tests.conftest import cpu_env, small_config
+  from vgpt_jax import encode
+
+  refused = subprocess.run(
+    [sys.executable, "-m", "vgpt_jax.train", "--config=configs/paper.py:stage=2", f"--workdir={tmp_path / 'no'}"],
+    env=cpu_env(), capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert refused.returncode != 0
+  assert "--config.data.path" in refused.stderr or "data.path" in refused.stderr, refused.stderr[-2000:]
+  assert "tokenizer.vae_path" in refused.stderr and "compiled" not in refused.stderr + refused.stdout
+
+  vae = {"tokenizer.kind": "vae", "tokenizer.vae_path": str(reference[0]), "tokenizer.downsample": 8}
+  sizes = {"data.height": 32, "data.width": 32, "data.num_train_videos": 4, "data.num_eval_videos": 1}
+  latents = tmp_path / "latents"
+  encode.encode(small_config(**sizes, **vae), latents, splits=["train", "eval"], max_frames=16, dtype="float32")
+  shrink = {
+    "data.source": "latents", "data.latents_path": str(latents), "tokenizer.vae_path": str(reference[0]),
+    "data.height": 32, "data.width": 32, "data.num_frames": 4, "data.frame_stride": 4, "data.frame_stride_max": 4,
+    "model.num_layers": 2, "model.hidden": 32, "model.num_heads": 2, "model.mlp_dim": 64, "model.remat": "none",
+    "model.dtype": "float32", "train.batch_size": 2, "train.steps": 2, "train.num_samples": 1,
+    "train.sample_window": 4, "train.sample_clip_frames": 1, "train.sample_context_frames": 3,
+    "train.sample_steps": 2,
+  }  # fmt: skip
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-m", "vgpt_jax.train", "--config=configs/paper.py:stage=2", f"--workdir={workdir}"]
+  command += [f"--config.{k}={v}" for k, v in shrink.items()]
+  done = subprocess.run(command, env=cpu_env(), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["end_step"] == 2 and np.isfinite(summary["loss_last"])
+  assert json.loads((workdir / "config.json").read_text())["optim"]["b2"] == 0.95  # stage 2's betas

@@ -499,6 +499,9 @@ FIELDS_ADDED = {
   ("train", "sample_clip_frames"): 0,  # 0: all the generated frames in one clip, as runs before it sampled
   ("model", "remat_save"): (),
   ("model", "rope_scaling"): None,
+  ("train", "sample_window"): 0,
+  ("train", "sample_guidance"): 1.0,
+  ("train", "sample_context_noise"): False,
   ("mesh", "dcn"): {"data": 1, "fsdp": 1, "tensor": 1, "context": 1},
 }
 

@@ -221,6 +221,13 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
       f"train.sample_clip_frames={tr.sample_clip_frames} must be in [0, data.num_frames - "
       f"train.sample_context_frames = {n - tr.sample_context_frames}] (0: all the predicted frames in one clip)"
     )
+  if not (tr.sample_window == 0 or tr.sample_context_frames + max(tr.sample_clip_frames, 1) <= tr.sample_window <= n):
+    problems.append(
+      f"train.sample_window={tr.sample_window} must be 0 (data.num_frames) or in [train.sample_context_frames + "
+      f"train.sample_clip_frames, data.num_frames={n}]"
+    )
+  if tr.sample_guidance <= 0:
+    problems.append(f"train.sample_guidance={tr.sample_guidance} must be > 0 (1: no guidance)")
   held_out = d.num_eval_videos
   separate_eval = d.eval_path or d.eval_manifest or d.source in ("tfds", "latents")
   if tr.num_samples < 1:

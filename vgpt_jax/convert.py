@@ -451,8 +451,8 @@ def reference_to_jax(
   reference: str | Path, out: str | Path, config: ml_collections.ConfigDict, special_ids: str = ""
 ) -> Path:
   """Import a reference folder into workdir `out` (see the module docstring); returns `out`."""
-  from vgpt_jax.config import validate
   from vgpt_jax.export import host_params_target
+  from vgpt_jax.run import make_run
 
   reference, out = Path(reference), Path(out)
   phi3_path = reference / "config.json"
@@ -490,7 +490,12 @@ def reference_to_jax(
   want = _pos_embed(config.model)
   if not np.allclose(np.asarray(tensors["pos_embed"], np.float32), want, atol=1e-5):
     raise ValueError(f"{source}: pos_embed is not the 2D sin-cos table of hidden {config.model.hidden} this code uses")
-  validate(config)
+  latent_channels = make_run(config).latent_shape[2]  # builds the model (checks its fields) and the tokenizer
+  if latent_channels != channels:
+    raise ValueError(
+      f"the reference's patch embedders take {channels} latent channels but the config's tokenizer "
+      f"({config.tokenizer.kind}) gives {latent_channels}: put the reference's vae/ folder beside its weights"
+    )
 
   params = params_from_reference(tensors, config.model, ids)
   expected = traverse_util.flatten_dict(host_params_target(config), sep="/")

@@ -60,14 +60,25 @@ def define_flags(num_videos: int, batch_size: int) -> None:
   flags.DEFINE_string("checkpoint", None, "A run's workdir (or its checkpoints directory).")
   flags.DEFINE_integer("num_videos", num_videos, "Videos to roll out.")
   flags.DEFINE_integer("context_frames", 0, "Context frames; 0: train.sample_context_frames.")
-  flags.DEFINE_integer("frames", 0, "Frames to generate; 0: up to data.num_frames in all.")
+  flags.DEFINE_integer("frames", 0, "Frames to generate; 0: context + generated fill the window.")
   flags.DEFINE_integer(
     "clip_frames", 0, "Frames per generated clip; 0: train.sample_clip_frames (0 there: all the frames in one clip)."
   )
-  flags.DEFINE_integer("window", 0, "Frames the model sees at once; 0: data.num_frames.")
+  flags.DEFINE_integer("window", 0, "Frames the model sees at once; 0: train.sample_window (0 there: data.num_frames).")
   flags.DEFINE_integer("steps", 0, "Euler steps per clip; 0: train.sample_steps (the end-of-run sample's).")
   flags.DEFINE_float("shift", 1.0, "Timestep shift (1: none).")
-  flags.DEFINE_float("guidance", 1.0, "Classifier-free guidance scale (1: off; the reference uses 1.5).")
+  flags.DEFINE_float(
+    "guidance",
+    0.0,
+    "Classifier-free guidance scale (1: off); 0: train.sample_guidance (configs/paper.py: 1.5, "
+    "the reference's inference script).",
+  )
+  flags.DEFINE_bool(
+    "context_noise",
+    None,
+    "Noise the context frames as training does (diffusion.context_t_min/max); unset: "
+    "train.sample_context_noise (off, as the reference's inference runs).",
+  )
   flags.DEFINE_integer("seed", 0, "Noise seed.")
   flags.DEFINE_enum("weights", "auto", ["auto", "params", "ema"], "auto: the EMA when the run kept one.")
   flags.DEFINE_integer("step", -1, "Checkpoint step; -1: the newest readable.")
@@ -79,7 +90,12 @@ def request_from_flags() -> RolloutRequest:
   """The RolloutRequest the shared flags ask for."""
   f = flags.FLAGS
   sampling = SamplingConfig(
-    steps=f.steps, shift=f.shift, guidance=f.guidance, clip_frames=f.clip_frames, window=f.window
+    steps=f.steps,
+    shift=f.shift,
+    guidance=f.guidance,
+    clip_frames=f.clip_frames,
+    window=f.window,
+    context_noise=f.context_noise,
   )
   # Every other field has a flag of its name.
   named = {field.name: f[field.name].value for field in dataclasses.fields(RolloutRequest) if field.name != "sampling"}

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from tqdm import tqdm
 
@@ -40,6 +41,7 @@ from vgpt_jax.layout import CLEAN, NOISY, fixed_split, sampling_layout, segment_
 from vgpt_jax.model.transformer import KVCache
 from vgpt_jax.run import Run
 
+_CONTEXT_NOISE = 0x5EED  # folded into a clip's key for its context noise (the clip's own noise uses the key itself)
 Videos = list[tuple[str, np.ndarray]]  # (name, float32 frames [T, H, W, 3] in [-1, 1]), T may differ per video
 
 
@@ -49,12 +51,15 @@ class SamplingConfig:
 
   steps: int = 50  # Euler steps per clip (0 in `with_run_defaults`: the run's train.sample_steps)
   shift: float = 1.0  # timestep shift (1 = none)
-  guidance: float = 1.0  # classifier-free guidance scale (1 = off: one model call per step)
+  guidance: float = 1.0  # classifier-free guidance scale (1 = off: one model call per step; 0 in `with_run_defaults`)
   clip_frames: int = 1  # g: frames generated per clip
-  window: int = 0  # W: frames the model sees at once
+  window: int = 0  # W: frames the model sees at once (0: the run's train.sample_window, or data.num_frames)
+  # Feed context frames noised as training does (diffusion.corrupt_context with the run's t range), each frame
+  # once as it joins the context. False: clean context, the reference's inference. None in `with_run_defaults`.
+  context_noise: bool | None = False
 
   def window_for(self, run: Run) -> int:
-    return self.window or run.layout.num_frames
+    return self.window or run.config.train.sample_window or run.layout.num_frames
 
 
 def with_run_defaults(
@@ -63,16 +68,24 @@ def with_run_defaults(
   """(context frames, frames to generate, sampling) where 0 (or None) means the run's own choice.
 
   The one place the end-of-run sample, `sample` and `evaluate` take their defaults
-  from: context train.sample_context_frames; frames the rest of data.num_frames;
+  from: context train.sample_context_frames; frames the rest of the window;
   steps train.sample_steps; clip_frames train.sample_clip_frames, or all the
-  generated frames in one clip.
+  generated frames in one clip; window train.sample_window (0: data.num_frames);
+  guidance train.sample_guidance; context_noise train.sample_context_noise.
+  configs/paper.py sets them as the reference's inference script runs.
   """
-  n, tr = config.data.num_frames, config.train
+  tr = config.train
+  n = tr.sample_window or config.data.num_frames
   context_frames = context_frames or tr.sample_context_frames
-  sampling = sampling or SamplingConfig(steps=0, clip_frames=0)
+  sampling = sampling or SamplingConfig(steps=0, guidance=0.0, clip_frames=0, context_noise=None)
   default_clip = tr.sample_clip_frames or n - context_frames
   sampling = dataclasses.replace(
-    sampling, steps=sampling.steps or tr.sample_steps, clip_frames=sampling.clip_frames or default_clip
+    sampling,
+    steps=sampling.steps or tr.sample_steps,
+    clip_frames=sampling.clip_frames or default_clip,
+    guidance=sampling.guidance or tr.sample_guidance,
+    window=sampling.window or tr.sample_window,
+    context_noise=tr.sample_context_noise if sampling.context_noise is None else sampling.context_noise,
   )
   return context_frames, frames or n - context_frames, sampling
 
@@ -259,12 +272,13 @@ class Sampler:
     check_sampling(self.run, cfg, context.shape[1])
     shape = context.shape[2:]
     history = jnp.asarray(context, jnp.float32)
+    seen = self._as_context(keys, 0, history)  # what the model reads of the history (noised if asked)
     total = -(-num_frames // cfg.clip_frames)
     cache, cache_start, cached_upto = None, -1, 0
     for c in range(total):
       g = min(cfg.clip_frames, num_frames - c * cfg.clip_frames)
       start = max(0, history.shape[1] + g - w)  # slide so that context + clip fit the window
-      window_context = history[:, start:]
+      window_context = seen[:, start:]
       m = window_context.shape[1]
       noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, c), (g, *shape), jnp.float32))(keys)
       sampling = dict(steps=cfg.steps, shift=float(cfg.shift), guidance=float(cfg.guidance))
@@ -277,9 +291,19 @@ class Sampler:
       else:
         clip = self._uncached_clip(params, window_context, noise, **sampling)
       history = jnp.concatenate([history, clip], axis=1)
+      seen = jnp.concatenate([seen, self._as_context(keys, c + 1, clip)], axis=1)
       if on_clip is not None:
         on_clip(c + 1, total)
     return history[:, context.shape[1] :]
+
+  def _as_context(self, keys: jax.Array, entry: int, frames: jax.Array) -> jax.Array:
+    """frames [B, k, ...] as they join the context: unchanged, or with `context_noise` noised as training noises
+    clean frames (diffusion.corrupt_context), from a key per video and entry (0: the given context, c: clip c)."""
+    if not self.cfg.context_noise:
+      return frames
+    noise_cfg = ml_collections.ConfigDict({**self.run.config.diffusion.to_dict(), "context_noise": True})
+    entry_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, entry), _CONTEXT_NOISE))(keys)
+    return jax.vmap(lambda k, x: diffusion.corrupt_context(k, x[None], noise_cfg)[0])(entry_keys, frames)
 
 
 def continue_videos(
