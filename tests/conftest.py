@@ -183,6 +183,7 @@ LONGEST_FIRST = (
   "test_pallas_tpu",
   "test_video_files",
   "test_fvd",
+  "test_convert",
   "test_pallas_gpu",
   "test_vae",
   "test_model",

@@ -181,7 +181,11 @@ def test_export_round_trip_and_strict_torch_load(imported, torch_ref, tmp_path):
       assert torch.equal(value, original[key]), key
   assert json.loads((exported / "config.json").read_text())["hidden_size"] == 64
   again = convert.reference_to_jax(exported, tmp_path / "again", import_config())
-  _, params2, _ = checkpoint.load_model(again)
+  run2, params2, _ = checkpoint.load_model(again)
+  assert run2.model.rope_scaling == run.model.rope_scaling  # LongRoPE survives the Phi-3 config.json
+  if run.model.rope_scaling is not None:  # written as every transformers version's Phi-3 reads it
+    assert set(json.loads((exported / "config.json").read_text())["rope_scaling"]) == {"type", "short_factor",
+                                                                                      "long_factor"}  # fmt: skip
   a, b = (traverse_util.flatten_dict(jax.device_get(p), sep="/") for p in (params, params2))
   assert a.keys() == b.keys()
   for key in a:
@@ -286,3 +290,33 @@ def test_the_readme_commands_import_sample_and_export(torch_ref, tmp_path):
     LONGROPE["long_factor"]
   )
   assert json.loads((exported / "added_tokens.json").read_text())["<|diffusion|>"] == SPECIAL_IDS[2]
+
+
+def test_pickled_formats_import_alike_and_model_pt_is_v_prediction(torch_ref, tmp_path, monkeypatch):
+  """model.pt (v-prediction, the reference script's rule) and pytorch_model.bin shards give the parameters the
+  safetensors file gives; torch reads them with weights_only=True, and without torch the error says so."""
+  torch, _ = torch_ref
+  from safetensors.torch import load_file
+
+  make_reference(torch_ref, tmp_path / "st", scaling=False)
+  state = load_file(str(tmp_path / "st" / "model.safetensors"))
+  keys = sorted(state)
+  for name in ("pt", "bin"):
+    (tmp_path / name).mkdir()
+    for extra in ("config.json", "added_tokens.json"):
+      (tmp_path / name / extra).write_text((tmp_path / "st" / extra).read_text())
+  torch.save(state, tmp_path / "pt" / "model.pt")
+  (tmp_path / "bin" / "pytorch_model.bin").mkdir()
+  half = len(keys) // 2
+  torch.save({k: state[k] for k in keys[:half]}, tmp_path / "bin" / "pytorch_model.bin" / "part1.bin")
+  torch.save({k: state[k] for k in keys[half:]}, tmp_path / "bin" / "pytorch_model.bin" / "part2.bin")
+  runs = {n: checkpoint.load_model(convert.reference_to_jax(tmp_path / n, tmp_path / f"{n}_out", import_config()))
+          for n in ("st", "pt", "bin")}  # fmt: skip
+  assert {n: r[0].config.diffusion.prediction for n, r in runs.items()} == {"st": "x", "pt": "v", "bin": "x"}
+  want = jax.tree.leaves(runs["st"][1])
+  for n in ("pt", "bin"):
+    for a, b in zip(jax.tree.leaves(runs[n][1]), want):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+  with pytest.raises(ImportError, match="needs torch"):
+    convert.read_reference_weights(tmp_path / "pt")

@@ -169,15 +169,16 @@ def phi3_from_model(model: ml_collections.ConfigDict, vocab_size: int, base: dic
   scaling = model.rope_scaling
   if scaling is None:
     phi3["rope_scaling"] = None
-  else:
-    phi3["rope_scaling"] = {
-      "type": "longrope",
-      "short_factor": list(scaling.short_factor),
-      "long_factor": list(scaling.long_factor),
-      "original_max_position_embeddings": scaling.original_max_positions,
-      "attention_factor": scaling.attention_factor,
-    }
-    phi3["original_max_position_embeddings"] = scaling.original_max_positions
+    return phi3
+  kind = (phi3.get("rope_scaling") or {}).get("type", "longrope")
+  # The three fields every transformers version's Phi-3 accepts; the attention factor is implied by
+  # max_position_embeddings / original_max_position_embeddings, written explicitly only when it is not.
+  phi3["rope_scaling"] = {"type": kind, "short_factor": list(scaling.short_factor),
+                          "long_factor": list(scaling.long_factor)}  # fmt: skip
+  phi3["original_max_position_embeddings"] = scaling.original_max_positions
+  implied = rope_scaling_from_phi3(phi3)["attention_factor"]
+  if not math.isclose(implied, scaling.attention_factor, rel_tol=1e-12):
+    phi3["rope_scaling"]["attention_factor"] = scaling.attention_factor
   return phi3
 
 

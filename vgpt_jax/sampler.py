@@ -298,7 +298,7 @@ class Sampler:
 
   def _as_context(self, keys: jax.Array, entry: int, frames: jax.Array) -> jax.Array:
     """frames [B, k, ...] as they join the context: unchanged, or with `context_noise` noised as training noises
-    clean frames (diffusion.corrupt_context), from a key per video and entry (0: the given context, c: clip c)."""
+    clean frames (diffusion.corrupt_context), from a key per video and entry (0: the given context, c + 1: clip c)."""
     if not self.cfg.context_noise:
       return frames
     noise_cfg = ml_collections.ConfigDict({**self.run.config.diffusion.to_dict(), "context_noise": True})
