@@ -73,7 +73,7 @@ def torch_ref():
   return torch, reference_model
 
 
-def make_reference(torch_ref, directory: Path, scaling: bool, seed: int = 0):
+def make_reference(torch_ref, directory: Path, scaling: bool, seed: int = 0, channels: int = 48):
   """A released-style folder (model.safetensors, config.json, added_tokens.json) of a random reference model."""
   torch, reference_model = torch_ref
   from safetensors.torch import save_file
@@ -83,7 +83,7 @@ def make_reference(torch_ref, directory: Path, scaling: bool, seed: int = 0):
   phi3 = phi3_json(scaling)
   fields = copy.deepcopy({k: v for k, v in phi3.items() if k != "architectures"})  # Phi3Config edits its input
   config = Phi3Config(**fields, attn_implementation="eager")
-  model = reference_model.ReferenceVideoGPT(config, channels=48, patch=2).eval()
+  model = reference_model.ReferenceVideoGPT(config, channels=channels, patch=2).eval()
   with torch.no_grad():
     for name, param in model.named_parameters():  # nothing zero (the reference zero-inits its outputs)
       param.copy_(torch.randn_like(param) * (0.3 if param.ndim > 1 else 0.1) + (1.0 if "norm" in name else 0.0))

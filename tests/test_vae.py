@@ -266,3 +266,34 @@ def test_paper_stage_trains_on_vae_latents_and_refuses_without_paths(reference, 
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["end_step"] == 2 and np.isfinite(summary["loss_last"])
   assert json.loads((workdir / "config.json").read_text())["optim"]["b2"] == 0.95  # stage 2's betas
+
+
+def test_import_with_the_reference_vae_gets_the_paper_recipe(reference, tmp_path):
+  """`convert reference-to-jax` with its default config on a released-style folder with a vae/: the imported
+  run uses that VAE (copied) and samples as the reference's inference script does (configs/paper.py:stage=4)."""
+  import json
+  import subprocess
+  import sys
+
+  import reference_model
+  import torch
+
+  from tests.conftest import cpu_env
+  from tests.test_convert import make_reference
+
+  released = tmp_path / "released"
+  make_reference((torch, reference_model), released, scaling=False, channels=4)
+  shutil.copytree(reference[0], released / "vae")
+  out = tmp_path / "imported"
+  command = [sys.executable, "-m", "vgpt_jax.convert", "reference-to-jax", f"--reference={released}", f"--out={out}"]
+  done = subprocess.run(command, env=cpu_env(), capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  from vgpt_jax import checkpoint
+
+  config = checkpoint.saved_config(out)
+  assert (config.tokenizer.kind, config.tokenizer.vae_path) == ("vae", str((out / "vae").resolve()))
+  assert (out / "vae" / "config.json").is_file()
+  tr = config.train
+  assert (tr.sample_guidance, tr.sample_steps, tr.sample_clip_frames, tr.sample_window) == (1.5, 50, 24, 80)
+  assert (config.data.height, config.data.width, config.model.hidden) == (176, 320, 64)
+  assert json.loads((out / "reference.json").read_text())["special_token_ids"]["<img>"] == 37
