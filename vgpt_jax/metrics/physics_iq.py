@@ -10,30 +10,31 @@ physical variance), on frames resized to a common size with pixels in [0, 1]:
   * MSE: per frame the mean of (a - b)^2 over H, W and the 3 channels; the row
     value is the mean of those per-frame values.
 
-Score (the benchmark's original score, `IQTable.compute_final_score_orig` in
-google-deepmind/physics-IQ-benchmark, not its per-scenario clipped "stable"
-variant): each metric is first averaged over the views of a scenario, then over
-scenarios; the ratios are formed from those dataset means, not per scenario:
+Score (the benchmark's original score, not its per-scenario clipped "stable"
+variant), from dataset means of each metric and of its physical variance (the
+ratios are formed from those means, not per scenario; `original_score` averages
+and rounds exactly as the official scorer does, `aggregate` plainly per scenario
+then over scenarios):
 
   score = 100 * clip(mean(ST/ST_var, S/S_var, WS/WS_var) - (MSE - MSE_var), 0, 1)
 
 A mean variance of 0 leaves its ratio undefined: the score is then NaN.
 
-How this matches the public benchmark, and where it differs:
-  * `motion_masks` runs the benchmark's mask steps with the same OpenCV calls on
-    each video at its own resolution, so equal decoded frames give equal masks.
-    The frames themselves come from PyAV here (OpenCV's FFmpeg there); the two
-    may round the YUV->RGB conversion differently.
-  * The benchmark stores masks as lossy mp4v videos and reads them back before
-    resizing; here the masks stay in memory (0/255, resized with bilinear
-    interpolation, kept where > 127, as the benchmark does after reading).
-  * The common size is take 1's size // 4 in the benchmark (`downscale=4` in
-    `evaluate_directory`); `score_arrays` compares at the arrays' own size
-    unless given one, as the project's videos are already small.
-  * Only the first frames are compared: as many as take 1 has (at most
-    `max_frames`); the benchmark takes 5 s at the generated videos' frame rate.
-    Real and generated videos must have the same frame rate (the benchmark
-    re-encodes the real videos at the generated rate; not done here).
+Two ways in:
+  * `evaluate_directory` (and the CLI) scores files as the official Original workflow does, step for step
+    (`original_view`, `original_score`): OpenCV decoding, the first 5 s at the generated videos' frame rate,
+    take 1's size // 4, motion masks written as mp4v videos and read back (the official's lossy round trip,
+    which moves IoUs by up to about 0.05 on small videos; `exact_masks=True` keeps them in memory instead),
+    the dataset's shipped real masks where given, real videos resampled to the generated frame rate with the
+    official blend, per-frame values rounded to 4 decimals and the score to 2, as its scorer parses them.
+    tests/test_physics_iq.py checks the per-video metrics (within 1e-6) and the score (within 0.01) against
+    numbers the official code computed on the tests' fixture. Not reproduced: the official re-encodes
+    resampled real videos with H.264 (pip's OpenCV has no H.264 encoder), so with differing frame rates the
+    real frames here are the resampled ones before that lossy step.
+  * `score_arrays` scores in-memory videos (the evaluate CLI's rollouts): the same mask detector and metrics
+    on exact masks, averaged per scenario then over scenarios (`aggregate`), without file round trips or
+    rounding.
+The Physics-IQ Verified workflow (the official physiq/) is not implemented yet.
 
 Directory layout (the benchmark's `split-videos/testing/<fps>FPS` folder):
   real:      <id>_testing-videos_<fps>FPS_<view>_take-<1|2>_<scenario>.mp4
@@ -66,6 +67,7 @@ VARIANCES: tuple[str, ...] = tuple(f"variance_{m}" for m in METRICS)
 _IOU_METRICS = METRICS[:3]
 _INFO_COLUMNS: tuple[str, ...] = ("scenario", "view", "take1", "take2", "generated", "num_frames")
 
+SECONDS_SCORED = 5  # the official scores the first 5 s, at the generated videos' frame rate
 _REAL_NAME = re.compile(
   r"^(?P<id>[^_]+)_(?P<kind>[^_]+)_(?P<fps>[^_]+)_(?P<view>[^_]+)_take-(?P<take>\d+)_(?P<scenario>.+)\.mp4$", re.I
 )
@@ -161,11 +163,12 @@ def _check_pair(a: np.ndarray, b: np.ndarray, what: str) -> None:
 
 
 def iou_per_frame(masks_a: np.ndarray, masks_b: np.ndarray) -> np.ndarray:
-  """float64 [T]: IoU of bool masks [T, H, W] frame by frame; a frame where both are empty counts 1."""
+  """float64 [T]: IoU of bool masks [T, H, W] (or [T, H, W, C], counted over channels too, as the official does
+  with its 3-channel mask videos) frame by frame; a frame where both are empty counts 1."""
   masks_a, masks_b = np.asarray(masks_a, bool), np.asarray(masks_b, bool)
   _check_pair(masks_a, masks_b, "iou_per_frame")
-  intersection = np.logical_and(masks_a, masks_b).sum(axis=(1, 2))
-  union = np.logical_or(masks_a, masks_b).sum(axis=(1, 2))
+  intersection = np.logical_and(masks_a, masks_b).reshape(len(masks_a), -1).sum(axis=1)
+  union = np.logical_or(masks_a, masks_b).reshape(len(masks_a), -1).sum(axis=1)
   return np.where(union == 0, 1.0, intersection / np.maximum(union, 1))
 
 
@@ -436,13 +439,183 @@ def match_files(real_dir: str, generated_dir: str) -> list[dict[str, str | None]
   return entries
 
 
-def _read_at_least(path: str, frames: int, what: str) -> tuple[np.ndarray, float]:
-  video, fps = read_video(path, frames)
-  if video.shape[0] < frames:
-    raise ValueError(
-      f"{path}: {what} has {video.shape[0]} frames, fewer than take 1's {frames}; give it at least {frames}"
+# --------------------------------------------------------------------------- the official Original workflow
+
+
+def read_frames_cv2(path: str, end: float | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
+  """uint8 BGR [T, h, w, 3]: frames i < end of a video decoded by OpenCV, each cv2.resize-d (bilinear) to size
+  (h, w) when given; the official `load_and_resize_video` (normalising is left to the caller)."""
+  capture = cv2.VideoCapture(path)
+  if not capture.isOpened():
+    raise ValueError(f"{path}: OpenCV cannot open it")
+  frames = []
+  while end is None or len(frames) < end:
+    ok, frame = capture.read()
+    if not ok:
+      break
+    frames.append(frame if size is None else cv2.resize(frame, (size[1], size[0])))
+  capture.release()
+  if not frames:
+    raise ValueError(f"{path}: no frames decoded")
+  return np.stack(frames)
+
+
+def video_fps(path: str) -> float:
+  """Frame rate as OpenCV reports it (what the official code reads)."""
+  capture = cv2.VideoCapture(path)
+  fps = capture.get(cv2.CAP_PROP_FPS)
+  capture.release()
+  return float(fps)
+
+
+def resample_fps(frames: np.ndarray, fps: float, new_fps: float) -> np.ndarray:
+  """The official fps_changer on frames [T, H, W, 3] (uint8): its first min(5 s, length) at `new_fps`, each new
+  frame a linear blend of its two neighbours, truncated to uint8. (The official then writes them as H.264 and
+  reads them back; that lossy step is not reproduced: pip's OpenCV has no H.264 encoder.)"""
+  duration = min(SECONDS_SCORED, len(frames) / fps)
+  frames = frames[: int(duration * fps)]
+  count = int(duration * new_fps)
+  out = []
+  for j in range(count):
+    alpha = j * (len(frames) - 1) / (count - 1) if count > 1 else 0.0
+    index = int(alpha)
+    alpha -= index
+    a = frames[index].astype(np.float32)
+    b = frames[min(index + 1, len(frames) - 1)].astype(np.float32)
+    out.append(((1 - alpha) * a + alpha * b).astype(np.uint8))
+  return np.stack(out)
+
+
+def write_mask_video(masks: np.ndarray, fps: float, path: str) -> None:
+  """Masks bool [T, H, W] as the official stores them: 0/255 grey frames through OpenCV's mp4v writer at
+  round(fps), the frame size declared rounded down to even (lossy: reading back gives 3-channel, not 0/255)."""
+  height, width = masks.shape[1:]
+  writer = cv2.VideoWriter(
+    path, cv2.VideoWriter_fourcc(*"mp4v"), round(fps), (width - width % 2, height - height % 2), isColor=False
+  )
+  for mask in masks:
+    writer.write(mask.astype(np.uint8) * np.uint8(255))
+  writer.release()
+
+
+def _masks(frames_bgr: np.ndarray, fps: float, end: float, size: tuple[int, int], store: str | None) -> np.ndarray:
+  """Motion masks of a video's frames at the common size: bool [T, h, w, 3] read back from the mask video written
+  to `store` (the official's lossy round trip), or bool [T, h, w] kept in memory when store is None."""
+  masks = motion_masks(np.ascontiguousarray(frames_bgr[..., ::-1]))  # the detector takes RGB
+  if store is None:
+    return resize_masks(masks[: int(math.ceil(end))], size)
+  write_mask_video(masks, fps, store)
+  return read_frames_cv2(store, end, size) > 127
+
+
+def original_view(
+  take1: str, take2: str | None, generated: str, *, real_mask1: str | None = None, real_mask2: str | None = None,
+  mask_dir: str | None = None, downscale: int = 4,
+) -> dict[str, Any]:  # fmt: skip
+  """One view as the official Original workflow scores it: the first 5 s at the generated video's frame rate
+  (real videos resampled to it when theirs differs), take 1's size // downscale, motion masks through the mp4v
+  round trip into `mask_dir` (None: exact in-memory masks), shipped real mask videos where given.
+
+  Returns the per-video means (METRICS, VARIANCES) and the per-frame lists the official score reads
+  (`frames_spatiotemporal_iou`, `frames_mse`, `frames_variance_spatiotemporal_iou`, `frames_variance_mse`).
+  """
+  fps = video_fps(generated)
+  end = fps * SECONDS_SCORED
+  real = {"take1": take1, "take2": take2}
+  frames = {}
+  for name, path in real.items():
+    if path is None:
+      continue
+    video = read_frames_cv2(path)
+    real_fps = video_fps(path)
+    frames[name] = video if round(real_fps) == round(fps) else resample_fps(video, real_fps, fps)
+  first = frames["take1"][0]
+  size = (max(1, first.shape[0] // downscale), max(1, first.shape[1] // downscale))
+  frames["generated"] = read_frames_cv2(generated)
+  shipped = {"take1": real_mask1, "take2": real_mask2}
+  masks = {}
+  for name, video in frames.items():
+    if shipped.get(name) and os.path.isfile(shipped[name]):
+      masks[name] = read_frames_cv2(shipped[name], end, size) > 127
+      continue
+    store = (
+      None if mask_dir is None else os.path.join(mask_dir, f"{name}_{os.path.basename(real.get(name) or generated)}")
     )
-  return video, fps
+    masks[name] = _masks(video, fps, end, size, store)
+  unit = {}
+  for name, video in frames.items():
+    small = np.stack([cv2.resize(f, (size[1], size[0])) for f in video[: int(math.ceil(end))]])
+    unit[name] = small / 255.0
+  count = {name: len(v) for name, v in unit.items()} | {f"{n} masks": len(m) for n, m in masks.items()}
+  if len(set(count.values())) != 1:
+    raise ValueError(f"{generated}: frame counts differ within the first {SECONDS_SCORED} s: {count}")
+  row: dict[str, Any] = {"num_frames": len(unit["take1"]), "fps": fps}
+  pairs = [("", "generated")] + ([("variance_", "take2")] if take2 else [])
+  for prefix, other in pairs:
+    ious = iou_per_frame(masks["take1"], masks[other])
+    mses = _mse_float32(unit["take1"], unit[other])
+    row[f"frames_{prefix}spatiotemporal_iou"] = [float(x) for x in ious]
+    row[f"frames_{prefix}mse"] = [float(x) for x in mses]
+    row[f"{prefix}spatiotemporal_iou"] = float(np.mean(ious))
+    row[f"{prefix}spatial_iou"] = spatial_iou(masks["take1"], masks[other])
+    row[f"{prefix}weighted_spatial_iou"] = weighted_spatial_iou(masks["take1"], masks[other])
+    row[f"{prefix}mse"] = float(np.mean(mses))
+  return row
+
+
+def _mse_float32(a: np.ndarray, b: np.ndarray) -> list[float]:
+  """The official per-frame MSE: frames cast to float32, the mean in float32."""
+  return [float(np.mean((x.astype(np.float32) - y.astype(np.float32)) ** 2)) for x, y in zip(a, b)]
+
+
+def original_score(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """The official Original score (calculate_iq_score) from per-view rows of `original_view` with `scenario` and
+  `view`: per-frame values rounded to 4 decimals as it parses them; ST-IoU and MSE averaged over all frames of a
+  scenario's views, then over scenarios; spatial IoUs over scenarios then views; each variance per view over all
+  frames (or scenarios), then over views, rounded to 4 decimals (5 for spatial); the score clipped to [0, 100]
+  and rounded to 2 decimals."""
+  by_scenario: dict[str, list[Mapping[str, Any]]] = {}
+  views: dict[str, list[Mapping[str, Any]]] = {}
+  for row in rows:
+    by_scenario.setdefault(str(row["scenario"]), []).append(row)
+    views.setdefault(str(row["view"]), []).append(row)
+  rounded = lambda values: [round(float(v), 4) for v in values]  # noqa: E731
+
+  def over_frames(key: str) -> float:
+    return float(np.mean([np.mean(np.concatenate([rounded(r[key]) for r in group])) for group in by_scenario.values()]))
+
+  def per_view(key: str, frames: bool) -> float:
+    if frames:
+      return float(np.mean([np.mean(np.concatenate([rounded(r[key]) for r in group])) for group in views.values()]))
+    return float(np.mean([np.mean([float(r[key]) for r in group]) for group in views.values()]))
+
+  out: dict[str, Any] = {"num_scenarios": len(by_scenario), "num_videos": len(rows)}
+  out["spatiotemporal_iou"] = over_frames("frames_spatiotemporal_iou")
+  out["mse"] = over_frames("frames_mse")
+  out["spatial_iou"] = per_view("spatial_iou", False)
+  out["weighted_spatial_iou"] = per_view("weighted_spatial_iou", False)
+  if not all("variance_mse" in r for r in rows):
+    out["physics_iq_score"] = None
+    return out
+  out["variance_mse"] = round(per_view("frames_variance_mse", True), 4)
+  out["variance_spatiotemporal_iou"] = round(per_view("frames_variance_spatiotemporal_iou", True), 4)
+  out["variance_spatial_iou"] = round(per_view("variance_spatial_iou", False), 5)
+  out["variance_weighted_spatial_iou"] = round(per_view("variance_weighted_spatial_iou", False), 4)
+  raw = _raw_score(out)
+  out["physics_iq_score_unclipped"] = 100.0 * raw
+  out["physics_iq_score"] = float("nan") if math.isnan(raw) else round(max(min(100.0 * raw, 100.0), 0.0), 2)
+  return out
+
+
+def real_mask_path(masks_dir: str | None, real_path: str | None, fps: float) -> str | None:
+  """The shipped mask video of a real take (`<id>_video-masks_<fps>FPS_<view>_take-<n>_<scenario>.mp4` in
+  masks_dir, the dataset's video-masks/real/<fps>FPS), or None."""
+  if not masks_dir or not real_path:
+    return None
+  parts = os.path.basename(real_path).split("_")
+  name = "_".join([parts[0], "video-masks", f"{round(fps)}FPS", *parts[3:]])
+  path = os.path.join(masks_dir, name)
+  return path if os.path.isfile(path) else None
 
 
 def evaluate_directory(
@@ -451,34 +624,39 @@ def evaluate_directory(
   output_csv: str | None = None,
   *,
   downscale: int = 4,
-  max_frames: int | None = None,
+  exact_masks: bool = False,
+  real_masks_dir: str | None = None,
+  mask_dir: str | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-  """(per-video rows, score dict) for a benchmark-style folder of real videos and a folder of generated ones.
+  """(per-video rows, score dict) of a benchmark-style folder of real videos and a folder of generated ones, as
+  the official Original workflow scores them (`original_view`, `original_score`).
 
-  The common size is take 1's (H // downscale, W // downscale), 4 in the
-  benchmark; the first T frames are compared, T = take 1's frame count capped at
-  `max_frames`. Writes the rows to `output_csv` when given.
+  exact_masks: keep the motion masks in memory instead of the official's lossy mp4v round trip (the IoUs then
+  differ from the official ones by up to about 0.05 on small videos). real_masks_dir: the dataset's shipped
+  real masks (video-masks/real/<fps>FPS), used where present. mask_dir: where the round-trip mask videos go
+  (a temporary folder by default). Writes the rows to `output_csv` when given.
   """
+  import tempfile
+
   if downscale < 1:
     raise ValueError(f"downscale must be >= 1, got {downscale}")
   rows = []
-  for entry in match_files(real_dir, generated_dir):
-    take1, fps1 = read_video(entry["take1"], max_frames)
-    frames = take1.shape[0]
-    generated, fps_generated = _read_at_least(entry["generated"], frames, "the generated video")
-    if not math.isclose(fps1, fps_generated, rel_tol=1e-3):
-      raise ValueError(
-        f"{entry['generated']} runs at {fps_generated:g} fps but {entry['take1']} at {fps1:g}; "
-        "compare real videos re-encoded at the generated frame rate"
-      )
-    take2 = _read_at_least(entry["take2"], frames, "take 2")[0] if entry["take2"] else None
-    size = (max(1, take1.shape[1] // downscale), max(1, take1.shape[2] // downscale))
-    metrics = compare_videos(generated[:frames], take1, take2, size=size)
-    files = {k: os.path.basename(entry[k]) if entry[k] else "" for k in ("take1", "take2", "generated")}
-    rows.append({"scenario": entry["scenario"], "view": entry["view"], **files, "num_frames": frames, **metrics})
+  with tempfile.TemporaryDirectory() as scratch:
+    store = None if exact_masks else (mask_dir or scratch)
+    if store:
+      os.makedirs(store, exist_ok=True)
+    for entry in match_files(real_dir, generated_dir):
+      fps = video_fps(entry["generated"])
+      metrics = original_view(
+        entry["take1"], entry["take2"], entry["generated"], downscale=downscale, mask_dir=store,
+        real_mask1=real_mask_path(real_masks_dir, entry["take1"], fps),
+        real_mask2=real_mask_path(real_masks_dir, entry["take2"], fps),
+      )  # fmt: skip
+      files = {k: os.path.basename(entry[k]) if entry[k] else "" for k in ("take1", "take2", "generated")}
+      rows.append({"scenario": entry["scenario"], "view": entry["view"], **files, **metrics})
   if output_csv:
-    write_csv(rows, output_csv)
-  return rows, aggregate(rows)
+    write_csv([{k: v for k, v in r.items() if not k.startswith("frames_")} for r in rows], output_csv)
+  return rows, original_score(rows)
 
 
 def write_csv(rows: Iterable[Mapping[str, Any]], path: str) -> None:
@@ -504,9 +682,12 @@ def _main(argv: Sequence[str]) -> None:
 
   del argv
   f = flags.FLAGS
+  if f.variant != "original":
+    raise SystemExit(f"--variant={f.variant}: only the Original workflow is implemented so far")
   _, scores = evaluate_directory(
-    f.real, f.generated, f.output, downscale=f.downscale, max_frames=f.max_frames if f.max_frames > 0 else None
-  )
+    f.real, f.generated, f.output, downscale=f.downscale, exact_masks=f.exact_masks,
+    real_masks_dir=f.real_masks or None, mask_dir=f.mask_dir or None,
+  )  # fmt: skip
   print(json.dumps(scores, indent=2))
 
 
@@ -518,7 +699,10 @@ if __name__ == "__main__":
   )
   flags.DEFINE_string("generated", None, "Folder of generated videos <take-1 id>_<view>_<scenario>.mp4.")
   flags.DEFINE_string("output", None, "Per-video CSV to write.")
+  flags.DEFINE_enum("variant", "original", ["original", "verified"], "Which Physics-IQ (the official workflow's).")
   flags.DEFINE_integer("downscale", 4, "Compare at take 1's size divided by this (the benchmark uses 4).")
-  flags.DEFINE_integer("max_frames", 0, "Compare at most this many frames (0: all of take 1's).")
+  flags.DEFINE_bool("exact_masks", False, "Keep motion masks in memory (not the official's lossy mp4v round trip).")
+  flags.DEFINE_string("real_masks", "", "The dataset's shipped real masks (video-masks/real/<fps>FPS), if any.")
+  flags.DEFINE_string("mask_dir", "", "Keep the round-trip mask videos here (default: a temporary folder).")
   flags.mark_flags_as_required(["real", "generated", "output"])
   app.run(_main)
