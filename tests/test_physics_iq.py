@@ -362,3 +362,44 @@ def test_real_videos_are_resampled_to_the_generated_frame_rate():
   out = piq.resample_fps(frames, fps=2.0, new_fps=1.0)  # 5 s: 10 frames -> 5
   assert out.shape == (5, 2, 2, 3)
   np.testing.assert_array_equal(out[:, 0, 0, 0], [0, 22, 45, 67, 90])  # 9 * j / 4 * 10, truncated
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_generate_and_score_a_benchmark_shaped_dataset(trained_run, tmp_path):
+  """`python -m vgpt_jax.physics_iq` on a dataset in the official layout made from the physics world (full
+  videos, conditioning and testing splits, switch frames, real masks, 2 takes, 3 views): the continuations carry
+  the official names, 5 s at the asked frame rate; the scores are written per run and category; a rerun keeps
+  the videos already written."""
+  import cv2
+
+  from tests.conftest import cpu_env
+  from vgpt_jax.benchmarks.physics_iq import make_benchmark
+
+  bench = make_benchmark(tmp_path / "physics-IQ-benchmark", scenarios=2, fps=8)
+  assert len(list((bench / "switch-frames").glob("*.jpg"))) == 12
+  out = tmp_path / "out"
+  command = [sys.executable, "-m", "vgpt_jax.physics_iq", f"--checkpoint={trained_run}", f"--benchmark={bench}",
+             f"--output={out}", "--runs=2", "--fps=8", "--steps=2", "--clip_frames=2"]  # fmt: skip
+  done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=REPO)
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(bench / "descriptions.csv", newline="") as f:
+    expected = sorted(row["generated_video_name"] for row in csv.DictReader(f))
+  for k in (0, 1):
+    written = sorted(p.name for p in (out / f"run-{k}").glob("*.mp4"))
+    assert written == expected
+    for name in written:
+      capture = cv2.VideoCapture(str(out / f"run-{k}" / name))
+      assert (capture.get(cv2.CAP_PROP_FRAME_COUNT), capture.get(cv2.CAP_PROP_FPS)) == (40, 8)
+      capture.release()
+    assert (out / f"run-{k}" / "scores.csv").is_file()
+  summary = json.loads((out / "physics_iq.json").read_text())
+  assert len(summary["runs"]) == 2 and summary["mean"] == pytest.approx(np.mean(summary["runs"]))
+  assert set(summary["categories"]) == {"Solid Mechanics", "Collisions"}
+  assert (out / "categories.png").is_file() and "mean ± std over 2 runs" in (out / "physics_iq.md").read_text()
+  _, again = piq.evaluate_directory(str(bench / "split-videos/testing/8FPS"), str(out / "run-0"),
+                                    real_masks_dir=str(bench / "video-masks/real/8FPS"))  # fmt: skip
+  assert again["physics_iq_score"] == summary["runs"][0]
+  rerun = subprocess.run(command + ["--runs=1"], capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=REPO)
+  assert rerun.returncode == 0 and "run 0: generated 0, kept 6 already written" in rerun.stdout, rerun.stderr[-2000:]

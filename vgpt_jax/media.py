@@ -90,6 +90,31 @@ def save_lines(
   return path
 
 
+def save_bars(
+  path: str | Path, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str = ""
+) -> Path:
+  """Save grouped bars as PNG: one group per label, one bar per named series (e.g. a score per category)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  path = Path(path)
+  fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(labels) * max(1, len(series)) ** 0.5), 3.5), dpi=100)
+  width = 0.8 / max(1, len(series))
+  for i, (name, values) in enumerate(series.items()):
+    ax.bar(np.arange(len(labels)) + i * width, values, width, label=name)
+  ax.set_xticks(np.arange(len(labels)) + width * (len(series) - 1) / 2, labels, rotation=20, ha="right")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3, axis="y")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
 def save_curve(path: str | Path, x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str, title: str = "") -> Path:
   """Save a line plot (log y) as PNG, e.g. the training loss against the step."""
   import matplotlib

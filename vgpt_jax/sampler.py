@@ -316,12 +316,14 @@ def continue_videos(
   seed: int,
   cached: bool = True,
   batch_size: int = 8,
+  video_ids: list[int] | None = None,
 ) -> list[np.ndarray]:
   """float32 [frames, H, W, 3] continuations of each video's first `context_frames` frames, in batches.
 
-  Video i's noise comes from fold_in(key(seed), i), so a video's sample does not
-  depend on the batch it is generated in.
+  Video i's noise comes from fold_in(key(seed), video_ids[i]) (default i), so a
+  video's sample does not depend on the batch it is generated in.
   """
+  video_ids = list(range(len(videos))) if video_ids is None else list(video_ids)
   short = [name for name, v in videos if len(v) < context_frames]
   if short:
     raise ValueError(f"videos with fewer than --context_frames={context_frames} frames: {short}")
@@ -333,7 +335,7 @@ def continue_videos(
     for first in range(0, len(videos), batch_size):
       batch = videos[first : first + batch_size]
       latents = encode(jnp.asarray(np.stack([v[:context_frames] for _, v in batch])))
-      keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), first + i) for i in range(len(batch))])
+      keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), video_ids[first + i]) for i in range(len(batch))])
       generated = sampler.rollout(
         params, latents, keys, frames, cached=cached, on_clip=lambda done, _: progress.update(len(batch))
       )

@@ -468,11 +468,11 @@ def video_fps(path: str) -> float:
   return float(fps)
 
 
-def resample_fps(frames: np.ndarray, fps: float, new_fps: float) -> np.ndarray:
-  """The official fps_changer on frames [T, H, W, 3] (uint8): its first min(5 s, length) at `new_fps`, each new
-  frame a linear blend of its two neighbours, truncated to uint8. (The official then writes them as H.264 and
-  reads them back; that lossy step is not reproduced: pip's OpenCV has no H.264 encoder.)"""
-  duration = min(SECONDS_SCORED, len(frames) / fps)
+def resample_fps(frames: np.ndarray, fps: float, new_fps: float, seconds: float | None = SECONDS_SCORED) -> np.ndarray:
+  """The official fps_changer on frames [T, H, W, 3] (uint8): its first min(`seconds`, length) (None: all) at
+  `new_fps`, each new frame a linear blend of its two neighbours, truncated to uint8. (The official then writes
+  them as H.264 and reads them back; that lossy step is not reproduced: pip's OpenCV has no H.264 encoder.)"""
+  duration = len(frames) / fps if seconds is None else min(seconds, len(frames) / fps)
   frames = frames[: int(duration * fps)]
   count = int(duration * new_fps)
   out = []
