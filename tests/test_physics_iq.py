@@ -327,8 +327,8 @@ def official_bench(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_original_workflow_equals_the_official_code(official_bench, tmp_path):
   """Per-video ST-IoU, spatial IoU, weighted spatial IoU, MSE and their physical variances within 1e-6 of the
-  official code's, and the score within 0.01, on videos of the real size and of other sizes, aspects and
-  lengths (generated ones of 48x48, 40x80, and 60 frames of which the first 5 s count)."""
+  official code's, and the Original and Verified scores within 0.01, on videos of the real size and of other
+  sizes, aspects and lengths (generated ones of 48x48, 40x80, and 60 frames of which the first 5 s count)."""
   real, generated = official_bench
   rows, score = piq.evaluate_directory(str(real), str(generated), str(tmp_path / "scores.csv"))
   assert {f"{r['scenario']}|{r['view']}" for r in rows} == set(OFFICIAL["rows"])
@@ -337,6 +337,8 @@ def test_original_workflow_equals_the_official_code(official_bench, tmp_path):
       assert abs(row[key] - value) < 1e-6, (row["scenario"], row["view"], key, row[key], value)
     assert row["num_frames"] == 40
   assert abs(score["physics_iq_score"] - OFFICIAL["score"]) <= 0.01
+  _, verified = piq.evaluate_directory(str(real), str(generated), variant="verified")
+  assert abs(verified["physics_iq_score"] - OFFICIAL["verified_score"]) <= 0.01
   # Exact in-memory masks are the documented option; on these small videos they move the score by about a point.
   _, exact = piq.evaluate_directory(str(real), str(generated), exact_masks=True)
   assert abs(exact["physics_iq_score"] - OFFICIAL["score"]) > 0.5
@@ -371,7 +373,7 @@ def test_generate_and_score_a_benchmark_shaped_dataset(trained_run, tmp_path):
   """`python -m vgpt_jax.physics_iq` on a dataset in the official layout made from the physics world (full
   videos, conditioning and testing splits, switch frames, real masks, 2 takes, 3 views): the continuations carry
   the official names, 5 s at the asked frame rate; the scores are written per run and category; a rerun keeps
-  the videos already written."""
+  the videos already written (and scores them as Physics-IQ Verified)."""
   import cv2
 
   from tests.conftest import cpu_env
@@ -401,5 +403,8 @@ def test_generate_and_score_a_benchmark_shaped_dataset(trained_run, tmp_path):
   _, again = piq.evaluate_directory(str(bench / "split-videos/testing/8FPS"), str(out / "run-0"),
                                     real_masks_dir=str(bench / "video-masks/real/8FPS"))  # fmt: skip
   assert again["physics_iq_score"] == summary["runs"][0]
-  rerun = subprocess.run(command + ["--runs=1"], capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=REPO)
+  rerun = subprocess.run(command + ["--runs=1", "--variant=verified"], capture_output=True, text=True, timeout=600,
+                         env=cpu_env(), cwd=REPO)  # fmt: skip
   assert rerun.returncode == 0 and "run 0: generated 0, kept 6 already written" in rerun.stdout, rerun.stderr[-2000:]
+  verified = json.loads((out / "physics_iq.json").read_text())
+  assert verified["variant"] == "verified" and 0 <= verified["mean"] <= 100

@@ -17,9 +17,10 @@ sampler generates the next 5 s (what the metric scores) at the sampling defaults
 flags). Each continuation is written as DIR/run-<k>/<take-1 id>_<view>_<scenario>.mp4 at --fps, the names
 the official scorer expects; a run's videos are generated in batches and written as each batch finishes,
 so a rerun skips those already written. Each run (seed + k) is then scored as the official Original
-workflow does (metrics/physics_iq.py), and DIR gets:
+workflow (--variant=original) or Physics-IQ Verified (--variant=verified, on the Verified dataset) does
+(metrics/physics_iq.py), and DIR gets:
   run-<k>/scores.csv   per video: the metrics and their physical variances
-  physics_iq.json      per run and category, the score; mean and std over runs
+  physics_iq.json      per run and category, the score of the variant; mean and std over runs
   physics_iq.md        the same as a table
   categories.png       the score per physical category (mean over runs)
 """
@@ -119,8 +120,8 @@ def categories(benchmark: Path, descriptions: str) -> dict[str, str]:
     return {row["scenario"].split("_", 3)[-1]: row["category"] for row in csv.DictReader(f)}
 
 
-def score_runs(benchmark: Path, output: Path, runs: int, fps: int, descriptions: str) -> dict[str, Any]:
-  """Score every run folder as the official Original workflow; the summary (also written as JSON, MD and PNG)."""
+def score_runs(benchmark: Path, output: Path, runs: int, fps: int, descriptions: str, variant: str) -> dict[str, Any]:
+  """Score every run folder as the official workflow of `variant`; the summary (also written as JSON, MD, PNG)."""
   real = _folder(benchmark, "split-videos/testing", fps)
   masks = benchmark / "video-masks" / "real" / f"{fps}FPS"
   category_of = categories(benchmark, descriptions)
@@ -128,24 +129,28 @@ def score_runs(benchmark: Path, output: Path, runs: int, fps: int, descriptions:
   for k in range(runs):
     run_dir = output / f"run-{k}"
     rows, score = piq.evaluate_directory(
-      str(real), str(run_dir), str(run_dir / "scores.csv"), real_masks_dir=str(masks) if masks.is_dir() else None
+      str(real),
+      str(run_dir),
+      str(run_dir / "scores.csv"),
+      real_masks_dir=str(masks) if masks.is_dir() else None,
+      variant=variant,
     )
     per_run.append(score["physics_iq_score"])
     groups: dict[str, list] = {}
     for row in rows:
       groups.setdefault(category_of.get(f"{row['scenario']}.mp4", "all"), []).append(row)
     for name, group in groups.items():
-      by_category.setdefault(name, []).append(piq.original_score(group)["physics_iq_score"])
+      by_category.setdefault(name, []).append(piq.SCORERS[variant](group)["physics_iq_score"])
   summary = {
     "runs": per_run,
     "mean": float(np.mean(per_run)),
     "std": float(np.std(per_run)),
     "categories": {name: {"mean": float(np.mean(v)), "std": float(np.std(v))} for name, v in by_category.items()},
     "fps": fps,
-    "variant": "original",
+    "variant": variant,
   }
   (output / "physics_iq.json").write_text(json.dumps(summary, indent=2))
-  lines = ["| | Physics-IQ (Original) |", "|---|---|", f"| mean ± std over {runs} runs | "
+  lines = [f"| | Physics-IQ ({variant}) |", "|---|---|", f"| mean ± std over {runs} runs | "
            f"{summary['mean']:.2f} ± {summary['std']:.2f} |"]  # fmt: skip
   lines += [f"| run {k} | {s:.2f} |" for k, s in enumerate(per_run)]
   lines += [f"| {name} | {c['mean']:.2f} ± {c['std']:.2f} |" for name, c in sorted(summary["categories"].items())]
@@ -160,8 +165,6 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  if f.variant != "original":
-    raise SystemExit(f"--variant={f.variant}: only the Original workflow is implemented so far")
   benchmark, output = Path(f.benchmark), Path(f.output)
   request = request_from_flags()
   run, params, step = checkpoint.load_model(request.checkpoint, request.step, request.weights)
@@ -172,7 +175,7 @@ def main(argv: list[str]) -> None:
     made = generate_run(run, params, entries, output / f"run-{k}", sampling, context_frames, f.fps, f.seed + k,
                         request.batch_size)  # fmt: skip
     print(f"run {k}: generated {made}, kept {len(entries) - made} already written")
-  summary = score_runs(benchmark, output, f.runs, f.fps, f.descriptions)
+  summary = score_runs(benchmark, output, f.runs, f.fps, f.descriptions, f.variant)
   print(json.dumps({k: summary[k] for k in ("mean", "std", "runs")}, indent=2))
 
 

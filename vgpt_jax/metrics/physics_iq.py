@@ -34,7 +34,8 @@ Two ways in:
   * `score_arrays` scores in-memory videos (the evaluate CLI's rollouts): the same mask detector and metrics
     on exact masks, averaged per scenario then over scenarios (`aggregate`), without file round trips or
     rounding.
-The Physics-IQ Verified workflow (the official physiq/) is not implemented yet.
+`variant="verified"` scores the same per-view metrics as the official Physics-IQ Verified does (physiq/:
+IQTable's view-level score, `verified_score`); point it at the Verified dataset (its revised real masks).
 
 Directory layout (the benchmark's `split-videos/testing/<fps>FPS` folder):
   real:      <id>_testing-videos_<fps>FPS_<view>_take-<1|2>_<scenario>.mp4
@@ -607,6 +608,46 @@ def original_score(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   return out
 
 
+VERIFIED_EPS = 1e-8  # the official IQTable's ratio_eps
+
+
+def verified_score(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """The official Physics-IQ Verified score (physiq/: IQTable's final_score_view) from per-view rows of
+  `original_view`: per (scenario, view), each IoU over its physical variance (+1e-8) and the MSE's variance
+  (+1e-8) over the MSE, per-frame values rounded to 4 decimals and averaged per view, each clipped to [0, 1];
+  their mean per (scenario, view); the mean over all of them, as a percentage rounded to 2 decimals."""
+  if not all("variance_mse" in r for r in rows):
+    raise ValueError("the Verified score needs take-2 videos (the physical variance) for every view")
+  mean_rounded = lambda values: float(np.mean([round(float(v), 4) for v in values]))  # noqa: E731
+  components: dict[str, list[float]] = {"spatiotemporal_iou": [], "spatial_iou": [], "weighted_spatial_iou": [],
+                                        "mse": []}  # fmt: skip
+  finals = []
+  for r in rows:
+    st = mean_rounded(r["frames_spatiotemporal_iou"]) / (
+      mean_rounded(r["frames_variance_spatiotemporal_iou"]) + VERIFIED_EPS
+    )
+    mse_ratio = mean_rounded(r["frames_mse"]) / (mean_rounded(r["frames_variance_mse"]) + VERIFIED_EPS)
+    scores = {
+      "spatiotemporal_iou": st,
+      "spatial_iou": float(r["spatial_iou"]) / (float(r["variance_spatial_iou"]) + VERIFIED_EPS),
+      "weighted_spatial_iou": float(r["weighted_spatial_iou"])
+      / (float(r["variance_weighted_spatial_iou"]) + VERIFIED_EPS),
+      "mse": math.inf if mse_ratio == 0 else 1.0 / mse_ratio,
+    }
+    clipped = {k: float(np.clip(v, 0.0, 1.0)) for k, v in scores.items()}
+    for k, v in clipped.items():
+      components[k].append(v)
+    finals.append(float(np.mean(list(clipped.values()))))
+  out: dict[str, Any] = {"num_videos": len(rows), "num_scenarios": len({r["scenario"] for r in rows})}
+  out.update({f"score_{k}": float(np.mean(v)) for k, v in components.items()})
+  out["physics_iq_score_unrounded"] = 100.0 * float(np.mean(finals))
+  out["physics_iq_score"] = round(out["physics_iq_score_unrounded"], 2)
+  return out
+
+
+SCORERS = {"original": original_score, "verified": verified_score}
+
+
 def real_mask_path(masks_dir: str | None, real_path: str | None, fps: float) -> str | None:
   """The shipped mask video of a real take (`<id>_video-masks_<fps>FPS_<view>_take-<n>_<scenario>.mp4` in
   masks_dir, the dataset's video-masks/real/<fps>FPS), or None."""
@@ -627,6 +668,7 @@ def evaluate_directory(
   exact_masks: bool = False,
   real_masks_dir: str | None = None,
   mask_dir: str | None = None,
+  variant: str = "original",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
   """(per-video rows, score dict) of a benchmark-style folder of real videos and a folder of generated ones, as
   the official Original workflow scores them (`original_view`, `original_score`).
@@ -634,12 +676,15 @@ def evaluate_directory(
   exact_masks: keep the motion masks in memory instead of the official's lossy mp4v round trip (the IoUs then
   differ from the official ones by up to about 0.05 on small videos). real_masks_dir: the dataset's shipped
   real masks (video-masks/real/<fps>FPS), used where present. mask_dir: where the round-trip mask videos go
-  (a temporary folder by default). Writes the rows to `output_csv` when given.
+  (a temporary folder by default). variant: "original" (`original_score`) or "verified" (`verified_score`).
+  Writes the rows to `output_csv` when given.
   """
   import tempfile
 
   if downscale < 1:
     raise ValueError(f"downscale must be >= 1, got {downscale}")
+  if variant not in SCORERS:
+    raise ValueError(f"variant={variant!r}; choose one of {sorted(SCORERS)}")
   rows = []
   with tempfile.TemporaryDirectory() as scratch:
     store = None if exact_masks else (mask_dir or scratch)
@@ -656,7 +701,7 @@ def evaluate_directory(
       rows.append({"scenario": entry["scenario"], "view": entry["view"], **files, **metrics})
   if output_csv:
     write_csv([{k: v for k, v in r.items() if not k.startswith("frames_")} for r in rows], output_csv)
-  return rows, original_score(rows)
+  return rows, SCORERS[variant](rows)
 
 
 def write_csv(rows: Iterable[Mapping[str, Any]], path: str) -> None:
@@ -682,11 +727,9 @@ def _main(argv: Sequence[str]) -> None:
 
   del argv
   f = flags.FLAGS
-  if f.variant != "original":
-    raise SystemExit(f"--variant={f.variant}: only the Original workflow is implemented so far")
   _, scores = evaluate_directory(
     f.real, f.generated, f.output, downscale=f.downscale, exact_masks=f.exact_masks,
-    real_masks_dir=f.real_masks or None, mask_dir=f.mask_dir or None,
+    real_masks_dir=f.real_masks or None, mask_dir=f.mask_dir or None, variant=f.variant,
   )  # fmt: skip
   print(json.dumps(scores, indent=2))
 
