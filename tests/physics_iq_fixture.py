@@ -2,7 +2,7 @@
 depends on the machine): 2 scenarios x 3 views, takes 1 and 2 at 8 FPS (5 s, 40 frames, 64x96), and generated
 videos named as the benchmark's submissions, some at another size or aspect, or longer than 5 s.
 
-The official code's numbers on these files (tests/test_physics_iq.py: OFFICIAL_*) were computed once by running
+The official code's numbers on these files (tests/physics_iq_official.json) were computed once by running
 google-deepmind/physics-IQ-benchmark (code/: generate_binary_masks, process_videos, calculate_iq_score; the
 Original workflow) on them; the official code is not part of this repository.
 """

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -90,7 +89,7 @@ def write_baseline(benchmark: Path, out_dir: Path, fps: int, kind: str) -> None:
     frames = piq.read_frames_cv2(entry["path"])[..., ::-1].astype(np.float32)
     last, before = frames[-1], frames[-2]
     steps = np.arange(1, piq.SECONDS_SCORED * fps + 1, dtype=np.float32)[:, None, None, None]
-    video = last[None] + (steps * (last - before)[None] if kind == "linear" else 0.0)
+    video = last[None] + steps * ((last - before)[None] if kind == "linear" else 0.0)
     _write(out_dir / entry["name"], np.clip(np.round(video), 0, 255).astype(np.uint8), fps)
 
 
@@ -111,26 +110,34 @@ def main() -> None:
     benchmark = output / "physics-IQ-benchmark"
     if not benchmark.exists():
       make_benchmark(benchmark, f.scenarios, f.fps)
-    table = {}
     real = benchmark / f"split-videos/testing/{f.fps}FPS"
     masks = benchmark / f"video-masks/real/{f.fps}FPS"
+
+    def scores(folder: Path) -> dict[str, float]:
+      rows, _ = piq.evaluate_directory(str(real), str(folder), real_masks_dir=str(masks))
+      return {name: score(rows)["physics_iq_score"] for name, score in piq.SCORERS.items()}
+
+    table = {}
     for kind in ("copy", "linear"):
       folder = output / f"baseline-{kind}"
       if not folder.exists():
         write_baseline(benchmark, folder, f.fps, kind)
-      _, score = piq.evaluate_directory(str(real), str(folder), real_masks_dir=str(masks))
-      table[f"{kind} baseline"] = (score["physics_iq_score"], 0.0)
+      table[f"{kind}-last-frame baseline" if kind == "copy" else "linear-extrapolation baseline"] = [scores(folder)]
     if f.checkpoint:
       command = [sys.executable, "-m", "vgpt_jax.physics_iq", f"--checkpoint={f.checkpoint}", f"--fps={f.fps}",
                  f"--benchmark={benchmark}", f"--output={output / 'model'}", f"--runs={f.runs}"]  # fmt: skip
       subprocess.run(command, check=True)
-      summary = json.loads((output / "model" / "physics_iq.json").read_text())
-      table["model"] = (summary["mean"], summary["std"])
-    n = f.scenarios
-    print(f"| Physics-IQ (Original), {n} scenarios x 3 views x 2 takes, {f.fps} FPS | score | std over runs |")
-    print("|---|---|---|")
-    for name, (score, std) in table.items():
-      print(f"| {name} | {score:.2f} | {std:.2f} |" if not math.isnan(score) else f"| {name} | nan | |")
+      table["model"] = [scores(output / "model" / f"run-{k}") for k in range(f.runs)]
+    print(f"Physics-IQ on {f.scenarios} physics-world scenarios x 3 views x 2 takes, {f.fps} FPS, 5 s scored")
+    print("| continuations | Original | Verified | runs |")
+    print("|---|---|---|---|")
+    for name, runs in table.items():
+      cells = []
+      for variant in piq.SCORERS:
+        values = [r[variant] for r in runs]
+        cells.append(f"{np.mean(values):.2f} ± {np.std(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}")
+      print(f"| {name} | {' | '.join(cells)} | {len(runs)} |")
+    (output / "table.json").write_text(json.dumps(table, indent=2))
 
   app.run(run)
 
