@@ -47,6 +47,8 @@ SPECIAL_TOKENS = ("<img>", "</img>", "<|diffusion|>")
 assert (SPECIAL_IMG, SPECIAL_END_IMG, SPECIAL_DIFF) == (0, 1, 2)
 REFERENCE_JSON = "reference.json"
 REFERENCE_POS_BASE = 64  # LVM's get_2d_sincos_pos_embed(..., base_size=64)
+# What the reference's LVM(config) constructor builds (its from_pretrained passes only the Phi-3 config).
+REFERENCE_LVM_DEFAULTS = {"patch_size": 2, "latent channels": 4, "pos_embed_max_size": 192}
 IGNORED_PREFIXES = ("input_final_layer.",)  # LVMTraining.init_input_final_layer: a training-only head
 
 # Phi-3 config fields: the ones read, and the ones that do not change what the reference computes.
@@ -476,12 +478,9 @@ def reference_to_jax(
   config.model.param_dtype = "float32"
   config.diffusion.prediction = prediction
   config.train.ema_decay = 0.0  # the released weights are the parameters; there is no EMA to read
-  if (reference / "vae").is_dir():
-    if (out / "vae").exists():
-      shutil.rmtree(out / "vae")
-    shutil.copytree(reference / "vae", out / "vae")
+  if (reference / "vae").is_dir():  # checked from where it is; copied into `out` once everything passed
     config.tokenizer.kind = "vae"
-    config.tokenizer.vae_path = str((out / "vae").resolve())
+    config.tokenizer.vae_path = str((reference / "vae").resolve())
   vocab_size = int(phi3.get("vocab_size", max(ids) + 1))
   if max(ids) >= vocab_size:
     raise ValueError(f"special token ids {ids} do not fit embed_tokens of {vocab_size} rows")
@@ -504,6 +503,11 @@ def reference_to_jax(
   if expected.keys() != found.keys() or any(found[k].shape != expected[k].shape for k in expected):
     raise AssertionError(f"conversion bug: params differ from the model's ({sorted(expected.keys() ^ found.keys())})")
   out.mkdir(parents=True, exist_ok=True)
+  if (reference / "vae").is_dir():
+    if (out / "vae").exists():
+      shutil.rmtree(out / "vae")
+    shutil.copytree(reference / "vae", out / "vae")
+    config.tokenizer.vae_path = str((out / "vae").resolve())
   checkpoint.save_weights(out, params, config)
   record = {"special_token_ids": dict(zip(SPECIAL_TOKENS, ids)), "phi3_config": phi3, "source": source}
   (out / REFERENCE_JSON).write_text(json.dumps(record, indent=2))
@@ -533,6 +537,14 @@ def jax_to_reference(
   base = imported["phi3_config"] if imported else None
   vocab_size = max(int((base or {}).get("vocab_size", 0)), max(ids) + 1)
   channels = make_run(config).latent_shape[2]
+  built = {"patch_size": config.model.patch_size, "latent channels": channels,
+           "pos_embed_max_size": config.model.pos_embed_max_size}  # fmt: skip
+  differs = {k: v for k, v in built.items() if v != REFERENCE_LVM_DEFAULTS[k]}
+  if differs:
+    logging.warning(
+      "the reference's LVM(config) builds %s; this run has %s, so load it into an LVM constructed with those "
+      "arguments", REFERENCE_LVM_DEFAULTS, differs,
+    )  # fmt: skip
   tensors = reference_from_params(params, config.model, channels, ids, vocab_size)
   check_tensors(tensors, reference_shapes(config.model, channels, vocab_size), "export")
 
