@@ -337,6 +337,16 @@ def test_original_workflow_equals_the_official_code(official_bench, tmp_path):
       assert abs(row[key] - value) < 1e-6, (row["scenario"], row["view"], key, row[key], value)
     assert row["num_frames"] == 40
   assert abs(score["physics_iq_score"] - OFFICIAL["score"]) <= 0.01
+  # The official per-scenario CSV (the official scorer, run once, read it back as 55.27 too): every column its
+  # scorers read, per view, with the per-frame lists, carrying what the score is computed from.
+  piq.write_official_csv(rows, str(tmp_path / "official.csv"))
+  with open(tmp_path / "official.csv", newline="") as f:
+    lines = list(csv.DictReader(f))
+  assert len(lines) == 2 and len(lines[0]) == 1 + 8 * 3
+  back = [{"scenario": line["scenario"][:-4], "view": view,
+           **{field: json.loads(line[f"{column}_{view}"]) for column, field in piq._OFFICIAL_COLUMNS.items()}}
+          for line in lines for view in ("perspective-left", "perspective-center", "perspective-right")]  # fmt: skip
+  assert piq.original_score(back)["physics_iq_score"] == score["physics_iq_score"]
   _, verified = piq.evaluate_directory(str(real), str(generated), variant="verified")
   assert abs(verified["physics_iq_score"] - OFFICIAL["verified_score"]) <= 0.01
   # Exact in-memory masks are the documented option; on these small videos they move the score by about a point.

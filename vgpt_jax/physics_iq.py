@@ -20,6 +20,7 @@ so a rerun skips those already written. Each run (seed + k) is then scored as th
 workflow (--variant=original) or Physics-IQ Verified (--variant=verified, on the Verified dataset) does
 (metrics/physics_iq.py), and DIR gets:
   run-<k>/scores.csv   per video: the metrics and their physical variances
+  run-<k>/official.csv the same in the official per-scenario format (its own scorers read it)
   physics_iq.json      per run and category, the score of the variant; mean and std over runs
   physics_iq.md        the same as a table
   categories.png       the score per physical category (mean over runs)
@@ -135,6 +136,7 @@ def score_runs(benchmark: Path, output: Path, runs: int, fps: int, descriptions:
       real_masks_dir=str(masks) if masks.is_dir() else None,
       variant=variant,
     )
+    piq.write_official_csv(rows, str(run_dir / "official.csv"))
     per_run.append(score["physics_iq_score"])
     groups: dict[str, list] = {}
     for row in rows:

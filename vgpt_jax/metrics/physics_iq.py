@@ -595,7 +595,7 @@ def original_score(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   out["mse"] = over_frames("frames_mse")
   out["spatial_iou"] = per_view("spatial_iou", False)
   out["weighted_spatial_iou"] = per_view("weighted_spatial_iou", False)
-  if not all("variance_mse" in r for r in rows):
+  if not all("frames_variance_mse" in r for r in rows):
     out["physics_iq_score"] = None
     return out
   out["variance_mse"] = round(per_view("frames_variance_mse", True), 4)
@@ -616,7 +616,7 @@ def verified_score(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   `original_view`: per (scenario, view), each IoU over its physical variance (+1e-8) and the MSE's variance
   (+1e-8) over the MSE, per-frame values rounded to 4 decimals and averaged per view, each clipped to [0, 1];
   their mean per (scenario, view); the mean over all of them, as a percentage rounded to 2 decimals."""
-  if not all("variance_mse" in r for r in rows):
+  if not all("frames_variance_mse" in r for r in rows):
     raise ValueError("the Verified score needs take-2 videos (the physical variance) for every view")
   mean_rounded = lambda values: float(np.mean([round(float(v), 4) for v in values]))  # noqa: E731
   components: dict[str, list[float]] = {"spatiotemporal_iou": [], "spatial_iou": [], "weighted_spatial_iou": [],
@@ -702,6 +702,35 @@ def evaluate_directory(
   if output_csv:
     write_csv([{k: v for k, v in r.items() if not k.startswith("frames_")} for r in rows], output_csv)
   return rows, SCORERS[variant](rows)
+
+
+_OFFICIAL_COLUMNS = {  # the official per-scenario CSV's column (per view) -> the row field it holds
+  "v1_mse": "frames_mse",
+  "spatiotemporal_iou_v1": "frames_spatiotemporal_iou",
+  "spatial_iou_v1": "spatial_iou",
+  "weighted_spatial_iou_v1": "weighted_spatial_iou",
+  "variance_mse": "frames_variance_mse",
+  "variance_spatiotemporal_iou": "frames_variance_spatiotemporal_iou",
+  "variance_spatial": "variance_spatial_iou",
+  "variance_weighted_spatial": "variance_weighted_spatial_iou",
+}
+
+
+def write_official_csv(rows: Sequence[Mapping[str, Any]], path: str) -> None:
+  """The official per-scenario CSV (one line per scenario, `<column>_<view>` per view, per-frame lists as Python
+  lists) from `original_view` rows, with the columns the official scorers read (calculate_iq_score, IQTable)."""
+  by_scenario: dict[str, dict[str, Any]] = {}
+  for row in rows:
+    line = by_scenario.setdefault(f"{row['scenario']}.mp4", {"scenario": f"{row['scenario']}.mp4"})
+    for column, field in _OFFICIAL_COLUMNS.items():
+      if field in row:
+        value = row[field]
+        line[f"{column}_{row['view']}"] = str([float(v) for v in value]) if isinstance(value, list) else float(value)
+  columns = sorted(set().union(*(line.keys() for line in by_scenario.values())) - {"scenario"})
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=["scenario", *columns])
+    writer.writeheader()
+    writer.writerows(by_scenario.values())
 
 
 def write_csv(rows: Iterable[Mapping[str, Any]], path: str) -> None:
