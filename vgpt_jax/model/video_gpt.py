@@ -151,6 +151,10 @@ class VideoGPT(nn.Module):
       name="decoder",
       **kw,
     )(x, ids, cache, cache_ids, return_kv, rope_length=int(layout.position.max()) + 1)
+    # LongRoPE's factor set follows the layout's extent: the whole sequence in training (as the reference), the
+    # whole window when sampling, so a rollout keeps one set and its cached keys stay valid (the reference,
+    # recomputing everything, takes it from the context + clip it runs; the two differ only while the window
+    # is not yet full and the full window crosses original_max_positions).
     x, kv = decoded if return_kv else (decoded, None)
 
     # Sequence index (within `tokens`) of each noisy patch, for the frames whose patches are all there.
