@@ -184,6 +184,7 @@ LONGEST_FIRST = (
   "test_video_files",
   "test_fvd",
   "test_convert",
+  "test_physics_iq",
   "test_pallas_gpu",
   "test_vae",
   "test_model",
