@@ -179,7 +179,8 @@ def test_manifest_with_and_without_counts(good_dir, tmp_path):
     f"  {good_dir / 'z' / 'v6.mp4'}\t0\n"
     f"{good_dir / 'z' / 'v7.mp4'}\n"
   )
-  paths, counts = read_manifest(str(manifest))
+  paths, counts, clips = read_manifest(str(manifest))
+  assert clips == [None] * 4
   assert [os.path.realpath(p) for p in paths[:2]] == [str(good_dir / "a" / "v0.mp4"), str(good_dir / "v3.webm")]
   assert counts == [12, 0, 0, 0]
   cfg = video_config(good_dir, path="", manifest=str(manifest), frame_stride=1, frame_stride_max=3)
@@ -198,8 +199,40 @@ def test_manifest_with_and_without_counts(good_dir, tmp_path):
 def test_write_manifest_lists_counts(good_dir, tmp_path):
   out = tmp_path / "m.tsv"
   assert video_files.write_manifest(str(good_dir), str(out)) == 8
-  paths, counts = read_manifest(str(out))
+  paths, counts, _ = read_manifest(str(out))
   assert counts == [FRAMES] * 8 and os.path.realpath(paths[1]) == str(good_dir / "a" / "v0.mp4")
+
+
+def test_clip_manifests_give_the_clips_frames(tmp_path):
+  """Clips of a long video (`path,start,end`, tab or comma, seconds or H:MM:SS.fff, and Panda-70M's CSV) are read
+  by seeking: a clip's frames are the file's frames from round(start * fps) on, its count bounds the window, and
+  a clip shorter than the sample is skipped and counted as too_short."""
+  long_video = encode(tmp_path / "long.mp4", flat_video(2, frames=40))  # 1.67 s at 24 fps
+  manifest = tmp_path / "clips.csv"
+  manifest.write_text(
+    "long.mp4,0.5,1.0\n"  # frames 12..23
+    "long.mp4\t0:00:01.000\t0:00:01.500\n"  # frames 24..35
+    "long.mp4,1.6,1.65\n"  # 1 frame: too short for 4 at stride 1
+    f"{tmp_path / 'odd,name.mp4'}\n"  # commas in a plain path
+  )
+  paths, counts, clips = read_manifest(str(manifest))
+  assert clips == [(0.5, 1.0), (1.0, 1.5), (1.6, 1.65), None] and paths[3].endswith("odd,name.mp4")
+  manifest.write_text("long.mp4,0.5,1.0\nlong.mp4\t0:00:01.000\t0:00:01.500\nlong.mp4,1.6,1.65\n")
+  source = VideoFileSource(video_config(tmp_path, path="", manifest=str(manifest), frame_stride=1,
+                                        frame_stride_max=1, num_eval_videos=0))  # fmt: skip
+  assert len(source) == 2 and source.excluded["too_short"] == 1
+  assert list(source.files.frames) == [12, 12] and list(source.files.starts) == [12, 24]
+  for index, first in ((0, 12), (1, 24)):
+    video, frames = identify(source.read(index, lambda n: (n - 4, 1, 4)))  # the clip's last 4 frames
+    assert video == 2 and list(frames) == [first + 8, first + 9, first + 10, first + 11]
+  panda = tmp_path / "panda.csv"
+  panda.write_text('videoID,url,timestamp,caption\nlong,https://x,"[[\'0:00:01.000\', \'0:00:02.000\'], '
+                   '[\'0:00:02.500\', \'0:00:03.500\']]","a caption"\n')  # fmt: skip
+  paths, _, clips = read_manifest(str(panda))
+  assert clips == [(1.0, 2.0), (2.5, 3.5)] and paths == [str(long_video)] * 2
+  manifest.write_text("long.mp4,2.0,1.0\n")
+  with pytest.raises(ValueError, match="line 1: the clip ends"):
+    read_manifest(str(manifest))
 
 
 # ----------------------------------------------------------------------- decoding

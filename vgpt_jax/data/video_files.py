@@ -11,7 +11,13 @@ Which files:
     directory; blank lines and `#` comments are ignored. Listing millions of
     files once into a manifest (see `write_manifest`) saves every process a
     directory walk, and the counts save opening containers that store none
-    (mkv, webm).
+    (mkv, webm). A line may instead give a clip of a long video,
+    `path,start,end` (comma or tab; seconds or [H:]MM:SS.fff), and a CSV with a
+    `timestamp` column is read as Panda-70M's (videoID.mp4 and its clips):
+    each clip is one video, frames [round(start * fps), round(end * fps)) of
+    the file, read by seeking; its frame count comes from the file's cached
+    facts (frame rate), and a clip too short for a sample is skipped and
+    counted like a short file.
   * Held out for evaluation: the files of `data.eval_path` / `data.eval_manifest`
     when set (and then removed from training if they also appear there), else
     the last `data.num_eval_videos` files of the listing. The listing order is
@@ -47,6 +53,7 @@ art is used).
 
 from __future__ import annotations
 
+import csv
 import os
 from fractions import Fraction
 from typing import Any, Iterator, Sequence
@@ -99,34 +106,103 @@ def has_videos(directory: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> 
   return next(_walk(directory, _normalise_extensions(extensions)), None) is not None
 
 
-def read_manifest(manifest: str) -> tuple[list[str], list[int]]:
-  """(paths, frame counts) from a manifest; count 0 = unknown. Raises ValueError naming a bad line."""
+def parse_time(text: str) -> float:
+  """Seconds from `12.5`, `MM:SS.fff` or `H:MM:SS.fff` (Panda-70M's timestamps); ValueError otherwise."""
+  parts = text.strip().split(":")
+  if not 1 <= len(parts) <= 3:
+    raise ValueError(f"{text!r} is not seconds, MM:SS or H:MM:SS")
+  seconds = 0.0
+  for part in parts:
+    seconds = seconds * 60 + float(part)
+  if seconds < 0 or not np.isfinite(seconds):
+    raise ValueError(f"{text!r} is not a time >= 0")
+  return seconds
+
+
+def _resolve(path: str, base: str) -> str:
+  return path if "://" in path or os.path.isabs(path) else os.path.join(base, path)
+
+
+def _clip(manifest: str, number: int, start: str, end: str) -> tuple[float, float]:
+  try:
+    clip = (parse_time(start), parse_time(end))
+  except ValueError as e:
+    raise ValueError(f"{manifest} line {number}: {e} (format: path,start_seconds,end_seconds)") from None
+  if clip[1] <= clip[0]:
+    raise ValueError(f"{manifest} line {number}: the clip ends ({end}) before it starts ({start})")
+  return clip
+
+
+def _panda_rows(manifest: str, lines: list[tuple[int, str]]) -> Iterator[tuple[str, tuple[float, float]]]:
+  """(path, clip) per timestamp pair of a Panda-70M style CSV (columns videoID or path, and timestamp)."""
+  import ast
+
+  header = next(csv.reader([lines[0][1]]))
+  for number, row in zip((n for n, _ in lines[1:]), csv.DictReader([line for _, line in lines])):
+    path = row.get("path") or f"{row.get('videoID', '')}.mp4"
+    if path == ".mp4":
+      raise ValueError(f"{manifest} line {number}: no path or videoID (columns {header})")
+    try:
+      pairs = ast.literal_eval(row["timestamp"])
+    except (ValueError, SyntaxError):
+      raise ValueError(f"{manifest} line {number}: timestamp {row['timestamp']!r} is not a list of pairs") from None
+    for start, end in pairs:
+      yield path, _clip(manifest, number, str(start), str(end))
+
+
+def read_manifest(manifest: str) -> tuple[list[str], list[int], list[tuple[float, float] | None]]:
+  """(paths, frame counts, clips) from a manifest; count 0 = unknown, clip (start, end) seconds or None = whole.
+
+  Lines are `path`, `path<TAB>frame_count`, or `path,start,end` (tab or comma separated; times in seconds
+  or [H:]MM:SS.fff) for a clip of a long video; a CSV whose header has a `timestamp` column is read as
+  Panda-70M's (a `videoID` or `path` column, timestamps `[['0:00:01.000', '0:00:05.500'], ...]`, one clip
+  each; videoID -> videoID.mp4). Raises ValueError naming a bad line.
+  """
   base = os.path.dirname(os.path.abspath(manifest))
-  paths, counts = [], []
   with open(manifest, encoding="utf-8", errors="surrogateescape") as f:
-    for number, line in enumerate(f, 1):
-      line = line.rstrip("\r\n")
-      if not line.strip() or line.lstrip().startswith("#"):
-        continue
-      path, _, count = line.partition("\t")
-      path, count = path.strip(), count.strip()
-      if not path:
-        raise ValueError(f"{manifest} line {number}: empty path before the tab")
-      frames = 0
-      if count:
-        try:
-          frames = int(count)
-        except ValueError:
-          raise ValueError(
-            f"{manifest} line {number}: frame count {count!r} is not an integer (format: path<TAB>frame_count)"
-          ) from None
-        if frames < 0:
-          raise ValueError(f"{manifest} line {number}: frame count {frames} is negative (0 means unknown)")
-      if "://" not in path and not os.path.isabs(path):
-        path = os.path.join(base, path)
-      paths.append(path)
-      counts.append(frames)
-  return paths, counts
+    lines = [(n, line.rstrip("\r\n")) for n, line in enumerate(f, 1)]
+  lines = [(n, line) for n, line in lines if line.strip() and not line.lstrip().startswith("#")]
+  paths, counts, clips = [], [], []
+  if lines and "timestamp" in next(csv.reader([lines[0][1]])):
+    for path, clip in _panda_rows(manifest, lines):
+      paths.append(_resolve(path, base))
+      counts.append(0)
+      clips.append(clip)
+    return paths, counts, clips
+  for number, line in lines:
+    path, count, clip = line.strip(), "", None
+    if "\t" in line:
+      fields = [x.strip() for x in line.split("\t")]
+      if len(fields) == 3:
+        path, clip = fields[0], _clip(manifest, number, fields[1], fields[2])
+      elif len(fields) == 2:
+        path, count = fields
+      else:
+        raise ValueError(f"{manifest} line {number}: expected path<TAB>frame_count or path<TAB>start<TAB>end")
+    elif line.count(",") >= 2:  # path,start,end; a path that merely holds commas stays a path
+      head, start, end = (x.strip() for x in line.rsplit(",", 2))
+      try:
+        parse_time(start), parse_time(end)
+      except ValueError:
+        pass
+      else:
+        path, clip = head, _clip(manifest, number, start, end)
+    if not path:
+      raise ValueError(f"{manifest} line {number}: empty path")
+    frames = 0
+    if count:
+      try:
+        frames = int(count)
+      except ValueError:
+        raise ValueError(
+          f"{manifest} line {number}: frame count {count!r} is not an integer (format: path<TAB>frame_count)"
+        ) from None
+      if frames < 0:
+        raise ValueError(f"{manifest} line {number}: frame count {frames} is negative (0 means unknown)")
+    paths.append(_resolve(path, base))
+    counts.append(frames)
+    clips.append(clip)
+  return paths, counts, clips
 
 
 def manifest_has_entries(manifest: str) -> bool:
@@ -142,14 +218,28 @@ class PathList:
   pickle slowly; one bytes blob plus an offset array costs the path's bytes.
   """
 
-  def __init__(self, paths: Sequence[str], frames: Sequence[int] | None = None):
+  def __init__(
+    self,
+    paths: Sequence[str],
+    frames: Sequence[int] | None = None,
+    clips: Sequence[tuple[float, float] | None] | np.ndarray | None = None,
+    starts: Sequence[int] | None = None,
+  ):
     encoded = [os.fsencode(p) for p in paths]
-    self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    n = len(encoded)
+    self._offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum([len(p) for p in encoded], out=self._offsets[1:])
     self._blob = b"".join(encoded)
-    self.frames = np.zeros(len(encoded), np.int64) if frames is None else np.asarray(frames, np.int64)
-    if self.frames.shape != (len(encoded),):
-      raise ValueError(f"{len(encoded)} paths but {self.frames.shape} frame counts")
+    self.frames = np.zeros(n, np.int64) if frames is None else np.asarray(frames, np.int64)
+    # A clip of a long video: (start, end) seconds from the manifest (NaN: the whole file) and, once the file's
+    # frame rate is known (VideoFileSource), its first frame; `frames` is then the clip's frame count.
+    if clips is None or isinstance(clips, np.ndarray):
+      self.clips = np.full((n, 2), np.nan) if clips is None else np.asarray(clips, np.float64).reshape(n, 2)
+    else:
+      self.clips = np.array([(np.nan, np.nan) if c is None else c for c in clips], np.float64).reshape(n, 2)
+    self.starts = np.zeros(n, np.int64) if starts is None else np.asarray(starts, np.int64)
+    if self.frames.shape != (n,) or self.starts.shape != (n,):
+      raise ValueError(f"{n} paths but {self.frames.shape} frame counts and {self.starts.shape} starts")
 
   def __len__(self) -> int:
     return len(self._offsets) - 1
@@ -161,7 +251,8 @@ class PathList:
     return (self[i] for i in range(len(self)))
 
   def take(self, indices: Sequence[int]) -> "PathList":
-    return PathList([self[i] for i in indices], self.frames[np.asarray(indices, dtype=np.int64)])
+    picked = np.asarray(indices, dtype=np.int64)
+    return PathList([self[i] for i in picked], self.frames[picked], self.clips[picked], self.starts[picked])
 
 
 def write_manifest(directory: str, out: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> int:
@@ -262,7 +353,7 @@ def check_shape(info: VideoInfo, path: str, min_size: int, max_aspect: float) ->
 
 
 # Names the logic of `inspect_file`; bump it when that changes so cached facts are found again.
-INSPECT_VERSION = "1"
+INSPECT_VERSION = "2"  # 2: facts carry the frame rate (clips of long videos)
 
 
 def inspect_file(path: str) -> dict:
@@ -273,12 +364,12 @@ def inspect_file(path: str) -> dict:
   short). Decodes only the last frames (a seek to the final keyframe); a damaged
   file may cost a decode from the start.
   """
-  facts = {"fault": None, "detail": "", "width": 0, "height": 0, "frames": 0}
+  facts = {"fault": None, "detail": "", "width": 0, "height": 0, "frames": 0, "fps": 0.0}
   try:
     info = probe(path)
   except BadVideo as e:
     return {**facts, "fault": e.reason, "detail": e.detail}
-  facts.update(width=info.width, height=info.height, frames=info.frames)
+  facts.update(width=info.width, height=info.height, frames=info.frames, fps=float(info.fps))
   if info.frames <= 0 or min(info.width, info.height) <= 0:
     return {**facts, "fault": "unreadable", "detail": f"{path}: {info.width}x{info.height}, {info.frames} frames"}
   try:
@@ -392,6 +483,7 @@ def read_clip(
   frames_hint: int = 0,
   threads: int = 1,
   seek: bool = True,
+  first_frame: int = 0,
 ) -> tuple[np.ndarray, int]:
   """uint8 [count, height, width, 3] frames start, start+k, ... of `path`, and the video's frame count.
 
@@ -399,8 +491,9 @@ def read_clip(
   known (and raises BadVideo("too_short") if none fit). `frames_hint` > 0 replaces
   the container's count (a manifest's); `threads` is FFmpeg's decoder thread
   count (0: FFmpeg decides, 1: none); `seek=False` always decodes from the
-  first frame (for tests and benchmarks). Raises BadVideo; no PyAV exception
-  escapes.
+  first frame (for tests and benchmarks). `first_frame` > 0 reads a clip of a
+  long video: the window indexes the frames from there on (`frames_hint` frames:
+  the clip's count). Raises BadVideo; no PyAV exception escapes.
   """
   container, stream = _open_video(path, threads)
   try:
@@ -413,14 +506,14 @@ def read_clip(
       start, stride, num_frames = window(info.frames)
     except BadVideo as e:
       raise BadVideo(e.reason, f"{path}: {e.detail}") from None
-    targets = start + stride * np.arange(num_frames)
-    if start < 0 or stride < 1 or num_frames < 1 or targets[-1] >= info.frames:
+    targets = first_frame + start + stride * np.arange(num_frames)
+    if start < 0 or stride < 1 or num_frames < 1 or targets[-1] >= first_frame + info.frames:
       raise IndexError(
         f"window gave start={start}, stride={stride}, count={num_frames}: outside the {info.frames} frames of {path}"
       )
     writer = _FrameWriter(np.empty((num_frames, height, width, 3), dtype=np.uint8), info.width, info.height)
     filled, decoded, error = 0, -1, None
-    if seek and start > 0:
+    if seek and targets[0] > 0:
       try:
         filled, decoded, error = _decode_targets(container, stream, info.fps, targets, writer, seek=True)
       except _AV_ERRORS:
@@ -451,8 +544,8 @@ def read_clip(
 def _listing(directory: str, manifest: str, extensions: tuple[str, ...]) -> tuple[PathList, str]:
   """The files of a directory or manifest, and a description naming where they came from."""
   if manifest:
-    paths, frames = read_manifest(manifest)
-    return PathList(paths, frames), f"manifest {manifest}"
+    paths, frames, clips = read_manifest(manifest)
+    return PathList(paths, frames, clips), f"manifest {manifest}"
   return PathList(
     find_videos(directory, extensions)
   ), f"directory {directory} (recursive, *.{{{','.join(extensions)}}})"
@@ -535,14 +628,20 @@ class VideoFileSource(VideoSource):
     )
     excluded = dict.fromkeys(SKIP_REASONS, 0)
     examples: dict[str, str] = {}
-    keep, frames = [], []
+    keep, frames, starts = [], [], []
     for i, fact in enumerate(facts):
       listed_count = int(listed.frames[i])  # a manifest's count bounds the frames used; a stale larger one is ignored
       fact = {**fact, "frames": min(listed_count, fact["frames"]) if listed_count else fact["frames"]}
+      start, end = listed.clips[i]
+      first = 0
+      if not np.isnan(start):  # a clip: frames [round(start * fps), round(end * fps)) of the file
+        first = int(round(start * fact["fps"]))
+        fact["frames"] = max(0, min(fact["frames"], int(round(end * fact["fps"]))) - first)
       bad = judge(fact, listed[i], self.num_frames * self.strides[0], self.min_size, self.max_aspect)
       if bad is None:
         keep.append(i)
         frames.append(fact["frames"])
+        starts.append(first)
       else:
         excluded[bad.reason] += 1
         examples.setdefault(bad.reason, str(bad))
@@ -562,7 +661,7 @@ class VideoFileSource(VideoSource):
         counts,
         "; ".join(examples.values())[:2000],
       )
-    usable = PathList([listed[i] for i in keep], frames)
+    usable = PathList([listed[i] for i in keep], frames, listed.clips[keep], starts)
     return usable, excluded
 
   def __len__(self) -> int:
@@ -596,6 +695,7 @@ class VideoFileSource(VideoSource):
         max_aspect=self.max_aspect,
         frames_hint=hint,
         threads=self.threads,
+        first_frame=int(self.files.starts[index]),
       )
     except BadVideo as e:
       if e.reason != "truncated":  # the others do not depend on the drawn window
