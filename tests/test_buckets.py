@@ -1,0 +1,56 @@
+"""Aspect-ratio buckets (data/buckets.py): assignment, the share of the picture kept, the batch's bucket."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vgpt_jax.benchmarks import buckets as bench
+from vgpt_jax.data.buckets import Bucket, assign, batch_bucket, kept_fraction, parse_buckets
+from vgpt_jax.data.sources import cover_crop
+
+PAPER = parse_buckets([(176, 320), (320, 176), (240, 240)], downsample=8, patch=2)
+
+
+@pytest.mark.parametrize(
+  "width, height, want",
+  [(1920, 1080, 0), (1080, 1920, 1), (500, 500, 2), (4000, 1000, 0), (1000, 4000, 1), (330, 300, 2)],
+  ids=["landscape", "portrait", "square", "extreme-wide", "extreme-tall", "near-square"],
+)
+def test_videos_go_to_the_nearest_aspect(width, height, want):
+  assert assign(width, height, PAPER) == want
+  others = [kept_fraction(width, height, b) for i, b in enumerate(PAPER) if i != want]
+  assert kept_fraction(width, height, PAPER[want]) >= max(others)  # the nearest aspect keeps the most
+
+
+@pytest.mark.parametrize("width, height", [(1920, 1080), (1080, 1920), (500, 500), (4000, 1000)])
+def test_kept_fraction_is_what_cover_crop_keeps(width, height):
+  for bucket in PAPER:
+    new_h, new_w, _, _ = cover_crop(height, width, bucket.height, bucket.width)
+    assert kept_fraction(width, height, bucket) == pytest.approx(bucket.height * bucket.width / (new_h * new_w), 0.01)
+
+
+def test_the_paper_buckets_share_one_token_budget_and_bad_ones_are_refused():
+  assert [b.tokens(8, 2, 1) for b in PAPER] == [220, 220, 225]
+  assert Bucket(176, 320, 80).tokens(8, 2, 48) == 80 * 220  # its own frame count wins
+  with pytest.raises(ValueError, match="multiples of 16"):
+    parse_buckets([(170, 320)], 8, 2)
+  with pytest.raises(ValueError, match="positive"):
+    parse_buckets([(176,)], 8, 2)
+
+
+def test_each_batch_bucket_is_drawn_from_seed_and_step_in_proportion():
+  counts = [600, 300, 100]
+  draws = [batch_bucket(0, step, counts) for step in range(6000)]
+  assert draws == [batch_bucket(0, step, counts) for step in range(6000)]  # any host, any restart: the same
+  np.testing.assert_allclose(np.bincount(draws, minlength=3) / 6000, [0.6, 0.3, 0.1], atol=0.02)
+  assert draws != [batch_bucket(1, step, counts) for step in range(6000)]  # another seed, another sequence
+  assert {batch_bucket(0, s, counts, weights=[0, 1, 0]) for s in range(50)} == {1}
+  with pytest.raises(ValueError, match="not all 0"):
+    batch_bucket(0, 0, counts, weights=[0, 0, 0])
+
+
+def test_buckets_keep_more_of_a_mixed_corpus():
+  rows = {kind: (fixed, bucketed) for kind, _, fixed, bucketed, _ in bench.table()}
+  assert rows["portrait 9:16"][0] < 0.35 and rows["portrait 9:16"][1] > 0.95
+  assert rows["all"][1] > rows["all"][0] + 0.25
