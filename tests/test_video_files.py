@@ -203,7 +203,7 @@ def test_write_manifest_lists_counts(good_dir, tmp_path):
   assert counts == [FRAMES] * 8 and os.path.realpath(paths[1]) == str(good_dir / "a" / "v0.mp4")
 
 
-def test_clip_manifests_give_the_clips_frames(tmp_path):
+def test_clip_manifests_give_the_clips_frames(tmp_path, monkeypatch):
   """Clips of a long video (`path,start,end`, tab or comma, seconds or H:MM:SS.fff, and Panda-70M's CSV) are read
   by seeking: a clip's frames are the file's frames from round(start * fps) on, its count bounds the window, and
   a clip shorter than the sample is skipped and counted as too_short."""
@@ -218,9 +218,11 @@ def test_clip_manifests_give_the_clips_frames(tmp_path):
   paths, counts, clips = read_manifest(str(manifest))
   assert clips == [(0.5, 1.0), (1.0, 1.5), (1.6, 1.65), None] and paths[3].endswith("odd,name.mp4")
   manifest.write_text("long.mp4,0.5,1.0\nlong.mp4\t0:00:01.000\t0:00:01.500\nlong.mp4,1.6,1.65\n")
+  inspected, real = [], video_files.inspect_file
+  monkeypatch.setattr(video_files, "inspect_file", lambda p: inspected.append(p) or real(p))
   source = VideoFileSource(video_config(tmp_path, path="", manifest=str(manifest), frame_stride=1,
                                         frame_stride_max=1, num_eval_videos=0))  # fmt: skip
-  assert len(source) == 2 and source.excluded["too_short"] == 1
+  assert len(source) == 2 and source.excluded["too_short"] == 1 and len(inspected) == 1  # one file, probed once
   assert list(source.files.frames) == [12, 12] and list(source.files.starts) == [12, 24]
   for index, first in ((0, 12), (1, 24)):
     video, frames = identify(source.read(index, lambda n: (n - 4, 1, 4)))  # the clip's last 4 frames

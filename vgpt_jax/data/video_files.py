@@ -623,9 +623,15 @@ class VideoFileSource(VideoSource):
     file_facts.py), so a bad file is never drawn and the counts are exact.
     Raises NoUsableVideo when no file is usable.
     """
-    facts = file_facts.collect(
-      list(listed), inspect_file, file_facts.default_cache(location), INSPECT_VERSION, what=f"{self.split} videos"
+    paths = list(listed)
+    unique = list(dict.fromkeys(paths))  # the clips of one long video share its file's facts: probed once
+    found = file_facts.collect(
+      unique, inspect_file, file_facts.default_cache(location), INSPECT_VERSION, what=f"{self.split} videos"
     )
+    if len(unique) < len(paths):
+      by_path = dict(zip(unique, found))
+      found = [by_path[p] for p in paths]
+    facts = found
     excluded = dict.fromkeys(SKIP_REASONS, 0)
     examples: dict[str, str] = {}
     keep, frames, starts = [], [], []
