@@ -200,3 +200,14 @@ LONGEST_FIRST = (
 def pytest_collection_modifyitems(items: list) -> None:
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+  """Free JAX's compiled executables before the session ends. An xdist worker that is still tearing them down
+  5 s after shutdown gets a SIGINT from execnet, printed as a stray KeyboardInterrupt in `_xla_gc_callback`."""
+  del session, exitstatus
+  if "jax" in sys.modules:
+    import gc
+
+    sys.modules["jax"].clear_caches()
+    gc.collect()
