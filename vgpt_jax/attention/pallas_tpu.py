@@ -316,20 +316,50 @@ def _specs(cfg: _Config, d: int, nq: int, nk: int, queries_are_rows: bool):
     b, r, c = _tiles(e, s, rows, cols)
     return b, (c if queries_are_rows else r)
 
+  # Index maps, each decoding its work item once: tile t of batch element b as a block of ids one token per
+  # sublane row (b, t, 0) or per lane (b, 0, t), of [B, H, L, D] data (b, h, t, 0), or of a [B, H, 1, L] row.
+  def ids_on_rows(tile):
+    def index(h, s, e):
+      b, t = tile(s, e)
+      return b, t, 0
+
+    return index
+
+  def ids_on_lanes(tile):
+    def index(h, s, e):
+      b, t = tile(s, e)
+      return b, 0, t
+
+    return index
+
+  def data(tile):
+    def index(h, s, e):
+      b, t = tile(s, e)
+      return b, h, t, 0
+
+    return index
+
+  def row(tile):
+    def index(h, s, e):
+      b, t = tile(s, e)
+      return b, h, 0, t
+
+    return index
+
   bq, bk = cfg.block_q, cfg.block_k
   if queries_are_rows:
     codes = [
-      pl.BlockSpec((None, bq, LANES), lambda h, s, e: (*q_tile(s, e), 0)),
-      pl.BlockSpec((None, SUBLANES, bk), lambda h, s, e: (k_tile(s, e)[0], 0, k_tile(s, e)[1])),
+      pl.BlockSpec((None, bq, LANES), ids_on_rows(q_tile)),
+      pl.BlockSpec((None, SUBLANES, bk), ids_on_lanes(k_tile)),
     ]
   else:
     codes = [
-      pl.BlockSpec((None, bk, LANES), lambda h, s, e: (*k_tile(s, e), 0)),
-      pl.BlockSpec((None, SUBLANES, bq), lambda h, s, e: (q_tile(s, e)[0], 0, q_tile(s, e)[1])),
+      pl.BlockSpec((None, bk, LANES), ids_on_rows(k_tile)),
+      pl.BlockSpec((None, SUBLANES, bq), ids_on_lanes(q_tile)),
     ]
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda h, s, e: (q_tile(s, e)[0], h, q_tile(s, e)[1], 0))
-  k_spec = pl.BlockSpec((None, None, bk, d), lambda h, s, e: (k_tile(s, e)[0], h, k_tile(s, e)[1], 0))
-  row_spec = pl.BlockSpec((None, None, 1, bq), lambda h, s, e: (q_tile(s, e)[0], h, 0, q_tile(s, e)[1]))
+  q_spec = pl.BlockSpec((None, None, bq, d), data(q_tile))
+  k_spec = pl.BlockSpec((None, None, bk, d), data(k_tile))
+  row_spec = pl.BlockSpec((None, None, 1, bq), row(q_tile))
   return codes, q_spec, k_spec, row_spec
 
 
@@ -420,18 +450,23 @@ def vmem_limit(need: int, capacity: int | None, blocks: tuple[int, int]) -> int 
   return min(2 * need, cap)
 
 
+def _tpu_info() -> Any:
+  """The TPU in use (`pltpu.get_tpu_info`: per-TensorCore VMEM and SMEM), None without a TPU."""
+  return pltpu.get_tpu_info() if jax.default_backend() == "tpu" else None
+
+
 def _vmem_capacity() -> int | None:
   """VMEM bytes per TensorCore of the TPU in use, None without a TPU."""
-  if jax.default_backend() != "tpu":
-    return None
-  return pltpu.get_tpu_info().vmem_capacity_bytes
+  info = _tpu_info()
+  return None if info is None else info.vmem_capacity_bytes
 
 
 def _check_smem(plan: "TpuPlan") -> None:
   """The work lists live in SMEM; refuse, before compiling, lists that would take more than half of it."""
-  if jax.default_backend() != "tpu":
+  info = _tpu_info()
+  if info is None:
     return
-  words, capacity = plan.rows[0].size + plan.cols[0].size, pltpu.get_tpu_info().smem_capacity_bytes
+  words, capacity = plan.rows[0].size + plan.cols[0].size, info.smem_capacity_bytes
   if 4 * words > capacity // 2:
     raise ValueError(
       f"the tile lists take {4 * words / 2**10:.0f} KiB of SMEM (B * nq * nk = {plan.rows[0].size}), more than "
