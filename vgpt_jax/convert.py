@@ -490,7 +490,8 @@ def reference_to_jax(
   want = _pos_embed(config.model)
   if not np.allclose(np.asarray(tensors["pos_embed"], np.float32), want, atol=1e-5):
     raise ValueError(f"{source}: pos_embed is not the 2D sin-cos table of hidden {config.model.hidden} this code uses")
-  latent_channels = make_run(config).latent_shape[2]  # builds the model (checks its fields) and the tokenizer
+  run = make_run(config)  # builds the model (checks its fields) and the tokenizer, once
+  latent_channels = run.latent_shape[2]
   if latent_channels != channels:
     raise ValueError(
       f"the reference's patch embedders take {channels} latent channels but the config's tokenizer "
@@ -498,7 +499,7 @@ def reference_to_jax(
     )
 
   params = params_from_reference(tensors, config.model, ids)
-  expected = traverse_util.flatten_dict(host_params_target(config), sep="/")
+  expected = traverse_util.flatten_dict(host_params_target(run), sep="/")
   found = traverse_util.flatten_dict(params, sep="/")
   if expected.keys() != found.keys() or any(found[k].shape != expected[k].shape for k in expected):
     raise AssertionError(f"conversion bug: params differ from the model's ({sorted(expected.keys() ^ found.keys())})")
@@ -523,7 +524,8 @@ def jax_to_reference(
 
   workdir, out = Path(workdir), Path(out)
   config = checkpoint.saved_config(workdir, step)
-  params, step = checkpoint.load_params(workdir, host_params_target(config), step, ema=ema)
+  run = make_run(config)  # once: with the VAE tokenizer this loads its weights
+  params, step = checkpoint.load_params(workdir, host_params_target(run), step, ema=ema)
   imported = json.loads((workdir / REFERENCE_JSON).read_text()) if (workdir / REFERENCE_JSON).is_file() else None
   if special_ids:
     ids = special_token_ids("", special_ids)
@@ -536,7 +538,7 @@ def jax_to_reference(
     )
   base = imported["phi3_config"] if imported else None
   vocab_size = max(int((base or {}).get("vocab_size", 0)), max(ids) + 1)
-  channels = make_run(config).latent_shape[2]
+  channels = run.latent_shape[2]
   built = {"patch_size": config.model.patch_size, "latent channels": channels,
            "pos_embed_max_size": config.model.pos_embed_max_size}  # fmt: skip
   differs = {k: v for k, v in built.items() if v != REFERENCE_LVM_DEFAULTS[k]}

@@ -28,17 +28,17 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-def host_params_target(config: ml_collections.ConfigDict) -> Any:
-  """Shapes of the model's parameters, placed on the host CPU (never on an accelerator)."""
+def host_params_target(run: run_lib.Run) -> Any:
+  """Shapes of the run's model parameters, placed on the host CPU (never on an accelerator)."""
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-  shapes = run_lib.abstract_params(run_lib.make_run(config))
+  shapes = run_lib.abstract_params(run)
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), shapes)
 
 
 def export(workdir: str | Path, out: str | Path, step: int = -1, ema: bool = False) -> Path:
   """Write `out`/model.safetensors and `out`/config.json from a run's checkpoint."""
   config = checkpoint.saved_config(workdir, step)
-  params, step = checkpoint.load_params(workdir, host_params_target(config), step, ema=ema)
+  params, step = checkpoint.load_params(workdir, host_params_target(run_lib.make_run(config)), step, ema=ema)
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
@@ -57,7 +57,7 @@ def load_exported(path: str | Path) -> tuple[ml_collections.ConfigDict, Any]:
   path = Path(path)
   config = ml_collections.ConfigDict(json.loads((path / CONFIG).read_text()))
   params = traverse_util.unflatten_dict(load_file(str(path / WEIGHTS)), sep="/")
-  expected = traverse_util.flatten_dict(host_params_target(config), sep="/")
+  expected = traverse_util.flatten_dict(host_params_target(run_lib.make_run(config)), sep="/")
   found = traverse_util.flatten_dict(params, sep="/")
   problems = [f"missing {k}" for k in expected.keys() - found.keys()]
   problems += [f"unexpected {k}" for k in found.keys() - expected.keys()]
