@@ -14,6 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from vgpt_jax.metrics.physics_iq import write_mp4v
+
 FPS = 8
 FRAMES = 40  # 5 s
 HEIGHT, WIDTH = 64, 96
@@ -36,10 +38,7 @@ def _frames(seed: int, frames: int, height: int, width: int, speed: float, start
 
 
 def _write(path: Path, frames: np.ndarray, fps: int) -> None:
-  writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (frames.shape[2], frames.shape[1]))
-  for frame in frames:
-    writer.write(frame)
-  writer.release()
+  write_mp4v(str(path), frames, fps)
 
 
 def make_benchmark(root: Path) -> tuple[Path, Path]:

@@ -31,11 +31,7 @@ CONDITIONING_SECONDS = 3
 
 def _write(path: Path, rgb: np.ndarray, fps: int) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
-  height, width = rgb.shape[1:3]
-  writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-  for frame in rgb:
-    writer.write(np.ascontiguousarray(frame[..., ::-1]))
-  writer.release()
+  piq.write_mp4v(str(path), rgb[..., ::-1], fps)
 
 
 def make_benchmark(root: str | Path, scenarios: int = 2, fps: int = 8, size: int = 32, seed: int = 0) -> Path:

@@ -628,10 +628,8 @@ class VideoFileSource(VideoSource):
     found = file_facts.collect(
       unique, inspect_file, file_facts.default_cache(location), INSPECT_VERSION, what=f"{self.split} videos"
     )
-    if len(unique) < len(paths):
-      by_path = dict(zip(unique, found))
-      found = [by_path[p] for p in paths]
-    facts = found
+    by_path = dict(zip(unique, found))
+    facts = [by_path[p] for p in paths]
     excluded = dict.fromkeys(SKIP_REASONS, 0)
     examples: dict[str, str] = {}
     keep, frames, starts = [], [], []

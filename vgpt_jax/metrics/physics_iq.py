@@ -487,16 +487,23 @@ def resample_fps(frames: np.ndarray, fps: float, new_fps: float, seconds: float 
   return np.stack(out)
 
 
-def write_mask_video(masks: np.ndarray, fps: float, path: str) -> None:
-  """Masks bool [T, H, W] as the official stores them: 0/255 grey frames through OpenCV's mp4v writer at
-  round(fps), the frame size declared rounded down to even (lossy: reading back gives 3-channel, not 0/255)."""
-  height, width = masks.shape[1:]
+def write_mp4v(path: str, frames: np.ndarray, fps: float, size: tuple[int, int] | None = None) -> None:
+  """uint8 frames, BGR [T, H, W, 3] or grey [T, H, W], through OpenCV's mp4v writer (the official's), the frame
+  size declared as `size` (width, height; default the frames')."""
+  height, width = frames.shape[1:3]
   writer = cv2.VideoWriter(
-    path, cv2.VideoWriter_fourcc(*"mp4v"), round(fps), (width - width % 2, height - height % 2), isColor=False
+    path, cv2.VideoWriter_fourcc(*"mp4v"), fps, size or (width, height), isColor=frames.ndim == 4
   )
-  for mask in masks:
-    writer.write(mask.astype(np.uint8) * np.uint8(255))
+  for frame in frames:
+    writer.write(np.ascontiguousarray(frame))
   writer.release()
+
+
+def write_mask_video(masks: np.ndarray, fps: float, path: str) -> None:
+  """Masks bool [T, H, W] as the official stores them: 0/255 grey frames at round(fps), the frame size declared
+  rounded down to even (lossy: reading back gives 3-channel, not 0/255)."""
+  height, width = masks.shape[1:]
+  write_mp4v(path, masks.astype(np.uint8) * np.uint8(255), round(fps), (width - width % 2, height - height % 2))
 
 
 def _masks(frames_bgr: np.ndarray, fps: float, end: float, size: tuple[int, int], store: str | None) -> np.ndarray:
@@ -510,12 +517,13 @@ def _masks(frames_bgr: np.ndarray, fps: float, end: float, size: tuple[int, int]
 
 
 def original_view(
-  take1: str, take2: str | None, generated: str, *, real_mask1: str | None = None, real_mask2: str | None = None,
+  take1: str, take2: str | None, generated: str, *, real_masks_dir: str | None = None,
   mask_dir: str | None = None, downscale: int = 4,
 ) -> dict[str, Any]:  # fmt: skip
   """One view as the official Original workflow scores it: the first 5 s at the generated video's frame rate
   (real videos resampled to it when theirs differs), take 1's size // downscale, motion masks through the mp4v
-  round trip into `mask_dir` (None: exact in-memory masks), shipped real mask videos where given.
+  round trip into `mask_dir` (None: exact in-memory masks), the real takes' shipped mask videos where
+  `real_masks_dir` has them (`real_mask_path`).
 
   Returns the per-video means (METRICS, VARIANCES) and the per-frame lists the official score reads
   (`frames_spatiotemporal_iou`, `frames_mse`, `frames_variance_spatiotemporal_iou`, `frames_variance_mse`).
@@ -533,7 +541,7 @@ def original_view(
   first = frames["take1"][0]
   size = (max(1, first.shape[0] // downscale), max(1, first.shape[1] // downscale))
   frames["generated"] = read_frames_cv2(generated)
-  shipped = {"take1": real_mask1, "take2": real_mask2}
+  shipped = {name: real_mask_path(real_masks_dir, path, fps) for name, path in real.items()}
   masks = {}
   for name, video in frames.items():
     if shipped.get(name) and os.path.isfile(shipped[name]):
@@ -569,6 +577,11 @@ def _mse_float32(a: np.ndarray, b: np.ndarray) -> list[float]:
   return [float(np.mean((x.astype(np.float32) - y.astype(np.float32)) ** 2)) for x, y in zip(a, b)]
 
 
+def _parsed(values: Sequence[float]) -> list[float]:
+  """Per-frame values as the official scorers parse them from the CSV: rounded to 4 decimals."""
+  return [round(float(v), 4) for v in values]
+
+
 def original_score(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   """The official Original score (calculate_iq_score) from per-view rows of `original_view` with `scenario` and
   `view`: per-frame values rounded to 4 decimals as it parses them; ST-IoU and MSE averaged over all frames of a
@@ -580,14 +593,13 @@ def original_score(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   for row in rows:
     by_scenario.setdefault(str(row["scenario"]), []).append(row)
     views.setdefault(str(row["view"]), []).append(row)
-  rounded = lambda values: [round(float(v), 4) for v in values]  # noqa: E731
 
   def over_frames(key: str) -> float:
-    return float(np.mean([np.mean(np.concatenate([rounded(r[key]) for r in group])) for group in by_scenario.values()]))
+    return float(np.mean([np.mean(np.concatenate([_parsed(r[key]) for r in group])) for group in by_scenario.values()]))
 
   def per_view(key: str, frames: bool) -> float:
     if frames:
-      return float(np.mean([np.mean(np.concatenate([rounded(r[key]) for r in group])) for group in views.values()]))
+      return float(np.mean([np.mean(np.concatenate([_parsed(r[key]) for r in group])) for group in views.values()]))
     return float(np.mean([np.mean([float(r[key]) for r in group]) for group in views.values()]))
 
   out: dict[str, Any] = {"num_scenarios": len(by_scenario), "num_videos": len(rows)}
@@ -618,7 +630,7 @@ def verified_score(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   their mean per (scenario, view); the mean over all of them, as a percentage rounded to 2 decimals."""
   if not all("frames_variance_mse" in r for r in rows):
     raise ValueError("the Verified score needs take-2 videos (the physical variance) for every view")
-  mean_rounded = lambda values: float(np.mean([round(float(v), 4) for v in values]))  # noqa: E731
+  mean_rounded = lambda values: float(np.mean(_parsed(values)))  # noqa: E731
   components: dict[str, list[float]] = {"spatiotemporal_iou": [], "spatial_iou": [], "weighted_spatial_iou": [],
                                         "mse": []}  # fmt: skip
   finals = []
@@ -691,11 +703,9 @@ def evaluate_directory(
     if store:
       os.makedirs(store, exist_ok=True)
     for entry in match_files(real_dir, generated_dir):
-      fps = video_fps(entry["generated"])
       metrics = original_view(
         entry["take1"], entry["take2"], entry["generated"], downscale=downscale, mask_dir=store,
-        real_mask1=real_mask_path(real_masks_dir, entry["take1"], fps),
-        real_mask2=real_mask_path(real_masks_dir, entry["take2"], fps),
+        real_masks_dir=real_masks_dir,
       )  # fmt: skip
       files = {k: os.path.basename(entry[k]) if entry[k] else "" for k in ("take1", "take2", "generated")}
       rows.append({"scenario": entry["scenario"], "view": entry["view"], **files, **metrics})
