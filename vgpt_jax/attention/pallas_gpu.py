@@ -124,10 +124,15 @@ def visible_tiles(q_ids: TokenIds, k_ids: TokenIds, block_q: int = 64, block_k: 
   return tile_map(pq, pk, bq, bk)
 
 
-def _entries(q_ids: TokenIds, k_ids: TokenIds, bq: int, bk: int, per_key_tile: bool = False):
-  """Visit lists per query tile (or per key tile): int32 [B, n, m] entries 2 * tile + full, kept tiles first
-  (full: every entry of the tile is visible, so the kernel skips its mask), and int32 [B, n] their count."""
-  kept, full = tile_map(q_ids, k_ids, bq, bk), full_tile_map(q_ids, k_ids, bq, bk)
+def _tile_maps(q_ids: TokenIds, k_ids: TokenIds, bq: int, bk: int) -> tuple[jax.Array, jax.Array]:
+  """(kept, full) bool [B, nq, nk]: tiles that may hold a visible entry, and tiles entirely visible."""
+  return tile_map(q_ids, k_ids, bq, bk), full_tile_map(q_ids, k_ids, bq, bk)
+
+
+def _entries(kept: jax.Array, full: jax.Array, per_key_tile: bool = False):
+  """Visit lists per query tile (or per key tile) of the tile maps: int32 [B, n, m] entries 2 * tile + full,
+  kept tiles first (full: every entry of the tile is visible, so the kernel skips its mask), and int32 [B, n]
+  their count."""
   if per_key_tile:
     kept, full = jnp.swapaxes(kept, 1, 2), jnp.swapaxes(full, 1, 2)
   order, count = visit_lists(kept)
@@ -476,9 +481,10 @@ def gpu_plan(
   bwd_q, bwd_k = _block(bwd_block_q, tq), _block(bwd_block_k, tk)
   # Padded to the larger of each side's forward and backward tiles (powers of two: a multiple of the smaller).
   pq_ids, pk_ids = pad_ids(q_ids, round_up(tq, max(bq, bwd_q))), pad_ids(k_ids, round_up(tk, max(bk, bwd_k)))
-  q_order, q_count = _entries(pq_ids, pk_ids, bq, bk)  # [B, nq, nk], per batch element
-  dq_order, dq_count = _entries(pq_ids, pk_ids, bwd_q, bwd_k)
-  dkv_order, dkv_count = _entries(pq_ids, pk_ids, bwd_q, bwd_k, per_key_tile=True)
+  q_order, q_count = _entries(*_tile_maps(pq_ids, pk_ids, bq, bk))  # [B, nq, nk], per batch element
+  backward = _tile_maps(pq_ids, pk_ids, bwd_q, bwd_k)  # once for both backward kernels' lists
+  dq_order, dq_count = _entries(*backward)
+  dkv_order, dkv_count = _entries(*backward, per_key_tile=True)
   return GpuPlan(
     _pack(pq_ids), _pack(pk_ids), q_order, q_count, dq_order, dq_count, dkv_order, dkv_count, tq, tk, bq, bk,
     bwd_q, bwd_k,

@@ -53,7 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from vgpt_jax.attention.chunked import full_tile_map, pad_ids, round_up, tile_map
+from vgpt_jax.attention.chunked import full_tile_map, pad_ids, round_up, tile_map, visit_lists
 from vgpt_jax.attention.mask import MAX_FRAMES as RANKED_FRAMES
 from vgpt_jax.attention.mask import key_rank, query_bounds, visible_by_rank
 from vgpt_jax.attention.path import check_ids_match
@@ -124,8 +124,7 @@ def _work_list(keep: jax.Array, full: jax.Array) -> tuple[jax.Array, jax.Array]:
   flags full (1), first step of its row (2), last step of its row (4) and run (8).
   """
   b, rows, cols = keep.shape
-  order = jnp.argsort(jnp.logical_not(keep).astype(jnp.int32), axis=-1, stable=True).astype(jnp.int32)
-  count = jnp.sum(keep, axis=-1, dtype=jnp.int32)  # [B, R]
+  order, count = visit_lists(keep)  # [B, R, C] kept columns first, [B, R]
   steps = jnp.maximum(count, 1)
   t = jnp.arange(cols, dtype=jnp.int32)
   run = t < count[..., None]
