@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vgpt_jax.benchmarks import buckets as bench
-from vgpt_jax.data.buckets import Bucket, assign, batch_bucket, kept_fraction, parse_buckets
+from vgpt_jax.data.buckets import Bucket, BucketSchedule, assign, kept_fraction, parse_buckets, probabilities
 from vgpt_jax.data.sources import cover_crop
 
 PAPER = parse_buckets([(176, 320), (320, 176), (240, 240)], downsample=8, patch=2)
@@ -41,13 +41,34 @@ def test_the_paper_buckets_share_one_token_budget_and_bad_ones_are_refused():
 
 def test_each_batch_bucket_is_drawn_from_seed_and_step_in_proportion():
   counts = [600, 300, 100]
-  draws = [batch_bucket(0, step, counts) for step in range(6000)]
-  assert draws == [batch_bucket(0, step, counts) for step in range(6000)]  # any host, any restart: the same
+  p = probabilities(counts)
+  schedule = BucketSchedule(0, p, block=512)  # several blocks
+  draws = [schedule.bucket(g) for g in range(6000)]
+  fresh = BucketSchedule(0, p, block=512)
+  assert draws == [fresh.bucket(g) for g in reversed(range(6000))][::-1]  # any host, any order, any restart
   np.testing.assert_allclose(np.bincount(draws, minlength=3) / 6000, [0.6, 0.3, 0.1], atol=0.02)
-  assert draws != [batch_bucket(1, step, counts) for step in range(6000)]  # another seed, another sequence
-  assert {batch_bucket(0, s, counts, weights=[0, 1, 0]) for s in range(50)} == {1}
+  assert draws != [BucketSchedule(1, p, block=512).bucket(g) for g in range(6000)]  # another seed
+  # seen(g): the batches before g of g's bucket, asked in any order
+  later = BucketSchedule(0, p, block=512)
+  for g in (5999, 17, 3000, 512, 511, 0):
+    assert later.seen(g) == draws[:g].count(draws[g])
+  assert {BucketSchedule(0, probabilities(counts, [0, 1, 0])).bucket(g) for g in range(50)} == {1}
+  one = BucketSchedule(3, [1.0])
+  assert [one.bucket(g) for g in range(5)] == [0] * 5 and one.seen(123) == 123
   with pytest.raises(ValueError, match="not all 0"):
-    batch_bucket(0, 0, counts, weights=[0, 0, 0])
+    probabilities(counts, [0, 0, 0])
+  with pytest.raises(ValueError, match="hold no usable videos"):
+    probabilities([5, 0, 1], [1, 1, 1])
+
+
+@pytest.mark.parametrize(
+  "width, height, frames, want",
+  [(1920, 1080, 100, 1), (1920, 1080, 20, 0), (1920, 1080, 7, None), (1080, 1920, 100, 2)],
+  ids=["long-landscape", "short-landscape", "too-short", "portrait"],
+)
+def test_duration_buckets_take_the_longest_clip_that_fits(width, height, frames, want):
+  buckets = parse_buckets([(176, 320, 8), (176, 320, 32), (320, 176)], 8, 2)  # the last: data.num_frames (16)
+  assert assign(width, height, buckets, frames, num_frames=16, stride=2) == want
 
 
 def test_buckets_keep_more_of_a_mixed_corpus():

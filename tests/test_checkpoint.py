@@ -164,7 +164,8 @@ def test_train_stops_after_too_many_nonfinite_steps(tmp_path, monkeypatch):
   def nan_batches(config, seed, source=None):
     while True:
       video = np.full((config.train.batch_size, 5, 16, 16, 3), np.nan, np.float32)
-      yield {"video": video, "skipped": np.zeros((config.train.batch_size, len(SKIP_REASONS)), np.int32)}
+      skipped = np.zeros((config.train.batch_size, len(SKIP_REASONS)), np.int32)
+      yield {"video": video, "skipped": skipped, "bucket": np.zeros(config.train.batch_size, np.int32)}
 
   monkeypatch.setattr(train_module, "_data_iterator", nan_batches)
   cfg = small_config(**{"train.steps": 50, "train.max_skipped_steps": 3})

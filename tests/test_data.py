@@ -23,6 +23,7 @@ from vgpt_jax.data.pipeline import (
   to_uint8,
   train_dataset,
   train_index_dataset,
+  video_buckets,
 )
 from vgpt_jax.data.sources import SKIP_REASONS
 
@@ -218,14 +219,14 @@ def test_to_uint8_inverts_to_float():
 def test_train_batches_shape_range_and_content():
   cfg = small_config()
   batch = next(iter(train_dataset(cfg, 0, HostSlice(3))))
-  assert set(batch) == {"video", "skipped"}
+  assert set(batch) == {"video", "skipped", "bucket"} and not batch["bucket"].any()
   assert batch["skipped"].shape == (3, len(SKIP_REASONS)) and not batch["skipped"].any()
   video = batch["video"]
   assert video.shape == (3, 4, 32, 32, 3) and video.dtype == np.float32
   assert video.min() >= -1.0 and video.max() <= 1.0
   # Each element is a strided window of the video whose index the index dataset yields.
   source = PhysicsVideoSource(cfg, "train")
-  indices = [index for _, index in train_index_dataset(len(make_source(cfg, "train")), 0, HostSlice(3))[:3]]
+  indices = [index for _, index, _ in train_index_dataset(len(make_source(cfg, "train")), 0, HostSlice(3))[:3]]
   for clip, index in zip(video, indices):
     full = to_float(source[index])
     windows = [full[s : s + 8 : 2] for s in range(12 - 8 + 1)]
@@ -237,7 +238,7 @@ def test_shards_are_disjoint_and_cover_the_data():
   firsts = []
   for shard in range(2):
     ds = train_index_dataset(len(make_source(cfg, "train")), 5, HostSlice(2, shard, 2))
-    firsts.append({index for _, index in ds[:4]})  # first epoch: 8 videos over 2 hosts
+    firsts.append({index for _, index, _ in ds[:4]})  # first epoch: 8 videos over 2 hosts
     assert len(firsts[-1]) == 4
   assert not firsts[0] & firsts[1]
   assert firsts[0] | firsts[1] == set(range(8))
@@ -324,10 +325,10 @@ def test_random_stride_range_for_stages_3_and_4():
   cfg = small_config(frame_stride=1, frame_stride_max=3, num_frames=3)
   source = PhysicsVideoSource(cfg, "train")
   full = to_float(source[0])
-  clip = _ClipOrSkip(source, seed=0, max_tries=1, shape=(3, 32, 32, 3))
+  clip = _ClipOrSkip(source, seed=0, max_tries=1, bucket_of=video_buckets(source))
   seen = set()
   for i in range(40):
-    out = clip((i, 0))["video"]
+    out = clip((i, 0, 0))["video"]
     match = [
       (k, s) for k in (1, 2, 3) for s in range(len(full) - 2 * k) if np.array_equal(out, full[s : s + 3 * k : k])
     ]

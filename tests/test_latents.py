@@ -210,7 +210,7 @@ def test_damaged_record_is_skipped_and_counted(tmp_path, encoded):
   source = LatentSource(latents_config(out).data, "train")
   with pytest.raises(BadVideo, match="unreadable: record 3"):
     source.clip(3, np.random.default_rng(0))
-  element = pipeline._ClipOrSkip(source, seed=0, max_tries=4, shape=source.clip_shape)((0, 3))  # noqa: SLF001
+  element = pipeline._ClipOrSkip(source, 0, 4, pipeline.video_buckets(source))((0, 3, 0))  # noqa: SLF001
   assert element["skipped"][SKIP_REASONS.index("unreadable")] == 1 and element["latents"].shape == (5, 4, 4, 48)
 
 

@@ -299,7 +299,7 @@ def test_pipeline_batches_shape_range_and_content(good_dir):
   assert -1.0 <= batch["video"].min() and batch["video"].max() <= 1.0
   np.testing.assert_array_equal(batch["skipped"], np.zeros((3, len(SKIP_REASONS))))
   source = make_source(cfg, "train")
-  indices = [index for _, index in train_index_dataset(len(source), 0, HostSlice(3))[:3]]
+  indices = [index for _, index, _ in train_index_dataset(len(source), 0, HostSlice(3))[:3]]
   for clip, index in zip(batch["video"], indices):
     video, frames = identify(clip)
     assert int(Path(source.name(index)).stem[1:]) == video
@@ -311,7 +311,7 @@ def test_shards_are_disjoint_and_cover_the_videos(good_dir):
   seen = []
   for shard in range(2):
     ds = train_index_dataset(len(make_source(cfg, "train")), 3, HostSlice(3, shard, 2))
-    seen.append({index for _, index in ds[:3]})
+    seen.append({index for _, index, _ in ds[:3]})
   assert len(seen[0]) == len(seen[1]) == 3 and not seen[0] & seen[1] and seen[0] | seen[1] == set(range(6))
 
 
@@ -454,7 +454,7 @@ def test_files_failing_after_the_probe_are_replaced_and_counted_per_sample(mixed
   for step, batch in enumerate(batches):
     assert batch["skipped"].shape == (batch_size, len(SKIP_REASONS))
     for j, clip in enumerate(batch["video"]):
-      position, index = elements[step * batch_size + j]
+      position, index, _ = elements[step * batch_size + j]
       good, skipped = replay(source, VANISHED, seed, position, index, int(cfg.max_skip_tries))
       video, frames = identify(clip)
       assert video == int(os.path.basename(source.name(good))[4]) and video < 3

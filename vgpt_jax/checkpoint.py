@@ -174,6 +174,12 @@ class Checkpointer:
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
+  def prepare(self, state: TrainState) -> None:
+    """Compile the checksums `save` computes, for trees of `state`'s shapes, now: before the first step, so the
+    first save does not stall training (and nothing compiles inside the train loop)."""
+    for tree in _array_items(state).values():
+      integrity.fingerprint(tree)
+
   def save(self, step: int, state: TrainState, data_iter: Any, config: ml_collections.ConfigDict) -> None:
     """Start saving `state` (at host-known `step`) with the data iterator's position and their checksums.
 

@@ -16,7 +16,8 @@ import ml_collections
 from vgpt_jax import diffusion
 from vgpt_jax.attention.select import ATTENTIONS
 from vgpt_jax.data import latents
-from vgpt_jax.data.pipeline import make_source, validate_data_config
+from vgpt_jax.data.buckets import parse_buckets
+from vgpt_jax.data.pipeline import held_out_members, make_source, validate_data_config
 from vgpt_jax.layout import SPLITS
 from vgpt_jax.model.tokenizer import TOKENIZERS
 from vgpt_jax.model.transformer import REMAT_POLICIES, SAVEABLE, RopeScaling
@@ -87,12 +88,18 @@ def _data_problems(config: ml_collections.ConfigDict, sources: dict[str, Any]) -
     except Exception as e:  # noqa: BLE001 - whatever stops the source is a problem to name
       problems.append(f"{split} data: {e}")
       continue
-    if split == "eval" and len(source) < config.train.num_samples:
+    usable = len(held_out_members(source, config.data))
+    if split == "eval" and usable < config.train.num_samples:
+      shape = f" at {config.data.height}x{config.data.width} (their bucket)" if len(config.data.buckets) else ""
       problems.append(
         f"train.num_samples={config.train.num_samples} held-out samples asked for, but {source.describe()} has "
-        f"{len(source)} usable videos: lower train.num_samples or hold out more (data.num_eval_videos, data.eval_path)"
+        f"{usable} usable videos{shape}: lower train.num_samples or hold out more (data.num_eval_videos, "
+        "data.eval_path)"
       )
   return problems
+
+
+BUCKETED_SOURCES = ("video_files",)
 
 
 def _problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -239,6 +246,37 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     )
   if tok.kind == "vae":
     problems.extend(_vae_problems(tok.vae_path))
+  problems.extend(_bucket_problems(config, problems))
+  return problems
+
+
+def _bucket_problems(config: ml_collections.ConfigDict, found: list[str]) -> list[str]:
+  """data.buckets: well formed, a source that has them, data.height x data.width among them, and every check
+  that holds for data.height x data.width x data.num_frames holding for each bucket's shape too (`found`: the
+  problems of the config itself, not repeated)."""
+  d = config.data
+  if not len(d.buckets):
+    return [f"data.bucket_weights={tuple(d.bucket_weights)} needs data.buckets"] if len(d.bucket_weights) else []
+  try:
+    buckets = parse_buckets(d.buckets, config.tokenizer.downsample, config.model.patch_size)
+  except (ValueError, TypeError) as e:
+    return [f"data.buckets={tuple(d.buckets)}: {e}"]
+  problems = []
+  if d.source not in BUCKETED_SOURCES:
+    problems.append(f"data.buckets needs data.source in {list(BUCKETED_SOURCES)} (got {d.source!r})")
+  if not any((b.height, b.width, b.frames or d.num_frames) == (d.height, d.width, d.num_frames) for b in buckets):
+    problems.append(
+      f"data.height x data.width = {d.height}x{d.width} ({d.num_frames} frames) is not one of data.buckets: set "
+      "them to one bucket's (the end-of-run sample and the held-out clips use it)"
+    )
+  if len(d.bucket_weights) not in (0, len(buckets)):
+    problems.append(f"data.bucket_weights has {len(d.bucket_weights)} entries for {len(buckets)} buckets")
+  for b in buckets:
+    variant = config.copy_and_resolve_references()
+    variant.data.height, variant.data.width, variant.data.num_frames = b.height, b.width, b.frames or d.num_frames
+    variant.data.buckets, variant.data.bucket_weights = (), ()
+    label = f"bucket {b.height}x{b.width}" + (f"x{b.frames}" if b.frames else "")
+    problems.extend(f"{label}: {p}" for p in _problems(variant) if p not in found)
   return problems
 
 

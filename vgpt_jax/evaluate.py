@@ -5,7 +5,10 @@
 
 Videos: the run's held-out set (the physics world's eval split by default) or
 the files of --videos, each cut to context_frames + frames frames at the run's
-stride and frame size (shorter videos are skipped: the truth is needed).
+stride and frame size (shorter videos are skipped: the truth is needed). A run
+trained with data.buckets rolls each video out at its bucket's size (the one
+nearest its aspect); the metrics are computed per size and averaged, weighted
+by the videos of each, and FVD pools the I3D features of every size.
 
 Methods, all given the same context frames:
   model         the KV-cached sampler (vgpt_jax/sampler.py)
@@ -68,16 +71,24 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 class FvdReference:
-  """I3D statistics of the true videos (context + truth), computed once and shared by every method."""
+  """I3D statistics of the true videos (context + truth), computed once and shared by every method.
 
-  def __init__(self, context: np.ndarray, truth: np.ndarray):
+  context, truth: [B, m, H, W, 3] and [B, g, H, W, 3], or lists of such arrays (videos of several sizes:
+  I3D resizes each, and the features of all of them make one distribution).
+  """
+
+  def __init__(self, context: np.ndarray | list[np.ndarray], truth: np.ndarray | list[np.ndarray]):
     from vgpt_jax.metrics import fvd
 
     self.fvd = fvd
-    self.stats = fvd.feature_statistics(fvd.i3d_features(np.concatenate([context, truth], axis=1)))
+    self.stats = fvd.feature_statistics(self._features(context, truth))
 
-  def distance(self, context: np.ndarray, prediction: np.ndarray) -> float:
-    features = self.fvd.i3d_features(np.concatenate([context, prediction], axis=1))
+  def _features(self, context, rest) -> np.ndarray:
+    pairs = zip(context, rest) if isinstance(context, list) else [(context, rest)]
+    return np.concatenate([self.fvd.i3d_features(np.concatenate([c, r], axis=1)) for c, r in pairs])
+
+  def distance(self, context: np.ndarray | list[np.ndarray], prediction: np.ndarray | list[np.ndarray]) -> float:
+    features = self._features(context, prediction)
     return float(self.fvd.frechet_distance(*self.stats, *self.fvd.feature_statistics(features)))
 
 
@@ -117,14 +128,18 @@ def evaluate(
     )
   if len(videos) < num_videos:
     logging.warning("only %d of the %d videos asked for have %d frames", len(videos), num_videos, m + g)
-  stacked = np.stack([v for _, v in videos])
-  context, truth = stacked[:, :m], stacked[:, m:]
+  model = continue_videos(
+    opened.run, opened.params, videos, sampling, m, g, request.seed, batch_size=request.batch_size
+  )
+  # Videos of several sizes (data.buckets) are scored per size, and the means weighted by their numbers.
+  sizes = sorted({v.shape[1:3] for _, v in videos})
+  groups = [[i for i, (_, v) in enumerate(videos) if v.shape[1:3] == size] for size in sizes]
+  contexts = [np.stack([videos[i][1][:m] for i in group]) for group in groups]
+  truths = [np.stack([videos[i][1][m:] for i in group]) for group in groups]
   predictions = {
-    "model": np.stack(
-      continue_videos(opened.run, opened.params, videos, sampling, m, g, request.seed, batch_size=request.batch_size)
-    ),
-    "copy_last": copy_last(context, g),
-    "linear": linear_extrapolation(context, g),
+    "model": [np.stack([model[i] for i in group]) for group in groups],
+    "copy_last": [copy_last(c, g) for c in contexts],
+    "linear": [linear_extrapolation(c, g) for c in contexts],
   }
   fvd_reference, fvd_note = None, "off (--nofvd)"
   if with_fvd:
@@ -134,11 +149,16 @@ def evaluate(
       fvd_note = f"skipped: I3D needs >= {MIN_FRAMES} frames (context + predicted) and >= 2 videos"
       logging.warning("FVD %s; use --frames=%d or more", fvd_note, max(MIN_FRAMES - m, 1))
     else:
-      fvd_reference, fvd_note = FvdReference(context, truth), "I3D Kinetics-400 logits of context + prediction"
+      fvd_reference, fvd_note = FvdReference(contexts, truths), "I3D Kinetics-400 logits of context + prediction"
   results, curves = {}, {}
+  weights = np.array([len(group) for group in groups], np.float64) / len(videos)
   for method in METHODS:
     logging.info("scoring %s", method)
-    results[method], curves[method] = score(context, truth, predictions[method], fvd_reference)
+    scored = [score(c, t, p) for c, t, p in zip(contexts, truths, predictions[method])]
+    results[method] = {k: float(sum(w * r[k] for w, (r, _) in zip(weights, scored))) for k in scored[0][0]}
+    curves[method] = {k: sum(w * c[k] for w, (_, c) in zip(weights, scored)) for k in scored[0][1]}
+    if fvd_reference is not None:
+      results[method]["fvd"] = fvd_reference.distance(contexts, predictions[method])
   directory = Path(output)
   directory.mkdir(parents=True, exist_ok=True)
   report = {
@@ -161,9 +181,11 @@ def evaluate(
     series = {method: curves[method][name] for method in METHODS}
     path = directory / f"per_frame_{name}.png"
     media.save_lines(path, horizon, series, "predicted frame", label, f"{label} over the rollout horizon")
-  full = [to_uint8(np.concatenate([context, x], axis=1)) for x in (truth, *predictions.values())]  # [B, T, H, W, 3]
-  rows = [np.concatenate([f[i] for f in full], axis=2) for i in range(min(4, len(videos)))]  # truth | methods
-  media.save_gif(directory / "rollouts.gif", np.concatenate(rows, axis=1), scale=max(1, 96 // stacked.shape[2]))
+  shown = int(np.argmax(weights))  # the gif shows videos of the most common size
+  context, truth = contexts[shown], truths[shown]
+  full = [to_uint8(np.concatenate([context, x[shown]], axis=1)) for x in (truths, *predictions.values())]
+  rows = [np.concatenate([f[i] for f in full], axis=2) for i in range(min(4, len(context)))]  # truth | methods
+  media.save_gif(directory / "rollouts.gif", np.concatenate(rows, axis=1), scale=max(1, 96 // context.shape[2]))
   print(table)
   return report
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vgpt_jax.data import latents as latents_lib
+from vgpt_jax.data.buckets import config_buckets
 from vgpt_jax.data.pipeline import input_key
 from vgpt_jax.layout import Layout, context_parallel_layout, training_layout
 from vgpt_jax.model import VideoGPT
@@ -65,6 +66,23 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
     latent_shape=(h, w, c),
     inputs=inputs,
   )
+
+
+def run_at(run: Run, height: int, width: int, num_frames: int) -> Run:
+  """The run with frames of height x width and clips of num_frames (a bucket's): same model and parameters, the
+  layout, RoPE positions and sin-cos table of that patch grid. The run itself when it already has that shape."""
+  d = run.config.data
+  if (d.height, d.width, d.num_frames) == (height, width, num_frames):
+    return run
+  config = run.config.copy_and_resolve_references()
+  config.data.height, config.data.width, config.data.num_frames = height, width, num_frames
+  return make_run(config)
+
+
+def bucket_runs(run: Run) -> list[Run]:
+  """One run per bucket of data.buckets, in order (the run itself at its own shape); [run] without buckets."""
+  n = run.config.data.num_frames
+  return [run_at(run, b.height, b.width, b.frames or n) for b in config_buckets(run.config.data)] or [run]
 
 
 def init_params(run: Run, key: jax.Array) -> Any:

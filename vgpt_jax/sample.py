@@ -6,8 +6,9 @@
 
 Without --context, the run's held-out videos are continued (the synthetic
 physics world's eval split by default). Each video's first --context_frames
-frames (at the run's frame stride, scaled and cropped to its frame size) are
-the context; --frames more are generated, --clip_frames at a time, with the
+frames (at the run's frame stride, scaled and cropped to its frame size; with
+data.buckets, to the size of the bucket nearest the video's aspect) are the
+context; --frames more are generated, --clip_frames at a time, with the
 KV-cached sampler (vgpt_jax/sampler.py). Written to DIR (default
 WORKDIR/samples):
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from vgpt_jax import diffusion
 from vgpt_jax.layout import CLEAN, NOISY, fixed_split, sampling_layout, segment_tokens, training_layout
 from vgpt_jax.model.transformer import KVCache
-from vgpt_jax.run import Run
+from vgpt_jax.run import Run, run_at
 
 _CONTEXT_NOISE = 0x5EED  # folded into a clip's key for its context noise (the clip's own noise uses the key itself)
 Videos = list[tuple[str, np.ndarray]]  # (name, float32 frames [T, H, W, 3] in [-1, 1]), T may differ per video
@@ -320,24 +320,31 @@ def continue_videos(
 ) -> list[np.ndarray]:
   """float32 [frames, H, W, 3] continuations of each video's first `context_frames` frames, in batches.
 
-  Video i's noise comes from fold_in(key(seed), video_ids[i]) (default i), so a
-  video's sample does not depend on the batch it is generated in.
+  Videos of several sizes (data.buckets) are generated in batches of one size each, with the run at that size
+  (`run_at`: the same model, that patch grid's positions). Video i's noise comes from
+  fold_in(key(seed), video_ids[i]) (default i), so a video's sample does not depend on the batch it is
+  generated in.
   """
   video_ids = list(range(len(videos))) if video_ids is None else list(video_ids)
   short = [name for name, v in videos if len(v) < context_frames]
   if short:
     raise ValueError(f"videos with fewer than --context_frames={context_frames} frames: {short}")
-  sampler = Sampler(run, sampling)
-  encode, decode = jax.jit(run.tokenizer.encode), jax.jit(run.tokenizer.decode)
   clips = -(-frames // sampling.clip_frames)
-  out: list[np.ndarray] = []
+  out: list[np.ndarray] = [np.empty(0)] * len(videos)
+  sizes = sorted({v.shape[1:3] for _, v in videos})
   with tqdm(total=clips * len(videos), desc="sample", unit="clip", dynamic_ncols=True) as progress:
-    for first in range(0, len(videos), batch_size):
-      batch = videos[first : first + batch_size]
-      latents = encode(jnp.asarray(np.stack([v[:context_frames] for _, v in batch])))
-      keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), video_ids[first + i]) for i in range(len(batch))])
-      generated = sampler.rollout(
-        params, latents, keys, frames, cached=cached, on_clip=lambda done, _: progress.update(len(batch))
-      )
-      out.extend(np.clip(np.asarray(decode(generated)), -1, 1))
+    for size in sizes:
+      sized = run_at(run, *size, run.config.data.num_frames)
+      sampler = Sampler(sized, sampling)
+      encode, decode = jax.jit(sized.tokenizer.encode), jax.jit(sized.tokenizer.decode)
+      chosen = [i for i, (_, v) in enumerate(videos) if v.shape[1:3] == size]
+      for first in range(0, len(chosen), batch_size):
+        batch = chosen[first : first + batch_size]
+        latents = encode(jnp.asarray(np.stack([videos[i][1][:context_frames] for i in batch])))
+        keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), video_ids[i]) for i in batch])
+        generated = sampler.rollout(
+          params, latents, keys, frames, cached=cached, on_clip=lambda done, _: progress.update(len(batch))
+        )
+        for i, video in zip(batch, np.clip(np.asarray(decode(generated)), -1, 1)):
+          out[i] = video
   return out

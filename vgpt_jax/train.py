@@ -37,6 +37,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -49,11 +50,12 @@ from tqdm import tqdm
 
 from vgpt_jax import checkpoint, media, parallel, preemption, train_step
 from vgpt_jax import config as config_lib
+from vgpt_jax.data.buckets import base_bucket, probabilities
 from vgpt_jax.data.held_out import held_out_clips
-from vgpt_jax.data.pipeline import HostSlice, to_uint8, train_dataset
+from vgpt_jax.data.pipeline import HostSlice, to_uint8, train_dataset, video_buckets
 from vgpt_jax.data.sources import SKIP_REASONS, NoUsableVideo
 from vgpt_jax.metrics import video as video_metrics
-from vgpt_jax.run import Run, make_run
+from vgpt_jax.run import Run, bucket_runs, make_run
 from vgpt_jax.sampler import Sampler, with_run_defaults
 
 
@@ -169,6 +171,37 @@ def _data_iterator(config: ml_collections.ConfigDict, seed: int, source=None):
   )
 
 
+def drawn_buckets(config: ml_collections.ConfigDict, source) -> list[int]:
+  """The buckets whose batches the train stream can hold (all of data.buckets that have videos or weight)."""
+  counts = np.bincount(video_buckets(source), minlength=len(source.shapes()))
+  p = probabilities(counts, tuple(config.data.bucket_weights))
+  return [int(b) for b in np.flatnonzero(p > 0)]
+
+
+def compile_bucket_steps(run: Run, mesh, buckets: list[int]) -> tuple[dict[int, Any], dict[int, dict]]:
+  """The train step compiled ahead of time for each bucket's shape, before the first step, and what each
+  costs: {bucket: step}, {bucket: {"shape", "compile_seconds", "memory_gib"}}. Without data.buckets, the one
+  step of data.height x data.width. A batch can only be given to its bucket's step: compiled steps never
+  compile again."""
+  runs = bucket_runs(run)
+  steps, report = {}, {}
+  for b in buckets:
+    shape = runs[b].input_shape(run.config.train.batch_size)
+    logging.info("compiling the train step for inputs %s", shape)
+    start = time.time()
+    steps[b] = train_step.compile_train_step(runs[b], mesh)
+    seconds = time.time() - start
+    memory = train_step.memory_summary(steps[b])
+    logging.info(
+      "compiled the train step for %s in %.1fs, per device: %s",
+      shape,
+      seconds,
+      {k: f"{v:.3f} GiB" for k, v in memory.items()},
+    )
+    report[b] = {"shape": list(shape), "compile_seconds": seconds, "memory_gib": memory}
+  return steps, report
+
+
 def _initial_state(run: Run, mesh, target: train_step.TrainState) -> train_step.TrainState:
   """Fresh state, or stage-to-stage init: another run's parameters with a fresh optimizer and step 0."""
   state = train_step.create_state(run, mesh)
@@ -238,14 +271,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     start_step = int(state.step)
     if _preempted_before_training("the restore"):
       return {**stopped, "start_step": start_step, "end_step": start_step}
-    logging.info("compiling the train step")
-    step_fn = train_step.compile_train_step(run, mesh)
-    memory = train_step.memory_summary(step_fn)
-    logging.info("compiled train step, per device: %s", {k: f"{v:.3f} GiB" for k, v in memory.items()})
+    step_fns, compiled = compile_bucket_steps(run, mesh, drawn_buckets(config, sources["train"]))
+    ckpt.prepare(state)
     if _preempted_before_training("compilation"):
       return {**stopped, "start_step": start_step, "end_step": start_step}
-    summary = _train_loop(config, workdir, run, mesh, ckpt, step_fn, state, batches)
+    summary = _train_loop(config, workdir, run, mesh, ckpt, step_fns, state, batches)
+  memory = compiled[base_bucket(config.data)]["memory_gib"]
   summary.update(compiled_memory_gib=memory, excluded_videos=excluded["train"], excluded_eval_videos=excluded["eval"])
+  if len(config.data.buckets):
+    summary["buckets"] = compiled
   state = summary.pop("state")
   if summary["preempted"]:
     logging.warning("preempted: saved a checkpoint at step %d and stopped", summary["end_step"])
@@ -266,8 +300,28 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   return summary
 
 
-def _train_loop(config, workdir: Path, run, mesh, ckpt, step_fn, state, batches) -> dict:
-  """Steps from state.step to train.steps (or a preemption), saving checkpoints; the summary, with "state"."""
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring's event per XLA compilation
+_COMPILES = [0]  # XLA compilations in this process so far (counted once _count_compilations is registered)
+
+
+def _count_compilations() -> None:
+  """Counts every XLA compilation from now on in _COMPILES (registered once per process)."""
+  if getattr(_count_compilations, "registered", False):
+    return
+
+  def listener(event: str, duration: float, **kwargs) -> None:
+    if event == BACKEND_COMPILE_EVENT:
+      _COMPILES[0] += 1
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  _count_compilations.registered = True
+
+
+def _train_loop(config, workdir: Path, run, mesh, ckpt, step_fns, state, batches) -> dict:
+  """Steps from state.step to train.steps (or a preemption), saving checkpoints; the summary, with "state".
+
+  step_fns: the compiled step of each bucket the batches can come in (`compile_bucket_steps`). The summary's
+  "compiles_in_loop" counts the XLA compilations while it ran (0 unless something recompiles per step)."""
   is_main = jax.process_index() == 0
   start_step = int(state.step)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -286,6 +340,8 @@ def _train_loop(config, workdir: Path, run, mesh, ckpt, step_fn, state, batches)
   history: list[dict] = []  # the record of every step of this session
   pending = None  # (step, device metrics): read one step late so the host never waits
   reported_skips = [int(np.sum(jax.device_get(state.skipped_videos)))]
+  _count_compilations()
+  compiles_before = _COMPILES[0]
   start = time.time()
   progress = tqdm(
     range(start_step, config.train.steps),
@@ -324,12 +380,13 @@ def _train_loop(config, workdir: Path, run, mesh, ckpt, step_fn, state, batches)
         jax.profiler.start_trace(str(workdir / "profile"))
         tracing = True
       batch = next(batches)
+      bucket = int(batch["bucket"][0])
       inputs = jax.make_array_from_process_local_data(sharding, batch[run.inputs])
       skipped = jax.make_array_from_process_local_data(sharding, batch["skipped"])
-      state, metrics = step_fn(state, inputs, skipped)
+      state, metrics = step_fns[bucket](state, inputs, skipped)
       if pending is not None:
         flush(*pending)
-      pending = (step + 1, metrics)
+      pending = (step + 1, {**metrics, "bucket": bucket})
       if tracing and step == profile_last:
         jax.profiler.stop_trace()
         tracing = False
@@ -355,6 +412,7 @@ def _train_loop(config, workdir: Path, run, mesh, ckpt, step_fn, state, batches)
     "end_step": int(state.step),
     "preempted": preempted,
     "wall_seconds": wall,
+    "compiles_in_loop": _COMPILES[0] - compiles_before,
     "skipped_videos": _skip_counts(jax.device_get(state.skipped_videos)),  # all processes, whole run
     "state": state,
   }

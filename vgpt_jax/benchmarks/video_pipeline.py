@@ -90,7 +90,7 @@ def _clips_todo(cfg, args: argparse.Namespace) -> list[tuple[int, int]]:
   """The (global position, video index) pairs that `pipeline_rate` times, for seed 0."""
   elements = train_index_dataset(len(make_source(cfg, "train")), 0, HostSlice(args.batch_size))
   first = (args.prefetch_batches + 2) * args.batch_size
-  return [tuple(int(x) for x in elements[i]) for i in range(first, args.clips // args.batch_size * args.batch_size)]
+  return [tuple(int(x) for x in elements[i][:2]) for i in range(first, args.clips // args.batch_size * args.batch_size)]
 
 
 def _decode_clips(cfg, todo: list[tuple[int, int]], barrier=None, results=None) -> float:

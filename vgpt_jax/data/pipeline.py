@@ -9,20 +9,23 @@ Sources (data.source), each a `VideoSource` (sources.py):
   latents      videos pre-encoded by `python -m vgpt_jax.encode` (latents.py)
 
 Train pipeline (per host):
-  range(len(source)).seed(seed).shuffle().repeat()   one global stream, new order per epoch
-  -> this host's slice of every global batch          (global position, video index)
-  -> map(_ClipOrSkip)                                  clip drawn from (seed, position), [-1, 1]
-  -> batch(batch_size, drop_remainder=True)            skip counts stacked per sample
-  -> to_iter_dataset(ReadOptions)                      thread prefetch
-  -> mp_prefetch (only if worker_count > 0)            process prefetch
+  per bucket: its videos .seed(seed).shuffle().repeat()  one stream per bucket, new order per epoch
+  -> this host's slice of every global batch           (global position, video index, bucket): each global
+                                                        batch's bucket drawn from (seed, batch number)
+  -> map(_ClipOrSkip)                                   clip drawn from (seed, position), [-1, 1]
+  -> batch(batch_size, drop_remainder=True)             skip counts stacked per sample
+  -> to_iter_dataset(ReadOptions)                       thread prefetch
+  -> mp_prefetch (only if worker_count > 0)             process prefetch
+Without data.buckets there is one bucket: one shuffled stream of all the videos.
 
-Each element is {"video": float32 [B, F, H, W, 3], "skipped": int32 [B, len(SKIP_REASONS)]},
-or {"latents": float32 [B, F, h, w, C], "skipped": ...} for data.source="latents".
+Each element is {"video": float32 [B, F, H, W, 3], "skipped": int32 [B, len(SKIP_REASONS)], "bucket": int32 [B]},
+or {"latents": float32 [B, F, h, w, C], ...} for data.source="latents"; with data.buckets, F, H and W are
+those of the batch's bucket. The iterator's state is its position alone: the buckets follow from it.
 
 Bad videos: a source may exclude files it knows to be bad before numbering its
 videos (video_files probes every file once), so those are never drawn. When the
 video at global position p still raises BadVideo, attempt a =
-1, 2, ... takes video rng_a.integers(len(source)) with rng_a =
+1, 2, ... takes video rng_a.integers(n) of its bucket's n videos with rng_a =
 default_rng([seed, p, a]) and cuts its clip with rng_a, up to
 data.max_skip_tries attempts in all. Every candidate depends only on (seed,
 p), so all hosts and any worker count agree, and the batches stay the same
@@ -33,7 +36,7 @@ If every attempt fails the pipeline raises NoUsableVideo naming the source.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import grain
 import ml_collections
@@ -41,6 +44,7 @@ import numpy as np
 from absl import flags
 
 from vgpt_jax.data import latents, tfds_source, video_files
+from vgpt_jax.data.buckets import BucketSchedule, base_bucket, probabilities
 from vgpt_jax.data.physics import SPLITS, PhysicsWorld, render_video, video_seed
 from vgpt_jax.data.sources import SKIP_REASONS, BadVideo, NoUsableVideo, VideoSource, Window, stride_range
 
@@ -84,6 +88,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.extensions = video_files.VIDEO_EXTENSIONS  # case-insensitive
   cfg.min_size = 128  # skip videos whose shorter side has fewer pixels (reference: 128)
   cfg.max_aspect = 4.0  # skip videos whose long side / short side is larger (reference: 4)
+  # Aspect buckets (data/buckets.py; README "Videos of any shape"): ((height, width[, frames]), ...); each video
+  # goes to the one nearest its aspect, each batch holds one. Empty: every video fills data.height x data.width.
+  cfg.buckets = ()
+  cfg.bucket_weights = ()  # how often each bucket's batches come; empty: in proportion to its videos
   # source="latents": shards written by python -m vgpt_jax.encode (vgpt_jax/data/latents.py); no VAE in the step.
   cfg.latents_path = ""
   cfg.decode_threads = 1  # FFmpeg threads per decoded video; 0: FFmpeg decides (see BENCHMARKS.md)
@@ -244,44 +252,49 @@ def make_source(data_cfg: Any, split: str) -> VideoSource:
 
 
 class _ClipOrSkip:
-  """(global position, video index) -> {key: float32 clip, "skipped": int32 [len(SKIP_REASONS)]}.
+  """(global position, video index, bucket) -> {key: float32 clip, "skipped": int32 [len(SKIP_REASONS)],
+  "bucket": int32 []}.
 
   key is "video" (uint8 frames from the source, scaled to [-1, 1]) or, for a
   source whose `yields` is "latents", "latents" (float32 latents, as stored).
+  The clip has its bucket's shape (source.shapes()).
 
   The randomness comes from (seed, global position), not from the element's
   place in this host's stream, so the same global batch is produced whatever
-  the number of hosts. A bad video is replaced as the module docstring says.
+  the number of hosts. A bad video is replaced, as the module docstring says,
+  by another of the same bucket.
   """
 
-  def __init__(self, source: VideoSource, seed: int, max_tries: int, shape: tuple[int, ...]):
+  def __init__(self, source: VideoSource, seed: int, max_tries: int, bucket_of: np.ndarray):
     self.source = source
     self.seed = seed
     self.max_tries = max_tries
-    self.shape = shape  # (F, H, W, 3) or latents (F, h, w, C)
+    self.members = [np.flatnonzero(bucket_of == b) for b in range(len(source.shapes()))]
     self.key = source.yields
     self.dtype = np.float32 if self.key == "latents" else np.uint8
 
-  def __call__(self, element: tuple[int, int]) -> dict[str, np.ndarray]:
-    position, index = (int(x) for x in element)
+  def __call__(self, element: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    position, index, bucket = (int(x) for x in element)
+    members, shape = self.members[bucket], self.source.shapes()[bucket]
     skipped = np.zeros(len(SKIP_REASONS), dtype=np.int32)
     for attempt in range(self.max_tries):
       if attempt == 0:
         rng = np.random.default_rng([self.seed, position])
       else:
         rng = np.random.default_rng([self.seed, position, attempt])
-        index = int(rng.integers(len(self.source)))
+        index = int(members[rng.integers(len(members))])
       try:
         video = self.source.clip(index, rng)
       except BadVideo as e:
         skipped[_REASON_INDEX[e.reason]] += 1
         continue
-      if video.shape != self.shape or video.dtype != self.dtype:
+      if video.shape != shape or video.dtype != self.dtype:
         raise ValueError(
           f"{self.source.describe()} gave a {video.dtype} clip {video.shape}; "
-          f"expected {np.dtype(self.dtype).name} {self.shape}"
+          f"expected {np.dtype(self.dtype).name} {shape}"
         )
-      return {self.key: video if self.key == "latents" else to_float(video), "skipped": skipped}
+      clip = video if self.key == "latents" else to_float(video)
+      return {self.key: clip, "skipped": skipped, "bucket": np.int32(bucket)}
     counts = ", ".join(f"{r}={n}" for r, n in zip(SKIP_REASONS, skipped) if n)
     raise NoUsableVideo(
       f"all {self.max_tries} videos tried for sample {position} were bad ({counts}) in {self.source.describe()}; "
@@ -291,9 +304,9 @@ class _ClipOrSkip:
 
 
 def _stack(elements: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Batch: clips stacked [B, F, ...]; skip counts stacked [B, len(SKIP_REASONS)] (the step sums them globally)."""
-  (key,) = set(elements[0]) - {"skipped"}
-  return {key: np.stack([e[key] for e in elements]), "skipped": np.stack([e["skipped"] for e in elements])}
+  """Batch: clips stacked [B, F, ...] (one bucket, one shape); skip counts [B, len(SKIP_REASONS)] (the step sums
+  them globally); "bucket" int32 [B], the same in every row."""
+  return {key: np.stack([e[key] for e in elements]) for key in elements[0]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,42 +324,69 @@ class HostSlice:
       raise ValueError(f"Need 0 <= host index < host count, got {self.index}, {self.count}.")
 
 
-def train_index_dataset(num_videos: int, seed: int, host: HostSlice) -> grain.MapDataset:
-  """This host's infinite stream of (global position, video index), reshuffled every epoch.
+def video_buckets(source: VideoSource) -> np.ndarray:
+  """int64 [len(source)]: each video's bucket (all 0 without data.buckets)."""
+  return np.zeros(len(source), np.int64) if source.bucket_of is None else np.asarray(source.bucket_of, np.int64)
 
-  All hosts share one global stream (the `num_videos` train videos shuffled
-  with `seed`, epoch after epoch). Global batch g is positions [g*B, (g+1)*B),
-  B = host.batch_size * host.count, and host k takes the k-th slice of
-  host.batch_size of each. So hosts never overlap, together they cover every
-  video once per epoch, and the global batches do not depend on the number of
-  hosts.
+
+def held_out_members(source: VideoSource, data_cfg: Any) -> np.ndarray:
+  """Indices of the videos at data.height x data.width: all of them without buckets, else those of its bucket
+  (the end-of-run sample stacks them)."""
+  return np.flatnonzero(video_buckets(source) == base_bucket(data_cfg))
+
+
+def train_index_dataset(
+  bucket_of: int | np.ndarray, seed: int, host: HostSlice, p: Sequence[float] | None = None
+) -> grain.MapDataset:
+  """This host's infinite stream of (global position, video index, bucket), each bucket reshuffled every epoch.
+
+  bucket_of: each video's bucket (int64 [num videos]), or the number of videos when there is one bucket;
+  p: how often each bucket's batches come (default: in proportion to its videos).
+
+  Global batch g is positions [g*B, (g+1)*B), B = host.batch_size * host.count;
+  all its videos come from one bucket, `BucketSchedule(seed, p).bucket(g)`.
+  Each bucket has its own stream (its videos shuffled with `seed`, epoch after
+  epoch), and batch g takes the next B of it: from seen(g) * B on, seen(g) the
+  bucket's batches before g. Host k takes the k-th slice of host.batch_size of
+  each global batch. So hosts never overlap, together they cover each bucket's
+  videos once per its epoch, and the global batches do not depend on the
+  number of hosts. With one bucket this is the plain shuffled stream.
   """
-  if num_videos < host.count:
-    raise ValueError(f"{num_videos} train videos < host count ({host.count}): some hosts would get no videos.")
-  videos = grain.MapDataset.range(num_videos).seed(seed).shuffle().repeat()
-  b = host.batch_size
+  bucket_of = np.zeros(bucket_of, np.int64) if isinstance(bucket_of, int) else np.asarray(bucket_of, np.int64)
+  counts = np.bincount(bucket_of, minlength=1 if p is None else len(p))
+  if len(bucket_of) < host.count:
+    raise ValueError(f"{len(bucket_of)} train videos < host count ({host.count}): some hosts would get no videos.")
+  schedule = BucketSchedule(seed, probabilities(counts) if p is None else p)
+  members = [np.flatnonzero(bucket_of == b) for b in range(len(counts))]
+  streams = [grain.MapDataset.range(max(len(m), 1)).seed(seed).shuffle().repeat() for m in members]
+  b, total = host.batch_size, host.batch_size * host.count
 
-  def locate(i: int) -> tuple[int, int]:
-    position = (i // b) * b * host.count + host.index * b + i % b
-    return position, videos[position]
+  def locate(i: int) -> tuple[int, int, int]:
+    g, slot = divmod(i, b)
+    slot += host.index * b
+    bucket = schedule.bucket(g)
+    return g * total + slot, int(members[bucket][streams[bucket][schedule.seen(g) * total + slot]]), bucket
 
-  return grain.MapDataset.range(len(videos) // host.count).map(locate)
+  return grain.MapDataset.range(len(streams[0]) // host.count).map(locate)
 
 
 def train_dataset(data_cfg: Any, seed: int, host: HostSlice, source: VideoSource | None = None) -> grain.IterDataset:
-  """This host's infinite, shuffled train stream of {"video": float32 [B, F, H, W, 3], "skipped": int32 [B, R]}
-  ({"latents": float32 [B, F, h, w, C], ...} when data.source="latents").
+  """This host's infinite, shuffled train stream of {"video": float32 [B, F, H, W, 3], "skipped": int32 [B, R],
+  "bucket": int32 [B]} ({"latents": float32 [B, F, h, w, C], ...} when data.source="latents").
 
   B = host.batch_size is this host's part of the global batch (see
   `train_index_dataset`). F = data_cfg.num_frames frames taken every k frames
   from a random start, k drawn from [frame_stride, frame_stride_max] (stages
   3-4). R = len(SKIP_REASONS): bad videos replaced for each sample, by reason.
-  Deterministic given `seed`; the iterator's get_state()/set_state() resume
-  exactly. `source`: the train source when the caller has built it already.
+  With data.buckets, each batch is one bucket's and has its shape (data.bucket_weights: how often each
+  bucket comes; default in proportion to its videos). Deterministic given `seed`; the iterator's
+  get_state()/set_state() resume exactly. `source`: the train source when the caller has built it already.
   """
   source = make_source(data_cfg, "train") if source is None else source
-  clip = _ClipOrSkip(source, seed, int(data_cfg.max_skip_tries), source.clip_shape)
-  ds = train_index_dataset(len(source), seed, host)
+  bucket_of = video_buckets(source)
+  clip = _ClipOrSkip(source, seed, int(data_cfg.max_skip_tries), bucket_of)
+  p = probabilities(np.bincount(bucket_of, minlength=len(source.shapes())), tuple(data_cfg.bucket_weights))
+  ds = train_index_dataset(bucket_of, seed, host, p)
   ds = ds.map(clip).batch(host.batch_size, drop_remainder=True, batch_fn=_stack)
   read_options = grain.ReadOptions(
     num_threads=int(data_cfg.read_threads),

@@ -116,13 +116,26 @@ class VideoSource:
     num_frames   F, frames per clip (data.num_frames)
     strides      (min, max) stride of a training clip, in the frames it stores
     clip_shape   shape of one clip, (F, H, W, 3) or (F, h, w, C)
-  and implements `__len__`, `describe` and `read`.
+  and implements `__len__`, `describe` and `read`. A source with aspect buckets (data.buckets, buckets.py)
+  also sets `bucket_shapes` (the clip shape of each bucket) and `bucket_of` (each video's bucket); `read`
+  then gives a video's frames at its bucket's size.
   """
 
   yields: str = "video"
   num_frames: int
   strides: tuple[int, int]
   clip_shape: tuple[int, ...]
+  bucket_shapes: tuple[tuple[int, ...], ...] = ()  # empty: no buckets, every clip is clip_shape
+  bucket_of: np.ndarray | None = None  # int [len(self)]: each video's bucket, with buckets
+
+  def bucket(self, index: int) -> int:
+    """Video `index`'s bucket (0 without buckets)."""
+    return 0 if self.bucket_of is None else int(self.bucket_of[index])
+
+  def shapes(self) -> tuple[tuple[int, ...], ...]:
+    """The clip shape of each bucket: (clip_shape,) without buckets."""
+    return self.bucket_shapes or (self.clip_shape,)
+
   excluded: Mapping[str, int] = types.MappingProxyType({})  # bad videos left out before numbering, by reason
 
   def name(self, index: int) -> str:
@@ -143,10 +156,11 @@ class VideoSource:
   def clip_with_window(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, int, int]:
     """(clip, start, stride): a training clip, its stride and start drawn from `rng` by `choose_window`."""
     chosen: list[int] = []
+    n = self.shapes()[self.bucket(index)][0]
 
     def window(frames: int) -> tuple[int, int, int]:
-      chosen[:] = choose_window(frames, self.num_frames, self.strides, rng)
-      return chosen[0], chosen[1], self.num_frames
+      chosen[:] = choose_window(frames, n, self.strides, rng)
+      return chosen[0], chosen[1], n
 
     clip = self.read(index, window)
     return clip, chosen[0], chosen[1]
@@ -160,7 +174,7 @@ class VideoSource:
 
     What the samples continue and `python -m vgpt_jax.encode` stores; raises BadVideo("too_short") when T < F.
     """
-    n = self.num_frames
+    n = self.shapes()[self.bucket(index)][0]
 
     def window(frames: int) -> tuple[int, int, int]:
       count = frames // stride if max_frames <= 0 else min(max_frames, frames // stride)

@@ -34,8 +34,12 @@ How a clip is cut (SPEC section 6, made fixed-shape for a jitted step):
     few GOPs, not the whole file.
   * Each frame is scaled (bicubic, swscale) so it covers data.height x
     data.width keeping its aspect, then centre-cropped to exactly that size.
-    The reference instead kept each video's own size (longest side <= 320,
-    cropped to multiples of 16); one fixed shape avoids recompiling.
+    With data.buckets, the size is instead that of the video's bucket: the
+    one nearest its aspect (and, for buckets with their own frame count, the
+    longest clip it can give), chosen once from its cached facts
+    (buckets.assign). The reference kept each video's own size (longest side
+    <= 320, cropped to multiples of 16); a few buckets keep about as much of
+    the picture with a few compiled shapes.
 
 Bad files: a source first inspects every listed file once, in parallel
 (`inspect_file`: container, video stream, size, frame count, and whether the
@@ -64,6 +68,7 @@ from absl import logging
 from av.video.reformatter import Interpolation, VideoReformatter
 
 from vgpt_jax.data import file_facts
+from vgpt_jax.data.buckets import assign, config_buckets
 from vgpt_jax.data.sources import SKIP_REASONS, BadVideo, NoUsableVideo, VideoSource, Window, cover_crop, stride_range
 
 VIDEO_EXTENSIONS: tuple[str, ...] = ("mp4", "mov", "mkv", "webm", "avi", "m4v")
@@ -613,11 +618,14 @@ class VideoFileSource(VideoSource):
     self.min_size = int(data_cfg.min_size)
     self.max_aspect = float(data_cfg.max_aspect)
     self.threads = int(data_cfg.decode_threads)
+    self.buckets = config_buckets(data_cfg)
+    self.bucket_shapes = tuple((b.frames or self.num_frames, b.height, b.width, 3) for b in self.buckets)
     self._memo: dict[int, int | BadVideo] = {}
-    self.files, self.excluded = self._usable(listed, _cache_location(data_cfg, split))
+    self.files, self.bucket_of, self.excluded = self._usable(listed, _cache_location(data_cfg, split))
 
-  def _usable(self, listed: PathList, location: str) -> tuple[PathList, dict[str, int]]:
-    """The listed files that can give clips under this config, and how many were excluded per reason.
+  def _usable(self, listed: PathList, location: str) -> tuple[PathList, np.ndarray | None, dict[str, int]]:
+    """The listed files that can give clips under this config, their buckets (None without data.buckets), and
+    how many were excluded per reason.
 
     Every file is inspected once (in parallel; cached beside the data, see
     file_facts.py), so a bad file is never drawn and the counts are exact.
@@ -632,7 +640,8 @@ class VideoFileSource(VideoSource):
     facts = [by_path[p] for p in paths]
     excluded = dict.fromkeys(SKIP_REASONS, 0)
     examples: dict[str, str] = {}
-    keep, frames, starts = [], [], []
+    keep, frames, starts, buckets = [], [], [], []
+    min_frames = min(shape[0] for shape in self.shapes()) * self.strides[0]
     for i, fact in enumerate(facts):
       listed_count = int(listed.frames[i])  # a manifest's count bounds the frames used; a stale larger one is ignored
       fact = {**fact, "frames": min(listed_count, fact["frames"]) if listed_count else fact["frames"]}
@@ -641,11 +650,14 @@ class VideoFileSource(VideoSource):
       if not np.isnan(start):  # a clip: frames [round(start * fps), round(end * fps)) of the file
         first = int(round(start * fact["fps"]))
         fact["frames"] = max(0, min(fact["frames"], int(round(end * fact["fps"]))) - first)
-      bad = judge(fact, listed[i], self.num_frames * self.strides[0], self.min_size, self.max_aspect)
+      bad = judge(fact, listed[i], min_frames, self.min_size, self.max_aspect)
       if bad is None:
         keep.append(i)
         frames.append(fact["frames"])
         starts.append(first)
+        if self.buckets:  # some bucket's clip fits: judge checked the shortest
+          w, h, n = fact["width"], fact["height"], fact["frames"]
+          buckets.append(assign(w, h, self.buckets, n, self.num_frames, self.strides[0]))
       else:
         excluded[bad.reason] += 1
         examples.setdefault(bad.reason, str(bad))
@@ -666,7 +678,7 @@ class VideoFileSource(VideoSource):
         "; ".join(examples.values())[:2000],
       )
     usable = PathList([listed[i] for i in keep], frames, listed.clips[keep], starts)
-    return usable, excluded
+    return usable, np.asarray(buckets, np.int64) if self.buckets else None, excluded
 
   def __len__(self) -> int:
     return len(self.files)
@@ -689,12 +701,13 @@ class VideoFileSource(VideoSource):
     if isinstance(known, BadVideo):
       raise BadVideo(known.reason, known.detail)
     hint = int(self.files.frames[index]) or (known or 0)
+    _, height, width, _ = self.shapes()[self.bucket(index)]
     try:
       clip, frames = read_clip(
         self.files[index],
         window,
-        height=self.height,
-        width=self.width,
+        height=height,
+        width=width,
         min_size=self.min_size,
         max_aspect=self.max_aspect,
         frames_hint=hint,
