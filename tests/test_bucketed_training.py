@@ -184,3 +184,28 @@ def test_videos_roll_out_and_are_scored_at_their_own_bucket(corpus, uninterrupte
   report = evaluate(request, tmp_path / "eval", with_fvd=False)  # scored per size, means weighted
   assert report["videos"] == 2 and report["metrics"]["copy_last"]["mse"] > 0
   assert all(np.isfinite(v) for metrics in report["metrics"].values() for v in metrics.values())
+
+
+def test_latents_are_stored_at_each_videos_bucket_and_train_with_the_same_buckets(corpus, tmp_path):
+  from vgpt_jax.encode import encode
+
+  videos = bucket_config(corpus)
+  index = encode(videos, tmp_path / "latents", shard_size=4)
+  assert index["settings"]["buckets"] == [[16, 32, 0], [32, 16, 0], [24, 24, 0]]
+  cfg = bucket_config(corpus, **{"data.source": "latents", "data.latents_path": str(tmp_path / "latents")})
+  source, by_file = make_source(cfg.data, "train"), make_source(videos.data, "train")
+  assert list(source.bucket_of) == [by_file.bucket(i) for i in range(len(by_file))]
+  for i in range(len(source)):  # pixel tokenizer: 4x down, 48 channels
+    h, w = SHAPES[source.bucket(i)]
+    assert source.record(i)["latents"].shape[1:] == (h // 4, w // 4, 48)
+  for batch in take(iter(train_dataset(cfg.data, 0, HostSlice(2))), 6):
+    h, w = SHAPES[int(batch["bucket"][0])]
+    assert batch["latents"].shape == (2, 5, h // 4, w // 4, 48)
+  cfg.train.steps = 4
+  summary = _train(cfg, tmp_path / "run")
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["source"] == "latents"
+  assert summary["compiles_in_loop"] == 0 and len({b for _, b in _losses(tmp_path / "run").values()}) >= 2
+  mismatch = bucket_config(corpus, **{"data.source": "latents", "data.latents_path": str(tmp_path / "latents")})
+  mismatch.data.buckets = ((24, 24),)
+  with pytest.raises(config_lib.ConfigError, match="were encoded with buckets"):
+    config_lib.validate(mismatch)

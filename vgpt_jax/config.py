@@ -99,11 +99,11 @@ def _data_problems(config: ml_collections.ConfigDict, sources: dict[str, Any]) -
   return problems
 
 
-BUCKETED_SOURCES = ("video_files",)
+BUCKETED_SOURCES = ("video_files", "latents")
 
 
-def _problems(config: ml_collections.ConfigDict) -> list[str]:
-  """Every problem `validate` finds, as one line each."""
+def _problems(config: ml_collections.ConfigDict, check_source: bool = True) -> list[str]:
+  """Every problem `validate` finds, as one line each (`check_source`: the data source's fields too)."""
   problems: list[str] = []
   m, d, tok, lay, dif, opt, tr = (
     config.model,
@@ -147,12 +147,13 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
       problems.append(f"model.{name}={m[name]} must be >= 1")
 
   # Frames -> latents -> patches.
-  try:
-    validate_data_config(d)
-  except ValueError as e:
-    problems.append(str(e))
+  if check_source:
+    try:
+      validate_data_config(d)
+    except ValueError as e:
+      problems.append(str(e))
   _choice(problems, "tokenizer.kind", tok.kind, TOKENIZERS)
-  if d.source == "latents":
+  if d.source == "latents" and check_source:
     problems.extend(latents.tokenizer_problems(d, tok))
   cell = tok.downsample * m.patch_size
   for name in ("height", "width"):
@@ -252,8 +253,8 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
 
 def _bucket_problems(config: ml_collections.ConfigDict, found: list[str]) -> list[str]:
   """data.buckets: well formed, a source that has them, data.height x data.width among them, and every check
-  that holds for data.height x data.width x data.num_frames holding for each bucket's shape too (`found`: the
-  problems of the config itself, not repeated)."""
+  of the model, layout and sampling that holds for data.height x data.width x data.num_frames holding for each
+  bucket's shape too (`found`: the problems of the config itself, not repeated)."""
   d = config.data
   if not len(d.buckets):
     return [f"data.bucket_weights={tuple(d.bucket_weights)} needs data.buckets"] if len(d.bucket_weights) else []
@@ -276,7 +277,7 @@ def _bucket_problems(config: ml_collections.ConfigDict, found: list[str]) -> lis
     variant.data.height, variant.data.width, variant.data.num_frames = b.height, b.width, b.frames or d.num_frames
     variant.data.buckets, variant.data.bucket_weights = (), ()
     label = f"bucket {b.height}x{b.width}" + (f"x{b.frames}" if b.frames else "")
-    problems.extend(f"{label}: {p}" for p in _problems(variant) if p not in found)
+    problems.extend(f"{label}: {p}" for p in _problems(variant, check_source=False) if p not in found)
   return problems
 
 

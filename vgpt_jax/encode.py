@@ -8,7 +8,9 @@ CONFIG's `data` names the videos (any data.source but latents) and its
 `tokenizer` the encoder (the VAE of tokenizer.vae_path, or pixels). Every
 usable video of a split becomes one record holding the latents of its frames
 0, s, 2s, ... (s = data.frame_stride; at most --max_frames of them, 0 = all),
-each frame scaled and cropped to data.height x data.width as training does.
+each frame scaled and cropped to data.height x data.width as training does
+(with data.buckets: to its bucket's size; the index records each video's
+bucket, and training on the latents uses the same buckets).
 Bad videos are skipped and counted by reason, as in training. The layout on
 disk is described in vgpt_jax/data/latents.py. Then train with
 
@@ -42,6 +44,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from vgpt_jax.data import latents
+from vgpt_jax.data.buckets import config_buckets
 from vgpt_jax.data.pipeline import make_source, to_float
 from vgpt_jax.data.sources import SKIP_REASONS, BadVideo, VideoSource
 from vgpt_jax.model import tokenizer as tokenizer_lib
@@ -88,6 +91,19 @@ def settings_of(
     "max_frames": int(max_frames),
     "dtype": dtype,
     "shard_size": int(shard_size),
+    **_bucket_settings(config, tokenizer),
+  }
+
+
+def _bucket_settings(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict[str, Any]:
+  """With data.buckets: the buckets ([height, width, frames]) and each one's latent shape; else nothing (so an
+  encoding made before buckets existed still resumes)."""
+  buckets = config_buckets(config.data)
+  if not buckets:
+    return {}
+  return {
+    "buckets": [[b.height, b.width, b.frames] for b in buckets],
+    "latent_shapes": [list(tokenizer.latent_shape(b.height, b.width)) for b in buckets],
   }
 
 
@@ -121,7 +137,7 @@ def encode_shard(
 ) -> dict[str, Any]:
   """Write the latents of videos `indices` to stem.array_record, then stem.json (the shard is then complete)."""
   skipped = dict.fromkeys(SKIP_REASONS, 0)
-  kept, frames = [], 0
+  kept, buckets, frames = [], [], 0
   tmp = stem.with_name(stem.name + ".array_record.tmp")
   writer = ArrayRecordWriter(str(tmp), latents.WRITER_OPTIONS)
   try:
@@ -134,6 +150,7 @@ def encode_shard(
       else:
         writer.write(latents.pack_record(encoder(video), index, source.name(index)))
         kept.append(int(index))
+        buckets.append(source.bucket(index))
         frames += len(video)
       if progress is not None:
         progress.update(1)
@@ -142,6 +159,8 @@ def encode_shard(
     writer.close()
   os.replace(tmp, stem.with_name(stem.name + ".array_record"))
   summary = {"videos": len(kept), "frames": frames, "indices": kept, "skipped": skipped}
+  if source.bucket_of is not None:
+    summary["buckets"] = buckets  # each kept video's bucket, in record order
   latents.write_json_atomic(stem.with_name(stem.name + ".json"), summary)
   return summary
 
@@ -161,6 +180,8 @@ def _finished_splits(directory: Path, stored: dict[str, Any]) -> dict[str, Any] 
       "frames": sum(s["frames"] for s in shards),
       "skipped": {r: info.get("excluded", {}).get(r, 0) + sum(s["skipped"][r] for s in shards) for r in SKIP_REASONS},
     }
+    if all("buckets" in s for s in shards):
+      out[split]["bucket_of"] = [b for s in shards for b in s["buckets"]]
   return out
 
 

@@ -182,7 +182,7 @@ def evaluate(
     path = directory / f"per_frame_{name}.png"
     media.save_lines(path, horizon, series, "predicted frame", label, f"{label} over the rollout horizon")
   shown = int(np.argmax(weights))  # the gif shows videos of the most common size
-  context, truth = contexts[shown], truths[shown]
+  context = contexts[shown]
   full = [to_uint8(np.concatenate([context, x[shown]], axis=1)) for x in (truths, *predictions.values())]
   rows = [np.concatenate([f[i] for f in full], axis=2) for i in range(min(4, len(context)))]  # truth | methods
   media.save_gif(directory / "rollouts.gif", np.concatenate(rows, axis=1), scale=max(1, 96 // context.shape[2]))

@@ -49,12 +49,12 @@ def model_layout(num_frames: int, tokens_per_frame: int, context: int = 1) -> La
   return context_parallel_layout(layout, context) if context > 1 else layout
 
 
-def make_run(config: ml_collections.ConfigDict) -> Run:
+def make_run(config: ml_collections.ConfigDict, check_latents: bool = True) -> Run:
   """The run of `config`: its model, tokenizer and layout (the stored latents must be this tokenizer's)."""
   tokenizer = tokenizer_lib.make_tokenizer(config.tokenizer)
   h, w, c = tokenizer.latent_shape(config.data.height, config.data.width)
   inputs = input_key(config.data)
-  if inputs == "latents":  # the stored latents must be this tokenizer's (it decodes the samples)
+  if inputs == "latents" and check_latents:  # the stored latents must be this tokenizer's (it decodes the samples)
     description = tokenizer_lib.describe(tokenizer, config.data.height, config.data.width)
     latents_lib.check_tokenizer(config.data.latents_path, description)
   p = config.model.patch_size
@@ -76,7 +76,7 @@ def run_at(run: Run, height: int, width: int, num_frames: int) -> Run:
     return run
   config = run.config.copy_and_resolve_references()
   config.data.height, config.data.width, config.data.num_frames = height, width, num_frames
-  return make_run(config)
+  return make_run(config, check_latents=False)  # `run` checked the stored latents' tokenizer
 
 
 def bucket_runs(run: Run) -> list[Run]:

@@ -17,7 +17,9 @@ On disk (DIR = data.latents_path):
 A record (msgpack, flax.serialization) holds `latents` [T, h, w, C] in the
 stored dtype (the tokenizer's scaled latents of frames 0, s, 2s, ... of the
 video, s = the encoding stride), `index` (the video's number in its source
-split) and `name` (its path or id).
+split) and `name` (its path or id). With data.buckets, h and w are the
+video's bucket's, and latents.json lists each video's bucket per split
+(`bucket_of`).
 
 Training clips (`LatentSource.clip`): the config's frame strides are in source
 frames and must be multiples of s; a clip takes F = data.num_frames latent
@@ -38,6 +40,7 @@ import ml_dtypes
 import numpy as np
 from flax import serialization
 
+from vgpt_jax.data.buckets import config_buckets
 from vgpt_jax.data.sources import BadVideo, VideoSource, Window, stride_range
 
 FORMAT_VERSION = 1
@@ -105,6 +108,13 @@ def validate_config(data_cfg: Any) -> list[str]:
   except (OSError, ValueError) as e:
     return [str(e)]
   problems = []
+  encoded = settings.get("buckets", [])
+  wanted = [[b.height, b.width, b.frames] for b in config_buckets(data_cfg)]
+  if encoded != wanted:
+    problems.append(
+      f"data.buckets={tuple(map(tuple, wanted))} but the latents in {directory} were encoded with buckets "
+      f"{tuple(map(tuple, encoded))}; set data.buckets to those (each video is stored at its bucket's size)"
+    )
   for name in ("height", "width"):
     if int(data_cfg[name]) != settings[name]:
       problems.append(
@@ -173,6 +183,10 @@ class LatentSource(VideoSource):
     self.num_frames = int(data_cfg.num_frames)
     self.latent_shape = tuple(settings["tokenizer"]["latent_shape"])
     self.clip_shape = (self.num_frames, *self.latent_shape)
+    if settings.get("buckets"):  # each video stored at its bucket's size (encode.py)
+      frames = [b[2] or self.num_frames for b in settings["buckets"]]
+      self.bucket_shapes = tuple((n, *shape) for n, shape in zip(frames, map(tuple, settings["latent_shapes"])))
+      self.bucket_of = np.asarray(index["splits"][split]["bucket_of"], np.int64)
     low, high = (stride // self.encoded_stride for stride in stride_range(data_cfg))
     self.strides = (max(low, 1), max(high, 1))
     self._reader: Any = None
@@ -198,7 +212,8 @@ class LatentSource(VideoSource):
       latents = record["latents"]
     except Exception as e:  # a damaged record: skip it like a broken video
       raise BadVideo("unreadable", f"record {index} of {self.describe()}: {type(e).__name__}: {e}") from e
-    if not isinstance(latents, np.ndarray) or latents.ndim != 4 or latents.shape[1:] != self.latent_shape:
+    shape = self.shapes()[self.bucket(index)][1:]
+    if not isinstance(latents, np.ndarray) or latents.ndim != 4 or latents.shape[1:] != shape:
       raise BadVideo("unreadable", f"record {index} of {self.describe()}: latents {getattr(latents, 'shape', None)}")
     return record
 
