@@ -179,6 +179,7 @@ LONGEST_FIRST = (
   "test_parallel",
   "test_faults",
   "test_checkpoint",
+  "test_bucketed_training",
   "test_attention",
   "test_pallas_tpu",
   "test_video_files",

@@ -209,3 +209,61 @@ def test_latents_are_stored_at_each_videos_bucket_and_train_with_the_same_bucket
   mismatch.data.buckets = ((24, 24),)
   with pytest.raises(config_lib.ConfigError, match="were encoded with buckets"):
     config_lib.validate(mismatch)
+
+
+def test_the_readme_paper_buckets_pass_every_check_but_the_missing_vae(corpus):
+  """README "Videos of any shape": the paper's 176x320 budget with portrait and square buckets is a sound config
+  (each bucket's model, layout and sampling checks pass); only the VAE path the command names is missing here."""
+  from configs import paper
+
+  c = paper.get_config("stage=2")
+  c.data.path = str(corpus / "train")
+  c.data.buckets = ((176, 320), (320, 176), (240, 240))
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(c)
+  assert str(e.value).count("\n  - ") == 1 and "tokenizer.vae_path" in str(e.value)
+
+
+def test_two_processes_train_on_the_same_bucketed_batches_as_one(corpus, uninterrupted, tmp_path):
+  """Two local processes (jax.distributed on 127.0.0.1), each reading its half of every global batch, give the
+  one-process run's losses and buckets step for step."""
+  import subprocess
+
+  from tests.conftest import cpu_env, train_command
+  from tests.test_parallel import _free_port
+
+  overrides = [
+    "--config.data.source=video_files",
+    f"--config.data.path={corpus / 'train'}",
+    f"--config.data.eval_path={corpus / 'eval'}",
+    "--config.data.height=24",
+    "--config.data.width=24",
+    "--config.data.min_size=16",
+    f"--config.data.buckets={BUCKETS}",
+    "--config.train.batch_size=2",
+    "--config.train.num_samples=1",
+    "--config.train.log_every=1",
+    "--config.train.tensorboard=false",
+    f"--config.train.steps={STEPS}",
+    "--config.checkpoint.every_steps=3",
+    "--config.mesh.data=1",
+    "--config.mesh.fsdp=2",
+  ]
+  port = _free_port()
+  distributed = ["--distributed=on", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  procs = [
+    subprocess.Popen(
+      train_command(tmp_path, *overrides, *distributed, f"--process_id={i}"),
+      env=cpu_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+  one, two = _losses(uninterrupted[0]), _losses(tmp_path)
+  assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
+  for step, (loss, bucket) in one.items():
+    assert two[step][1] == bucket and two[step][0] == pytest.approx(loss, rel=1e-5)

@@ -50,9 +50,8 @@ from tqdm import tqdm
 
 from vgpt_jax import checkpoint, media, parallel, preemption, train_step
 from vgpt_jax import config as config_lib
-from vgpt_jax.data.buckets import base_bucket, probabilities
 from vgpt_jax.data.held_out import held_out_clips
-from vgpt_jax.data.pipeline import HostSlice, to_uint8, train_dataset, video_buckets
+from vgpt_jax.data.pipeline import HostSlice, bucket_probabilities, to_uint8, train_dataset
 from vgpt_jax.data.sources import SKIP_REASONS, NoUsableVideo
 from vgpt_jax.metrics import video as video_metrics
 from vgpt_jax.run import Run, bucket_runs, make_run
@@ -171,13 +170,6 @@ def _data_iterator(config: ml_collections.ConfigDict, seed: int, source=None):
   )
 
 
-def drawn_buckets(config: ml_collections.ConfigDict, source) -> list[int]:
-  """The buckets whose batches the train stream can hold (all of data.buckets that have videos or weight)."""
-  counts = np.bincount(video_buckets(source), minlength=len(source.shapes()))
-  p = probabilities(counts, tuple(config.data.bucket_weights))
-  return [int(b) for b in np.flatnonzero(p > 0)]
-
-
 def compile_bucket_steps(run: Run, mesh, buckets: list[int]) -> tuple[dict[int, Any], dict[int, dict]]:
   """The train step compiled ahead of time for each bucket's shape, before the first step, and what each
   costs: {bucket: step}, {bucket: {"shape", "compile_seconds", "memory_gib"}}. Without data.buckets, the one
@@ -271,12 +263,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     start_step = int(state.step)
     if _preempted_before_training("the restore"):
       return {**stopped, "start_step": start_step, "end_step": start_step}
-    step_fns, compiled = compile_bucket_steps(run, mesh, drawn_buckets(config, sources["train"]))
+    drawn = np.flatnonzero(bucket_probabilities(sources["train"], config.data) > 0)  # the buckets batches come in
+    step_fns, compiled = compile_bucket_steps(run, mesh, [int(b) for b in drawn])
     ckpt.prepare(state)
     if _preempted_before_training("compilation"):
       return {**stopped, "start_step": start_step, "end_step": start_step}
     summary = _train_loop(config, workdir, run, mesh, ckpt, step_fns, state, batches)
-  memory = compiled[base_bucket(config.data)]["memory_gib"]
+  # The step's memory; with buckets, the largest bucket's (the one that must fit).
+  memory = max((r["memory_gib"] for r in compiled.values()), key=lambda m: m.get("total_gib", 0.0))
   summary.update(compiled_memory_gib=memory, excluded_videos=excluded["train"], excluded_eval_videos=excluded["eval"])
   if len(config.data.buckets):
     summary["buckets"] = compiled

@@ -329,6 +329,12 @@ def video_buckets(source: VideoSource) -> np.ndarray:
   return np.zeros(len(source), np.int64) if source.bucket_of is None else np.asarray(source.bucket_of, np.int64)
 
 
+def bucket_probabilities(source: VideoSource, data_cfg: Any) -> np.ndarray:
+  """float64 [buckets]: how often each bucket's batches come (data.bucket_weights, or its share of the videos)."""
+  counts = np.bincount(video_buckets(source), minlength=len(source.shapes()))
+  return probabilities(counts, tuple(data_cfg.bucket_weights))
+
+
 def held_out_members(source: VideoSource, data_cfg: Any) -> np.ndarray:
   """Indices of the videos at data.height x data.width: all of them without buckets, else those of its bucket
   (the end-of-run sample stacks them)."""
@@ -385,8 +391,7 @@ def train_dataset(data_cfg: Any, seed: int, host: HostSlice, source: VideoSource
   source = make_source(data_cfg, "train") if source is None else source
   bucket_of = video_buckets(source)
   clip = _ClipOrSkip(source, seed, int(data_cfg.max_skip_tries), bucket_of)
-  p = probabilities(np.bincount(bucket_of, minlength=len(source.shapes())), tuple(data_cfg.bucket_weights))
-  ds = train_index_dataset(bucket_of, seed, host, p)
+  ds = train_index_dataset(bucket_of, seed, host, bucket_probabilities(source, data_cfg))
   ds = ds.map(clip).batch(host.batch_size, drop_remainder=True, batch_fn=_stack)
   read_options = grain.ReadOptions(
     num_threads=int(data_cfg.read_threads),
