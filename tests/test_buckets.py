@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from vgpt_jax.benchmarks import buckets as bench
-from vgpt_jax.data.buckets import Bucket, BucketSchedule, assign, kept_fraction, parse_buckets, probabilities
+from vgpt_jax.data.buckets import (
+  Bucket,
+  BucketSchedule,
+  assign,
+  frame_size,
+  kept_fraction,
+  parse_buckets,
+  probabilities,
+)
 from vgpt_jax.data.sources import cover_crop
 
 PAPER = parse_buckets([(176, 320), (320, 176), (240, 240)], downsample=8, patch=2)
@@ -75,3 +83,13 @@ def test_buckets_keep_more_of_a_mixed_corpus():
   rows = {kind: (fixed, bucketed) for kind, _, fixed, bucketed, _ in bench.table()}
   assert rows["portrait 9:16"][0] < 0.35 and rows["portrait 9:16"][1] > 0.95
   assert rows["all"][1] > rows["all"][0] + 0.25
+
+
+def test_frame_size_is_the_nearest_buckets_or_the_configs():
+  from tests.conftest import data_config
+
+  bucketed = data_config(height=176, width=320, buckets=((176, 320), (320, 176), (240, 240)))
+  assert frame_size(bucketed, 1080, 1920) == (320, 176)  # a portrait phone video
+  assert frame_size(bucketed, 1920, 1080) == (176, 320)
+  assert frame_size(bucketed, 640, 600) == (240, 240)
+  assert frame_size(data_config(height=32, width=48), 1080, 1920) == (32, 48)  # no buckets: the config's size

@@ -41,6 +41,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from vgpt_jax import checkpoint, media
+from vgpt_jax.data.buckets import frame_size
 from vgpt_jax.data.pipeline import to_float, to_uint8
 from vgpt_jax.data.sources import fit_frames
 from vgpt_jax.metrics import physics_iq as piq
@@ -75,13 +76,14 @@ def conditioning_entries(benchmark: Path, fps: int) -> list[dict[str, str]]:
   return entries
 
 
-def read_conditioning(path: str, fps: int, height: int, width: int) -> np.ndarray:
-  """float32 [T, height, width, 3] in [-1, 1]: the whole conditioning video at `fps`, fitted to the model."""
+def read_conditioning(path: str, fps: int, data_cfg) -> np.ndarray:
+  """float32 [T, H, W, 3] in [-1, 1]: the whole conditioning video at `fps`, fitted to the model's frame size
+  (with data.buckets, its nearest bucket's)."""
   frames = np.ascontiguousarray(piq.read_frames_cv2(path)[..., ::-1])  # RGB
   source_fps = piq.video_fps(path)
   if round(source_fps) != fps:
     frames = piq.resample_fps(frames, source_fps, fps, seconds=None)
-  return to_float(fit_frames(frames, height, width))
+  return to_float(fit_frames(frames, *frame_size(data_cfg, frames.shape[2], frames.shape[1])))
 
 
 def generate_run(run, params, entries, out_dir: Path, sampling, context_frames: int, fps: int, seed: int,
@@ -95,7 +97,7 @@ def generate_run(run, params, entries, out_dir: Path, sampling, context_frames: 
   made = 0
   for start in range(0, len(todo), batch_size):
     batch = todo[start : start + batch_size]
-    videos = [(entries[i]["name"], read_conditioning(entries[i]["path"], fps, data.height, data.width)) for i in batch]
+    videos = [(entries[i]["name"], read_conditioning(entries[i]["path"], fps, data)) for i in batch]
     short = [name for name, v in videos if len(v) < context_frames]
     if short:
       raise ValueError(f"conditioning videos shorter than {context_frames} frames at {fps} fps: {short[:5]}")

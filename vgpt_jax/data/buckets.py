@@ -75,6 +75,16 @@ def base_bucket(data_cfg) -> int:
   return next((i for i, b in enumerate(config_buckets(d)) if (b.height, b.width, b.frames or d.num_frames) == shape), 0)
 
 
+def frame_size(data_cfg, width: int, height: int) -> tuple[int, int]:
+  """(height, width) a width x height video is fitted to when sampled or evaluated: its nearest bucket's, or
+  data.height x data.width without buckets."""
+  buckets = config_buckets(data_cfg)
+  if not buckets:
+    return int(data_cfg.height), int(data_cfg.width)
+  bucket = buckets[assign(width, height, buckets)]
+  return bucket.height, bucket.width
+
+
 def assign(
   width: int, height: int, buckets: Sequence[Bucket], video_frames: int = 0, num_frames: int = 0, stride: int = 1
 ) -> int | None:

@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 
 from vgpt_jax.data import video_files
-from vgpt_jax.data.buckets import assign, config_buckets
+from vgpt_jax.data.buckets import frame_size
 from vgpt_jax.data.pipeline import held_out_members, make_source, to_float
 from vgpt_jax.data.sources import SKIP_REASONS, BadVideo, NoUsableVideo, VideoSource
 from vgpt_jax.run import Run
@@ -82,7 +82,6 @@ def file_videos(run: Run, path: str, count: int, frames: int) -> Videos:
   """Up to `count` videos from a file or a directory, up to `frames` frames each, at the run's stride and size
   (with data.buckets: the size of the bucket nearest each video's aspect)."""
   data = run.config.data
-  buckets = config_buckets(data)
   paths = [path] if Path(path).is_file() else video_files.find_videos(path)
   if not paths:
     raise ValueError(f"--context={path}: no video file there (extensions {list(video_files.VIDEO_EXTENSIONS)})")
@@ -96,12 +95,11 @@ def file_videos(run: Run, path: str, count: int, frames: int) -> Videos:
   out: Videos = []
   for p in paths[:count]:
     try:
-      height, width = int(data.height), int(data.width)
-      if buckets:
+      size = (int(data.height), int(data.width))
+      if len(data.buckets):
         info = video_files.probe(p)
-        bucket = buckets[assign(info.width, info.height, buckets)]
-        height, width = bucket.height, bucket.width
-      clip, _ = video_files.read_clip(p, window, height=height, width=width)
+        size = frame_size(data, info.width, info.height)
+      clip, _ = video_files.read_clip(p, window, height=size[0], width=size[1])
     except BadVideo as e:
       logging.warning("skipped %s: %s", p, e)
       continue
