@@ -269,7 +269,7 @@ class _ClipOrSkip:
     self.source = source
     self.seed = seed
     self.max_tries = max_tries
-    self.members = [np.flatnonzero(bucket_of == b) for b in range(len(source.shapes()))]
+    self.members = bucket_members(bucket_of, len(source.shapes()))
     self.key = source.yields
     self.dtype = np.float32 if self.key == "latents" else np.uint8
 
@@ -329,6 +329,11 @@ def video_buckets(source: VideoSource) -> np.ndarray:
   return np.zeros(len(source), np.int64) if source.bucket_of is None else np.asarray(source.bucket_of, np.int64)
 
 
+def bucket_members(bucket_of: np.ndarray, count: int) -> list[np.ndarray]:
+  """The indices of each of `count` buckets' videos, in order."""
+  return [np.flatnonzero(bucket_of == b) for b in range(count)]
+
+
 def bucket_probabilities(source: VideoSource, data_cfg: Any) -> np.ndarray:
   """float64 [buckets]: how often each bucket's batches come (data.bucket_weights, or its share of the videos)."""
   counts = np.bincount(video_buckets(source), minlength=len(source.shapes()))
@@ -363,7 +368,7 @@ def train_index_dataset(
   if len(bucket_of) < host.count:
     raise ValueError(f"{len(bucket_of)} train videos < host count ({host.count}): some hosts would get no videos.")
   schedule = BucketSchedule(seed, probabilities(counts) if p is None else p)
-  members = [np.flatnonzero(bucket_of == b) for b in range(len(counts))]
+  members = bucket_members(bucket_of, len(counts))
   streams = [grain.MapDataset.range(max(len(m), 1)).seed(seed).shuffle().repeat() for m in members]
   b, total = host.batch_size, host.batch_size * host.count
 
