@@ -130,6 +130,26 @@ def trained_run(tmp_path_factory) -> Path:
   return workdir
 
 
+def train_processes(workdir, *overrides: str, count: int = 2, timeout: float = 300) -> list[tuple[int, str]]:
+  """(exit status, output) of `count` local processes of the main job training together (jax.distributed on
+  127.0.0.1), each given `overrides`."""
+  import portpicker
+
+  address = f"--coordinator_address=127.0.0.1:{portpicker.pick_unused_port()}"
+  procs = [
+    subprocess.Popen(
+      train_command(workdir, *overrides, "--distributed=on", address, f"--num_processes={count}", f"--process_id={i}"),
+      env=cpu_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(count)
+  ]
+  outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+  return [(p.returncode, out) for p, out in zip(procs, outputs)]
+
+
 def cpu_env(**extra: str) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
   env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

@@ -227,10 +227,7 @@ def test_the_readme_paper_buckets_pass_every_check_but_the_missing_vae(corpus):
 def test_two_processes_train_on_the_same_bucketed_batches_as_one(corpus, uninterrupted, tmp_path):
   """Two local processes (jax.distributed on 127.0.0.1), each reading its half of every global batch, give the
   one-process run's losses and buckets step for step."""
-  import subprocess
-
-  from tests.conftest import cpu_env, train_command
-  from tests.test_parallel import _free_port
+  from tests.conftest import train_processes
 
   overrides = [
     "--config.data.source=video_files",
@@ -249,20 +246,8 @@ def test_two_processes_train_on_the_same_bucketed_batches_as_one(corpus, uninter
     "--config.mesh.data=1",
     "--config.mesh.fsdp=2",
   ]
-  port = _free_port()
-  distributed = ["--distributed=on", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-  procs = [
-    subprocess.Popen(
-      train_command(tmp_path, *overrides, *distributed, f"--process_id={i}"),
-      env=cpu_env(),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  outputs = [p.communicate(timeout=300)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+  done = train_processes(tmp_path, *overrides)
+  assert all(status == 0 for status, _ in done), done[0][1][-3000:] + done[1][1][-3000:]
   one, two = _losses(uninterrupted[0]), _losses(tmp_path)
   assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
   for step, (loss, bucket) in one.items():

@@ -2,11 +2,10 @@
 8 devices restores on other meshes; checksums do not depend on the sharding."""
 
 import json
-import subprocess
 
 import pytest
 
-from tests.conftest import TRAINED_RUN, cpu_env, logged_losses, run_python, train_command
+from tests.conftest import TRAINED_RUN, logged_losses, run_python, train_processes
 from vgpt_jax import parallel
 
 
@@ -97,27 +96,8 @@ def test_two_processes_train_together_like_one(tmp_path, trained_run):
   end-of-run sampling both need every host.
   """
   sharded = ["--config.mesh.data=1", "--config.mesh.fsdp=2"]
-  port = _free_port()
-  procs = [
-    subprocess.Popen(
-      train_command(
-        tmp_path / "two",
-        *TRAINED_RUN,
-        *sharded,
-        "--distributed=on",
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-        f"--process_id={i}",
-      ),
-      env=cpu_env(),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  outputs = [p.communicate(timeout=300)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+  done = train_processes(tmp_path / "two", *TRAINED_RUN, *sharded)
+  assert all(status == 0 for status, _ in done), done[0][1][-3000:] + done[1][1][-3000:]
   two, one = logged_losses(tmp_path / "two"), logged_losses(trained_run)
   assert sorted(two) == sorted(one) == list(range(1, 7))
   for step in one:
@@ -126,12 +106,6 @@ def test_two_processes_train_together_like_one(tmp_path, trained_run):
   assert (tmp_path / "two" / "sample.png").exists()
   data = {p.name for p in (tmp_path / "two" / "checkpoints" / "6" / "data").iterdir()}
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= data
-
-
-def _free_port() -> int:
-  import portpicker
-
-  return portpicker.pick_unused_port()
 
 
 CONTEXT_VS_SINGLE = """
