@@ -90,6 +90,19 @@ def test_every_batch_is_one_bucket_in_its_shape_with_its_own_videos(corpus):
   assert sorted(landscape[:4]) == [0, 1, 2, 3] and order.count(0) >= order.count(2)
 
 
+def test_buckets_with_their_own_frame_count_give_longer_clips_to_videos_that_have_them(corpus):
+  """(16, 32, 8): landscape clips of 8 frames; every video has 40 frames, so none falls back to the 5-frame one.
+  Too long for every landscape video (60 frames at stride 1 needs 60 > 40): the 5-frame bucket takes them."""
+  cfg = bucket_config(corpus, **{"data.buckets": ((16, 32, 8), (16, 32), (32, 16), (24, 24))})
+  source = make_source(cfg.data, "train")
+  assert {source.bucket(i) for i in range(len(source)) if CORPUS[Path(source.name(i)).name][0] < 4} == {0}
+  batches = take(iter(train_dataset(cfg.data, 0, HostSlice(2))), 12)
+  assert {b["video"].shape for b in batches if int(b["bucket"][0]) == 0} == {(2, 8, 16, 32, 3)}
+  long = bucket_config(corpus, **{"data.buckets": ((16, 32, 60), (16, 32), (32, 16), (24, 24))})
+  source = make_source(long.data, "train")
+  assert {source.bucket(i) for i in range(len(source)) if CORPUS[Path(source.name(i)).name][0] < 4} == {1}
+
+
 def test_global_batches_are_the_same_for_one_or_two_hosts(corpus):
   cfg = bucket_config(corpus)
   one = take(iter(train_dataset(cfg.data, 3, HostSlice(4))), 8)
