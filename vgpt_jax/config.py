@@ -16,7 +16,7 @@ import ml_collections
 from vgpt_jax import diffusion
 from vgpt_jax.attention.select import ATTENTIONS
 from vgpt_jax.data import latents
-from vgpt_jax.data.buckets import parse_buckets
+from vgpt_jax.data.buckets import base_bucket, parse_buckets
 from vgpt_jax.data.pipeline import held_out_members, make_source, validate_data_config
 from vgpt_jax.layout import SPLITS
 from vgpt_jax.model.tokenizer import TOKENIZERS
@@ -265,7 +265,7 @@ def _bucket_problems(config: ml_collections.ConfigDict, found: list[str]) -> lis
   problems = []
   if d.source not in BUCKETED_SOURCES:
     problems.append(f"data.buckets needs data.source in {list(BUCKETED_SOURCES)} (got {d.source!r})")
-  if not any((b.height, b.width, b.frames or d.num_frames) == (d.height, d.width, d.num_frames) for b in buckets):
+  if base_bucket(d) is None:
     problems.append(
       f"data.height x data.width = {d.height}x{d.width} ({d.num_frames} frames) is not one of data.buckets: set "
       "them to one bucket's (the end-of-run sample and the held-out clips use it)"

@@ -67,12 +67,15 @@ def config_buckets(data_cfg) -> list[Bucket]:
   return parse_buckets(data_cfg.buckets, 1, 1) if len(data_cfg.buckets) else []
 
 
-def base_bucket(data_cfg) -> int:
-  """Index of the bucket of data.height x data.width x data.num_frames (config validation makes sure there is
-  one); 0 without buckets."""
+def base_bucket(data_cfg) -> int | None:
+  """Index of the bucket of data.height x data.width x data.num_frames; 0 without buckets; None when no bucket
+  has that shape (config validation refuses such a config)."""
   d = data_cfg
+  buckets = config_buckets(d)
+  if not buckets:
+    return 0
   shape = (d.height, d.width, d.num_frames)
-  return next((i for i, b in enumerate(config_buckets(d)) if (b.height, b.width, b.frames or d.num_frames) == shape), 0)
+  return next((i for i, b in enumerate(buckets) if (b.height, b.width, b.frames or d.num_frames) == shape), None)
 
 
 def frame_size(data_cfg, width: int, height: int) -> tuple[int, int]:
