@@ -49,34 +49,35 @@ def model_layout(num_frames: int, tokens_per_frame: int, context: int = 1) -> La
   return context_parallel_layout(layout, context) if context > 1 else layout
 
 
-def make_run(config: ml_collections.ConfigDict, check_latents: bool = True) -> Run:
+def _shaped(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict[str, Any]:
+  """The fields of a Run that follow the frame shape (data.height, data.width, data.num_frames)."""
+  h, w, c = tokenizer.latent_shape(config.data.height, config.data.width)
+  p = config.model.patch_size
+  layout = model_layout(config.data.num_frames, (h // p) * (w // p), config.mesh.context)
+  return {"config": config, "layout": layout, "latent_shape": (h, w, c)}
+
+
+def make_run(config: ml_collections.ConfigDict) -> Run:
   """The run of `config`: its model, tokenizer and layout (the stored latents must be this tokenizer's)."""
   tokenizer = tokenizer_lib.make_tokenizer(config.tokenizer)
-  h, w, c = tokenizer.latent_shape(config.data.height, config.data.width)
   inputs = input_key(config.data)
-  if inputs == "latents" and check_latents:  # the stored latents must be this tokenizer's (it decodes the samples)
+  if inputs == "latents":  # the stored latents must be this tokenizer's (it decodes the samples)
     description = tokenizer_lib.describe(tokenizer, config.data.height, config.data.width)
     latents_lib.check_tokenizer(config.data.latents_path, description)
-  p = config.model.patch_size
-  return Run(
-    config=config,
-    model=VideoGPT.from_config(config.model),
-    tokenizer=tokenizer,
-    layout=model_layout(config.data.num_frames, (h // p) * (w // p), config.mesh.context),
-    latent_shape=(h, w, c),
-    inputs=inputs,
-  )
+  model = VideoGPT.from_config(config.model)
+  return Run(model=model, tokenizer=tokenizer, inputs=inputs, **_shaped(config, tokenizer))
 
 
 def run_at(run: Run, height: int, width: int, num_frames: int) -> Run:
-  """The run with frames of height x width and clips of num_frames (a bucket's): same model and parameters, the
-  layout, RoPE positions and sin-cos table of that patch grid. The run itself when it already has that shape."""
+  """The run with frames of height x width and clips of num_frames (a bucket's): the same model, parameters and
+  tokenizer (its weights are not loaded again), with the layout, RoPE positions and sin-cos table of that patch
+  grid. The run itself when it already has that shape."""
   d = run.config.data
   if (d.height, d.width, d.num_frames) == (height, width, num_frames):
     return run
   config = run.config.copy_and_resolve_references()
   config.data.height, config.data.width, config.data.num_frames = height, width, num_frames
-  return make_run(config, check_latents=False)  # `run` checked the stored latents' tokenizer
+  return dataclasses.replace(run, **_shaped(config, run.tokenizer))
 
 
 def bucket_runs(run: Run) -> list[Run]:
