@@ -135,6 +135,10 @@ def test_bucket_weights_and_bad_bucket_configs_are_refused_before_compiling(corp
   for field, value, message in bad:
     with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
       config_lib.validate(bucket_config(corpus, **{field: value}))
+  # Weight for a bucket no training video is in: refused before anything compiles, not when the batches start.
+  empty = bucket_config(corpus, **{"data.buckets": BUCKETS + ((40, 8),), "data.bucket_weights": (1.0, 1.0, 1.0, 1.0)})
+  with pytest.raises(config_lib.ConfigError, match=re.escape("gives weight to buckets [3], which hold no usable")):
+    config_lib.preflight(empty)
   physics = small_config(**{"data.buckets": ((16, 16),)})
   with pytest.raises(config_lib.ConfigError, match="data.buckets needs data.source"):
     config_lib.validate(physics)

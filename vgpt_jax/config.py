@@ -17,7 +17,7 @@ from vgpt_jax import diffusion
 from vgpt_jax.attention.select import ATTENTIONS
 from vgpt_jax.data import latents
 from vgpt_jax.data.buckets import base_bucket, parse_buckets
-from vgpt_jax.data.pipeline import held_out_members, make_source, validate_data_config
+from vgpt_jax.data.pipeline import bucket_probabilities, held_out_members, make_source, validate_data_config
 from vgpt_jax.layout import SPLITS
 from vgpt_jax.model.tokenizer import TOKENIZERS
 from vgpt_jax.model.transformer import REMAT_POLICIES, SAVEABLE, RopeScaling
@@ -88,6 +88,11 @@ def _data_problems(config: ml_collections.ConfigDict, sources: dict[str, Any]) -
     except Exception as e:  # noqa: BLE001 - whatever stops the source is a problem to name
       problems.append(f"{split} data: {e}")
       continue
+    if split == "train" and len(config.data.bucket_weights):
+      try:
+        bucket_probabilities(source, config.data)
+      except ValueError as e:
+        problems.append(f"train data: {e}")
     usable = len(held_out_members(source, config.data))
     if split == "eval" and usable < config.train.num_samples:
       shape = f" at {config.data.height}x{config.data.width} (their bucket)" if len(config.data.buckets) else ""
