@@ -127,6 +127,7 @@ class VideoSource:
   clip_shape: tuple[int, ...]
   bucket_shapes: tuple[tuple[int, ...], ...] = ()  # empty: no buckets, every clip is clip_shape
   bucket_of: np.ndarray | None = None  # int [len(self)]: each video's bucket, with buckets
+  excluded: Mapping[str, int] = types.MappingProxyType({})  # bad videos left out before numbering, by reason
 
   def bucket(self, index: int) -> int:
     """Video `index`'s bucket (0 without buckets)."""
@@ -135,8 +136,6 @@ class VideoSource:
   def shapes(self) -> tuple[tuple[int, ...], ...]:
     """The clip shape of each bucket: (clip_shape,) without buckets."""
     return self.bucket_shapes or (self.clip_shape,)
-
-  excluded: Mapping[str, int] = types.MappingProxyType({})  # bad videos left out before numbering, by reason
 
   def name(self, index: int) -> str:
     """What to call video `index` in logs and records (video files: its path)."""
