@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -60,6 +62,8 @@ def test_each_batch_bucket_is_drawn_from_seed_and_step_in_proportion():
   later = BucketSchedule(0, p, block=512)
   for g in (5999, 17, 3000, 512, 511, 0):
     assert later.seen(g) == draws[:g].count(draws[g])
+  shipped = pickle.loads(pickle.dumps(later))  # as Grain ships it to worker processes (its lock is remade)
+  assert [shipped.bucket(g) for g in range(600)] == draws[:600] and shipped.seen(5999) == later.seen(5999)
   assert {BucketSchedule(0, probabilities(counts, [0, 1, 0])).bucket(g) for g in range(50)} == {1}
   one = BucketSchedule(3, [1.0])
   assert [one.bucket(g) for g in range(5)] == [0] * 5 and one.seen(123) == 123
