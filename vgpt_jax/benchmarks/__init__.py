@@ -13,6 +13,19 @@ def benchmark_dtype(name: str) -> str:
   return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+  """The rows as a markdown table (columns: the first row's keys unless given); floats to 3 significant
+  digits, a missing or None cell empty. Every benchmark prints its table through here."""
+  columns = list(rows[0]) if columns is None else columns
+
+  def cell(x) -> str:
+    return f"{x:.3g}" if isinstance(x, float) else ("" if x is None else str(x))
+
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+  return "\n".join(lines)
+
+
 def median_seconds(fn, *args, repeats: int = 3) -> float:
   """Median wall time of `fn(*args)` over `repeats` calls after one warm-up call (compiles), each waited for."""
   import time

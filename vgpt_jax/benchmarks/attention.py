@@ -21,7 +21,7 @@ from absl import app, flags
 
 from vgpt_jax.attention import accounting
 from vgpt_jax.attention.select import attention_path
-from vgpt_jax.benchmarks import DTYPES, benchmark_dtype, median_seconds
+from vgpt_jax.benchmarks import DTYPES, benchmark_dtype, markdown_table, median_seconds
 from vgpt_jax.layout import sample_splits, token_ids, training_layout
 
 GIB = 1 << 30
@@ -78,11 +78,7 @@ def main(argv: list[str]) -> None:
   )
   columns = ["frames", "tokens", "path", "dtype", "compiled GiB", "time (s)", "TFLOP/s (visible)", "visible share"]
   columns.append("tiles kept")
-  print("| " + " | ".join(columns) + " |")
-  print("|" + "---|" * len(columns))
-  for row in rows:
-    cells = [row.get(c, "") for c in columns]
-    print("| " + " | ".join(f"{x:.3g}" if isinstance(x, float) else str(x) for x in cells) + " |")
+  print(markdown_table(rows, columns))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import argparse
 
 import numpy as np
 
+from vgpt_jax.benchmarks import markdown_table
 from vgpt_jax.data.buckets import assign, kept_fraction, parse_buckets
 
 CORPUS = {  # kind -> (width, height, how many)
@@ -110,11 +111,7 @@ def main() -> None:
     f"\n{jax.devices()[0].device_kind} x{jax.device_count()}, model {args.preset}, {args.frames} frames, "
     f"batch {args.batch_size}"
   )
-  keys = list(rows[0])
-  print("| " + " | ".join(keys) + " |")
-  print("|" + "---|" * len(keys))
-  for r in rows:
-    print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+  print(markdown_table(rows))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from vgpt_jax.attention import accounting
 from vgpt_jax.attention.dense import dense_attention
 from vgpt_jax.attention.select import attention_path, resolve
 from vgpt_jax.benchmarks import attention as attention_bench
-from vgpt_jax.benchmarks import median_seconds
+from vgpt_jax.benchmarks import markdown_table, median_seconds
 from vgpt_jax.benchmarks import train_step as step_bench
 from vgpt_jax.layout import sample_splits, token_ids, training_layout
 
@@ -181,11 +181,7 @@ COLUMNS = ("part", "path", "preset", "frames", "tokens", "head_dim", "dtype", "m
 
 
 def table(rows: list[dict]) -> str:
-  columns = [c for c in COLUMNS if any(c in r for r in rows)]
-  cell = lambda x: f"{x:.3g}" if isinstance(x, float) else ("" if x is None else str(x))  # noqa: E731
-  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
-  return "\n".join(lines)
+  return markdown_table(rows, [c for c in COLUMNS if any(c in r for r in rows)])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

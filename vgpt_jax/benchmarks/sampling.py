@@ -16,7 +16,7 @@ import jax
 from absl import app, flags
 
 from configs import tiny
-from vgpt_jax.benchmarks import median_seconds
+from vgpt_jax.benchmarks import markdown_table, median_seconds
 from vgpt_jax.model import model_config
 from vgpt_jax.run import init_params, make_run
 from vgpt_jax.sampler import Sampler, SamplingConfig
@@ -46,9 +46,7 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   row = measure(f.preset, f.clips, f.clip_frames, f.context_frames, f.steps, f.batch, f.repeats)
   print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}); context {f.context_frames} frames")
-  print("| " + " | ".join(row) + " |")
-  print("|" + "---|" * len(row))
-  print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+  print(markdown_table([row]))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import numpy as np
 from configs import tiny
 from vgpt_jax import parallel, train_step
 from vgpt_jax.attention.accounting import visible_count
-from vgpt_jax.benchmarks import DTYPES, benchmark_dtype
+from vgpt_jax.benchmarks import DTYPES, benchmark_dtype, markdown_table
 from vgpt_jax.layout import sample_splits, token_ids
 from vgpt_jax.model import model_config
 from vgpt_jax.model.transformer import REMAT_POLICIES
@@ -120,11 +120,7 @@ def main() -> None:
   args.dtype = benchmark_dtype(args.dtype)
   rows = [measure(p, args) for p in args.presets.split(",")]
   print(f"\n{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, {args.dtype}")
-  keys = list(rows[0])
-  print("| " + " | ".join(keys) + " |")
-  print("|" + "---|" * len(keys))
-  for r in rows:
-    print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+  print(markdown_table(rows))
 
 
 if __name__ == "__main__":
