@@ -315,35 +315,27 @@ def _specs(cfg: _Config, d: int, nq: int, nk: int, queries_are_rows: bool):
     b, r, c = _tiles(e, s, rows, cols)
     return b, (c if queries_are_rows else r)
 
-  # Index maps, each decoding its work item once: tile t of batch element b as a block of ids one token per
-  # sublane row (b, t, 0) or per lane (b, 0, t), of [B, H, L, D] data (b, h, t, 0), or of a [B, H, 1, L] row.
-  def ids_on_rows(tile):
+  # Index maps, each decoding its work item once: tile t of batch element b placed by `place` as a block of
+  # ids one token per sublane row (b, t, 0) or per lane (b, 0, t), of [B, H, L, D] data (b, h, t, 0), or of a
+  # [B, H, 1, L] row (b, h, 0, t).
+  def index_map(tile, place):
     def index(h, s, e):
       b, t = tile(s, e)
-      return b, t, 0
+      return place(b, h, t)
 
     return index
+
+  def ids_on_rows(tile):
+    return index_map(tile, lambda b, h, t: (b, t, 0))
 
   def ids_on_lanes(tile):
-    def index(h, s, e):
-      b, t = tile(s, e)
-      return b, 0, t
-
-    return index
+    return index_map(tile, lambda b, h, t: (b, 0, t))
 
   def data(tile):
-    def index(h, s, e):
-      b, t = tile(s, e)
-      return b, h, t, 0
-
-    return index
+    return index_map(tile, lambda b, h, t: (b, h, t, 0))
 
   def row(tile):
-    def index(h, s, e):
-      b, t = tile(s, e)
-      return b, h, 0, t
-
-    return index
+    return index_map(tile, lambda b, h, t: (b, h, 0, t))
 
   bq, bk = cfg.block_q, cfg.block_k
   if queries_are_rows:
