@@ -513,7 +513,13 @@ def _masks(frames_bgr: np.ndarray, fps: float, end: float, size: tuple[int, int]
   if store is None:
     return resize_masks(masks[: int(math.ceil(end))], size)
   write_mask_video(masks, fps, store)
-  return read_frames_cv2(store, end, size) > 127
+  return read_mask_video(store, end, size)
+
+
+def read_mask_video(path: str, end: float, size: tuple[int, int]) -> np.ndarray:
+  """bool [T, h, w, 3]: a mask video's frames i < end, resized to size (h, w), kept where > 127 (the official's
+  reading of its own and the dataset's mask videos)."""
+  return read_frames_cv2(path, end, size) > 127
 
 
 def original_view(
@@ -545,7 +551,7 @@ def original_view(
   masks = {}
   for name, video in frames.items():
     if shipped.get(name) and os.path.isfile(shipped[name]):
-      masks[name] = read_frames_cv2(shipped[name], end, size) > 127
+      masks[name] = read_mask_video(shipped[name], end, size)
       continue
     store = (
       None if mask_dir is None else os.path.join(mask_dir, f"{name}_{os.path.basename(real.get(name) or generated)}")
@@ -594,17 +600,18 @@ def original_score(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     by_scenario.setdefault(str(row["scenario"]), []).append(row)
     views.setdefault(str(row["view"]), []).append(row)
 
-  def over_frames(key: str) -> float:
-    return float(np.mean([np.mean(np.concatenate([_parsed(r[key]) for r in group])) for group in by_scenario.values()]))
+  def over_frames(groups: dict[str, list[Mapping[str, Any]]], key: str) -> float:
+    """Mean over the groups of the mean over all frames of the group's rows."""
+    return float(np.mean([np.mean(np.concatenate([_parsed(r[key]) for r in group])) for group in groups.values()]))
 
   def per_view(key: str, frames: bool) -> float:
     if frames:
-      return float(np.mean([np.mean(np.concatenate([_parsed(r[key]) for r in group])) for group in views.values()]))
+      return over_frames(views, key)
     return float(np.mean([np.mean([float(r[key]) for r in group]) for group in views.values()]))
 
   out: dict[str, Any] = {"num_scenarios": len(by_scenario), "num_videos": len(rows)}
-  out["spatiotemporal_iou"] = over_frames("frames_spatiotemporal_iou")
-  out["mse"] = over_frames("frames_mse")
+  out["spatiotemporal_iou"] = over_frames(by_scenario, "frames_spatiotemporal_iou")
+  out["mse"] = over_frames(by_scenario, "frames_mse")
   out["spatial_iou"] = per_view("spatial_iou", False)
   out["weighted_spatial_iou"] = per_view("weighted_spatial_iou", False)
   if not all("frames_variance_mse" in r for r in rows):
